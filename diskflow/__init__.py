@@ -1,0 +1,1 @@
+"""diskflow: VM disk images into Kubernetes volumes, and the golden images built first."""

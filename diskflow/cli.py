@@ -1,0 +1,226 @@
+"""The `diskflow` command: a thin shell over the importer and pipeline libraries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from importer import Checksum, HttpOptions, ImportFailure, ImportOptions, Progress, import_image
+from importer.errors import FinalError
+from importer.progress import (
+    JsonReporter,
+    MetricsReporter,
+    Reporter,
+    RichReporter,
+    reporting,
+    write_termination_log,
+)
+from importer.quantity import parse_quantity
+from importer.sources.http import parse_header
+
+app = typer.Typer(
+    help="Import VM disk images into volumes, and build golden images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_FINAL = 1
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL: trying again later may work
+USER_ENV, PASSWORD_ENV = "DISKFLOW_HTTP_USER", "DISKFLOW_HTTP_PASSWORD"
+
+
+class ProgressMode(StrEnum):
+    AUTO = "auto"
+    BAR = "bar"
+    JSON = "json"
+    NONE = "none"
+
+
+@app.callback()
+def main() -> None:
+    """diskflow: get VM disk images into Kubernetes volumes, and build the golden images."""
+
+
+@app.command("import")
+def import_command(
+    source: Annotated[str, typer.Argument(help="http:// or https:// URL, or a local path.")],
+    dest: Annotated[
+        str,
+        typer.Argument(
+            help="Destination: a file (disk.img of a Filesystem volume) or a block device."
+        ),
+    ],
+    size: Annotated[
+        str | None,
+        typer.Option(
+            help="Volume capacity (10Gi, 512Mi, 20G, bytes). Default: the device's size; "
+            "for a file, the image's own size."
+        ),
+    ] = None,
+    checksum: Annotated[
+        str | None,
+        typer.Option(
+            help="ALG:HEX of the bytes as downloaded; ALG is sha256, sha512, sha1 or md5."
+        ),
+    ] = None,
+    header: Annotated[
+        list[str] | None, typer.Option(help="Extra request header 'Name: value'; repeatable.")
+    ] = None,
+    header_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File of secret 'Name: value' header lines, sent only to the URL's own host."
+        ),
+    ] = None,
+    auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"File holding 'user:password' for basic auth (or set {USER_ENV} and "
+            f"{PASSWORD_ENV}). Sent only to the URL's own host."
+        ),
+    ] = None,
+    ca_bundle: Annotated[
+        Path | None, typer.Option(help="PEM file of CA certificates to trust.")
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Do not verify the server's TLS certificate.")
+    ] = False,
+    retries: Annotated[
+        int, typer.Option(min=0, help="Failed attempts in a row before giving up.")
+    ] = 5,
+    retry_backoff: Annotated[
+        float, typer.Option(min=0, help="First retry delay in seconds; doubles up to 30 s.")
+    ] = 1.0,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds without a byte before a transfer counts as failed."),
+    ] = 60.0,
+    preallocate: Annotated[
+        bool, typer.Option(help="Allocate every block of the destination.")
+    ] = False,
+    filesystem_overhead: Annotated[
+        float,
+        typer.Option(
+            min=0, max=0.99, help="Fraction of a file destination's --size kept for the filesystem."
+        ),
+    ] = 0.055,
+    scratch_dir: Annotated[
+        Path | None, typer.Option(help="Where qcow2/vmdk/vdi/vhd/vhdx images wait for conversion.")
+    ] = None,
+    progress: Annotated[
+        ProgressMode, typer.Option(help="auto: a bar on a terminal, JSON lines otherwise.")
+    ] = ProgressMode.AUTO,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve progress as Prometheus metrics on this port.")
+    ] = None,
+    termination_log: Annotated[
+        Path | None,
+        typer.Option(help="Write the JSON result or failure here (e.g. /dev/termination-log)."),
+    ] = None,
+) -> None:
+    """Import a disk image into a file or block device, converting it to raw.
+
+    Exit status: 0 done, 1 failed for good (bad input, missing object, checksum mismatch),
+    75 failed for now (network or server trouble: trying again may work), 2 bad usage.
+    """
+    mode = progress
+    if mode is ProgressMode.AUTO:
+        mode = ProgressMode.BAR if sys.stderr.isatty() else ProgressMode.JSON
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    state = Progress()
+    try:
+        options = ImportOptions(
+            size=parse_quantity(size) if size else None,
+            checksum=Checksum.parse(checksum) if checksum else None,
+            http=HttpOptions(
+                headers=tuple(parse_header(line) for line in header or []),
+                secret_headers=_read_secret_headers(header_file),
+                auth=_read_auth(auth_file),
+                ca_bundle=str(ca_bundle) if ca_bundle else None,
+                insecure=insecure,
+                retries=retries,
+                backoff=retry_backoff,
+                stall_timeout=stall_timeout,
+            ),
+            preallocate=preallocate,
+            filesystem_overhead=filesystem_overhead,
+            scratch_dir=str(scratch_dir) if scratch_dir else None,
+        )
+        reporters: list[Reporter] = []
+        if mode is ProgressMode.BAR:
+            reporters.append(RichReporter())
+        elif mode is ProgressMode.JSON:
+            reporters.append(JsonReporter())
+        if metrics_port is not None:
+            reporters.append(MetricsReporter(metrics_port))
+        with reporting(state, reporters, interval=1.0 if mode is ProgressMode.JSON else 0.2):
+            result = import_image(source, dest, options=options, progress=state)
+    except ImportFailure as failure:
+        record = {
+            "ok": False,
+            "reason": failure.reason,
+            "message": failure.message,
+            "final": failure.final,
+        }
+        _finish(record, mode, termination_log)
+        raise typer.Exit(EXIT_FINAL if failure.final else EXIT_TRANSIENT) from None
+    except OSError as exc:
+        # Disk full, permission denied on the destination, ...: name the file and the cause.
+        record = {"ok": False, "reason": "IOError", "message": str(exc), "final": True}
+        _finish(record, mode, termination_log)
+        raise typer.Exit(EXIT_FINAL) from None
+    _finish({"ok": True, **asdict(result)}, mode, termination_log)
+
+
+def _finish(record: dict, mode: ProgressMode, termination_log: Path | None) -> None:
+    if termination_log:
+        write_termination_log(str(termination_log), record)
+    if mode is ProgressMode.JSON:
+        print(json.dumps({"event": "done" if record["ok"] else "failed", **record}), flush=True)
+    if not record["ok"]:
+        typer.echo(f"error: {record['message']} [{record['reason']}]", err=True)
+    elif mode is not ProgressMode.JSON:
+        typer.echo(
+            f"imported {record['source']} ({record['format']}, compression {record['compression']}) "
+            f"into {record['destination']}: {record['size']} bytes in {record['seconds']}s"
+        )
+
+
+def _read_auth(path: Path | None) -> tuple[str, str] | None:
+    if path is not None:
+        text = _read_secret_file(path).strip()
+        user, sep, password = text.partition(":")
+        if not sep or not user or "\n" in text:
+            raise FinalError(
+                "InvalidArgument", f"auth file {path} must hold 'user:password' on one line"
+            )
+        return user, password
+    user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
+    if user is None and password is None:
+        return None
+    if not user or password is None:
+        raise FinalError("InvalidArgument", f"set both {USER_ENV} and {PASSWORD_ENV}, or neither")
+    return user, password
+
+
+def _read_secret_headers(path: Path | None) -> tuple[tuple[str, str], ...]:
+    if path is None:
+        return ()
+    lines = _read_secret_file(path).splitlines()
+    return tuple(parse_header(line) for line in lines if line.strip())
+
+
+def _read_secret_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise FinalError("InvalidArgument", f"cannot read {path}: {exc.strerror}") from None

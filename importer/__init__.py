@@ -1,0 +1,25 @@
+"""diskflow's import side: get a disk image from a URL or path into a file or block device.
+
+from importer import import_image, ImportOptions
+result = import_image("https://example.com/disk.qcow2.xz", "/data/disk.img",
+                      options=ImportOptions(size=10 << 30))
+"""
+
+from importer.checksum import Checksum
+from importer.errors import FinalError, ImportFailure, TransientError
+from importer.pipeline import ImportOptions, ImportResult, import_image, usable_capacity
+from importer.progress import Progress
+from importer.sources import HttpOptions
+
+__all__ = [
+    "Checksum",
+    "FinalError",
+    "HttpOptions",
+    "ImportFailure",
+    "ImportOptions",
+    "ImportResult",
+    "Progress",
+    "TransientError",
+    "import_image",
+    "usable_capacity",
+]

@@ -1,0 +1,30 @@
+"""The error vocabulary of an import: every failure says why, and whether retrying can help.
+
+Reasons are short CamelCase words (like Kubernetes condition reasons) so that the controller
+can put them in a DataVolume's status and users can match on them.
+"""
+
+from __future__ import annotations
+
+
+class ImportFailure(Exception):
+    """An import failed; `reason` is machine-readable, the message is for people."""
+
+    final: bool = True
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class FinalError(ImportFailure):
+    """Retrying the same import cannot succeed: bad input, missing object, checksum mismatch."""
+
+    final = True
+
+
+class TransientError(ImportFailure):
+    """The import may succeed if tried again: connection trouble, server errors, stalls."""
+
+    final = False

@@ -1,0 +1,368 @@
+"""The import data path, top-down:
+
+    source ─► fetch ─► hash ─► decompress ─► sniff the format
+      raw, iso   ─► sparse write to DEST ─► verify checksum ─► resize ─► sync ─► publish
+      qcow2, ... ─► sparse write to scratch ─► verify checksum ─► qemu-img info (hardened)
+                 ─► size check ─► qemu-img convert to DEST ─► resize ─► sync ─► publish
+
+Fetching, hashing, inflating and writing run in threads joined by bounded queues, so memory
+stays bounded and the stages overlap. The raw-or-scratch decision is made from the first
+bytes of the stream, never by a failed first attempt. A file destination is written under a
+temporary name and renamed only when complete; a block device gets its first MiB last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from importer import qemu
+from importer.checksum import Checksum
+from importer.errors import FinalError
+from importer.formats import (
+    SNIFF_BYTES,
+    VHD_FOOTER_SIZE,
+    Compression,
+    DiskFormat,
+    detect_compression,
+    detect_format,
+    fixed_vhd_disk_size,
+)
+from importer.progress import Progress
+from importer.sources import HttpOptions, Source, open_source
+from importer.streams import decompressed, hashed, peek, read_chunks, threaded
+from importer.target import SparseWriter, Target, inspect_target, open_direct, wipe_head
+
+ALIGNMENT = 1 << 20  # usable capacity is rounded down to whole MiB, as CDI does
+# A non-raw image file may exceed its virtual size by its metadata; more than this is a bomb.
+SCRATCH_SLACK = 64 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImportOptions:
+    size: int | None = None
+    """Capacity of the volume in bytes; default: the device's size, or for a file none."""
+    checksum: Checksum | None = None
+    """Expected digest of the bytes as downloaded (before decompression)."""
+    http: HttpOptions = field(default_factory=HttpOptions)
+    preallocate: bool = False
+    filesystem_overhead: float = 0.055
+    """Fraction of a Filesystem volume kept free for the filesystem itself."""
+    scratch_dir: str | None = None
+    """Where non-raw images wait for qemu-img; default: the system's temporary directory."""
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    source: str
+    destination: str
+    compression: str
+    format: str
+    bytes_downloaded: int
+    size: int
+    """Length in bytes of the raw image at the destination, after any resize."""
+    checksum: str | None
+    seconds: float
+
+
+def usable_capacity(target: Target, options: ImportOptions) -> int | None:
+    """Bytes the raw image may take: the device, or the volume less filesystem overhead."""
+    if target.is_block:
+        assert target.device_size is not None
+        if options.size and options.size > target.device_size:
+            raise FinalError(
+                "InvalidArgument",
+                f"--size {options.size} is larger than the device {target.path} "
+                f"({target.device_size} bytes)",
+            )
+        return options.size or target.device_size
+    if options.size is None:
+        return None
+    if not 0 <= options.filesystem_overhead < 1:
+        raise FinalError(
+            "InvalidArgument", "the filesystem overhead must be at least 0 and below 1"
+        )
+    usable = int(options.size * (1 - options.filesystem_overhead))
+    return usable - usable % ALIGNMENT if usable >= ALIGNMENT else usable - usable % 512
+
+
+def import_image(
+    source: str,
+    destination: str,
+    *,
+    options: ImportOptions | None = None,
+    progress: Progress | None = None,
+) -> ImportResult:
+    """Import the image at `source` (URL or path) into `destination` (file or block device)."""
+    options = options or ImportOptions()
+    progress = progress or Progress()
+    started = time.monotonic()
+    target = inspect_target(destination)
+    capacity = usable_capacity(target, options)
+    hashes = [options.checksum.new_hash()] if options.checksum else []
+    stream = open_source(source, options.http)
+    stages: list[Iterator[bytes]] = []
+    downloaded = 0
+
+    def fetched(n: int) -> None:
+        nonlocal downloaded
+        downloaded += n
+        progress.advance(n)
+
+    try:
+        progress.stage("download", stream.size)
+        chunks = _stage(stages, read_chunks(stream.read, on_bytes=fetched), "fetch")
+        if hashes:
+            chunks = _stage(stages, hashed(chunks, hashes), "hash")
+        head, chunks = peek(chunks, 8)
+        compression = detect_compression(head)
+        if compression is not Compression.NONE:
+            chunks = _stage(stages, decompressed(chunks, compression), "decompress")
+        head, chunks = peek(chunks, SNIFF_BYTES)
+        fmt = detect_format(head)
+        _refuse_early(fmt, head, stream, compression, capacity)
+
+        def verify() -> None:
+            if options.checksum:
+                options.checksum.verify(hashes[0], what=f"{stream.description} as downloaded")
+
+        if fmt.streams:
+            size, fmt = _write_raw(chunks, target, capacity, options, verify, progress)
+        else:
+            size = _write_converted(chunks, fmt, target, capacity, options, verify, progress)
+    finally:
+        stream.close()
+        for stage in reversed(stages):
+            stage.close()  # type: ignore[attr-defined]
+    return ImportResult(
+        source=stream.description,
+        destination=destination,
+        compression=compression.value,
+        format=fmt.value,
+        bytes_downloaded=downloaded,
+        size=size,
+        checksum=str(options.checksum) if options.checksum else None,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def _stage(stages: list[Iterator[bytes]], chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
+    stage = threaded(chunks, name=name)
+    stages.append(stage)
+    return stage
+
+
+def _refuse_early(
+    fmt: DiskFormat, head: bytes, stream: Source, compression: Compression, capacity: int | None
+) -> None:
+    """Errors the first bytes already prove, before anything is written."""
+    if fmt is DiskFormat.HTML:
+        raise FinalError(
+            "HtmlInsteadOfImage",
+            f"{stream.description} holds an HTML page, not a disk image; the link may have "
+            "expired or need a login",
+        )
+    if head.startswith(b"# Disk DescriptorFile"):
+        raise FinalError(
+            "BackingFileRejected",
+            "the image is a vmdk descriptor that refers to other files; import a monolithic vmdk",
+        )
+    if fmt is DiskFormat.QCOW2 and len(head) >= 80:
+        backing_offset = int.from_bytes(head[8:16], "big")
+        incompatible = (
+            int.from_bytes(head[72:80], "big") if int.from_bytes(head[4:8], "big") >= 3 else 0
+        )
+        if backing_offset:
+            raise FinalError("BackingFileRejected", "the qcow2 image names a backing file")
+        if incompatible & 0x4:
+            raise FinalError("DataFileRejected", "the qcow2 image uses an external data file")
+    raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
+    if capacity is not None and raw_size is not None and raw_size > capacity:
+        raise FinalError(
+            "ImageTooLarge",
+            f"the image's size {raw_size} bytes is larger than the usable capacity {capacity} bytes",
+        )
+
+
+def _write_raw(
+    chunks: Iterator[bytes],
+    target: Target,
+    capacity: int | None,
+    options: ImportOptions,
+    verify: Callable[[], None],
+    progress: Progress,
+) -> tuple[int, DiskFormat]:
+    """Stream raw bytes into the destination in one pass."""
+    fmt = DiskFormat.RAW
+    with _published(target) as path:
+        writer = SparseWriter(
+            path, block=target.is_block, limit=capacity, preallocate=options.preallocate
+        )
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+            size = writer.finish()
+            verify()
+            disk_size = _fixed_vhd_size(path, size)
+            if disk_size is not None:
+                fmt, size = DiskFormat.VPC, disk_size
+            if target.is_block:
+                writer.commit()
+            else:
+                size = _finish_file(path, size, capacity, options.preallocate, progress)
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            writer.close()
+    return size, fmt
+
+
+def _write_converted(
+    chunks: Iterator[bytes],
+    fmt: DiskFormat,
+    target: Target,
+    capacity: int | None,
+    options: ImportOptions,
+    verify: Callable[[], None],
+    progress: Progress,
+) -> int:
+    """Land the image in scratch space, check it, and let qemu-img convert it to raw."""
+    scratch_limit = None if capacity is None else capacity + capacity // 8 + SCRATCH_SLACK
+    fd, scratch = tempfile.mkstemp(prefix="diskflow-scratch-", dir=options.scratch_dir)
+    os.close(fd)
+    try:
+        writer = SparseWriter(scratch, block=False, limit=scratch_limit)
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+            writer.finish()
+        finally:
+            writer.close()
+        verify()
+        virtual_size = qemu.validate(qemu.info(scratch, fmt), fmt, scratch)
+        if capacity is not None and virtual_size > capacity:
+            raise FinalError(
+                "ImageTooLarge",
+                f"the image's virtual size {virtual_size} bytes is larger than the usable "
+                f"capacity {capacity} bytes",
+            )
+        with _published(target) as path:
+            progress.stage("convert", virtual_size)
+            direct = _supports_direct(scratch) and _supports_direct(path)
+            try:
+                qemu.convert(
+                    scratch,
+                    fmt,
+                    path,
+                    existing=target.is_block,
+                    direct=direct,
+                    on_progress=lambda percent: progress.set_done(
+                        int(virtual_size * percent / 100)
+                    ),
+                )
+                if target.is_block:
+                    _sync(path)
+                    return virtual_size
+                return _finish_file(path, virtual_size, capacity, options.preallocate, progress)
+            except BaseException:
+                if target.is_block:
+                    wipe_head(path)
+                raise
+    finally:
+        os.unlink(scratch)
+
+
+def _finish_file(
+    path: str, size: int, capacity: int | None, preallocate: bool, progress: Progress
+) -> int:
+    """Grow a raw file to the usable capacity (never shrink), allocate it if asked, sync it."""
+    final = max(size, capacity or 0)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if final != os.fstat(fd).st_size:
+            progress.stage("resize", final)
+            os.ftruncate(fd, final)
+            progress.set_done(final)
+        if preallocate:
+            os.posix_fallocate(fd, 0, final)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return final
+
+
+def _fixed_vhd_size(path: str, size: int) -> int | None:
+    """The disk size if the raw stream was a fixed VHD (disk + 512-byte footer)."""
+    if size <= VHD_FOOTER_SIZE:
+        return None
+    with open(path, "rb") as image:
+        image.seek(size - VHD_FOOTER_SIZE)
+        footer = image.read(VHD_FOOTER_SIZE)
+    disk_size = fixed_vhd_disk_size(footer)
+    if disk_size != size - VHD_FOOTER_SIZE:
+        return None
+    fd = os.open(path, os.O_WRONLY)
+    try:  # drop the footer: cut it off a file, zero it on a device
+        if _is_block_fd(fd):
+            os.pwrite(fd, bytes(VHD_FOOTER_SIZE), disk_size)
+        else:
+            os.ftruncate(fd, disk_size)
+    finally:
+        os.close(fd)
+    return disk_size
+
+
+def _is_block_fd(fd: int) -> bool:
+    return stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
+def _supports_direct(path: str) -> bool:
+    fd = open_direct(path, os.O_RDONLY)
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+class _published:
+    """The path to write: a temporary name beside a file destination, renamed on success
+    (and removed on failure); a block device is written in place."""
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        directory, name = os.path.split(os.path.abspath(target.path))
+        self._partial = os.path.join(directory, f".{name}.partial")
+
+    def __enter__(self) -> str:
+        if self._target.is_block:
+            return self._target.path
+        open(self._partial, "wb").close()
+        return self._partial
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._target.is_block:
+            return
+        if exc_type is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._partial)
+            return
+        os.replace(self._partial, self._target.path)
+        directory = os.open(os.path.dirname(self._partial), os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

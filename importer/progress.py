@@ -1,0 +1,241 @@
+"""Progress of an import: one thread-safe model, shown by interchangeable reporters.
+
+The data path only calls `stage()` and `advance()`; how progress is shown (a rich bar on a
+terminal, JSON lines for machines, Prometheus metrics for the controller) is chosen by the
+shell around it. The pod's termination message is written here too.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import IO, Protocol
+
+TERMINATION_MESSAGE_LIMIT = 4096  # what Kubernetes keeps of /dev/termination-log
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    stage: str
+    bytes_done: int
+    bytes_total: int | None
+    elapsed: float  # seconds since the stage started
+    throughput: float  # bytes per second over the stage
+
+    @property
+    def percent(self) -> float | None:
+        if not self.bytes_total:
+            return None
+        return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
+
+    @property
+    def eta(self) -> float | None:
+        if not self.bytes_total or not self.throughput:
+            return None
+        return max(0.0, (self.bytes_total - self.bytes_done) / self.throughput)
+
+
+class Progress:
+    """Where the import is: stage, bytes done of the stage's total. Safe across threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stage = "pending"
+        self._done = 0
+        self._total: int | None = None
+        self._started = time.monotonic()
+        self._ended: list[Snapshot] = []  # final numbers of stages not yet reported
+        self.changed = threading.Event()  # set on every stage change, for prompt reporting
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        with self._lock:
+            if self._stage != "pending":
+                self._ended.append(self._snapshot())
+            self._stage, self._done, self._total = name, 0, total
+            self._started = time.monotonic()
+        self.changed.set()
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self._done += n
+
+    def set_done(self, done: int) -> None:
+        with self._lock:
+            self._done = done
+
+    def snapshots(self) -> list[Snapshot]:
+        """Final snapshots of stages ended since the last call, then the current one."""
+        with self._lock:
+            ended, self._ended = self._ended, []
+            return [*ended, self._snapshot()]
+
+    def _snapshot(self) -> Snapshot:
+        elapsed = time.monotonic() - self._started
+        rate = self._done / elapsed if elapsed > 0 else 0.0
+        return Snapshot(self._stage, self._done, self._total, elapsed, rate)
+
+
+class Reporter(Protocol):
+    def show(self, snapshot: Snapshot) -> None: ...
+    def close(self) -> None: ...
+
+
+@contextmanager
+def reporting(
+    progress: Progress, reporters: Sequence[Reporter], *, interval: float
+) -> Iterator[None]:
+    """Show `progress` through `reporters` every `interval` seconds and on stage changes."""
+    stop = threading.Event()
+
+    def show() -> None:
+        for snapshot in progress.snapshots():
+            for reporter in reporters:
+                reporter.show(snapshot)
+
+    def tick() -> None:
+        while not stop.is_set():
+            progress.changed.wait(interval)
+            progress.changed.clear()
+            show()
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    if reporters:
+        ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        progress.changed.set()
+        if reporters:
+            ticker.join()
+            show()
+        for reporter in reporters:
+            reporter.close()
+
+
+class JsonReporter:
+    """One JSON object per line: for CI logs, pods and other programs."""
+
+    def __init__(self, stream: IO[str] = sys.stdout) -> None:
+        self._stream = stream
+
+    def show(self, snapshot: Snapshot) -> None:
+        event = {
+            "event": "progress",
+            **asdict(snapshot),
+            "percent": snapshot.percent,
+            "eta": snapshot.eta,
+        }
+        event["elapsed"] = round(snapshot.elapsed, 3)
+        event["throughput"] = round(snapshot.throughput)
+        self._stream.write(json.dumps(event) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+class RichReporter:
+    """A progress bar per stage on a terminal: bytes, total, throughput and ETA."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as Bars
+
+        self._bars = Bars(
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self._bars.start()
+        self._tasks: dict[str, int] = {}
+
+    def show(self, snapshot: Snapshot) -> None:
+        if snapshot.stage == "pending":
+            return
+        task = self._tasks.get(snapshot.stage)
+        if task is None:
+            for earlier in self._tasks.values():
+                self._bars.stop_task(earlier)
+            task = self._bars.add_task(snapshot.stage, total=snapshot.bytes_total)
+            self._tasks[snapshot.stage] = task
+        self._bars.update(task, completed=snapshot.bytes_done, total=snapshot.bytes_total)
+
+    def close(self) -> None:
+        self._bars.stop()
+
+
+class MetricsReporter:
+    """The same numbers as Prometheus gauges, served on `port` for the controller to scrape."""
+
+    def __init__(self, port: int) -> None:
+        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+        registry = CollectorRegistry()
+        labels = ["stage"]
+        self._done = Gauge(
+            "diskflow_import_bytes_done",
+            "Bytes done in the current stage",
+            labels,
+            registry=registry,
+        )
+        self._total = Gauge(
+            "diskflow_import_bytes_total",
+            "Bytes in the current stage (-1: unknown)",
+            labels,
+            registry=registry,
+        )
+        self._rate = Gauge(
+            "diskflow_import_throughput_bytes",
+            "Bytes per second in the current stage",
+            labels,
+            registry=registry,
+        )
+        self._percent = Gauge(
+            "diskflow_import_progress_percent",
+            "Percent done of the current stage",
+            labels,
+            registry=registry,
+        )
+        self._server, self._thread = start_http_server(port, registry=registry)
+
+    def show(self, snapshot: Snapshot) -> None:
+        stage = snapshot.stage
+        self._done.labels(stage).set(snapshot.bytes_done)
+        self._total.labels(stage).set(-1 if snapshot.bytes_total is None else snapshot.bytes_total)
+        self._rate.labels(stage).set(snapshot.throughput)
+        self._percent.labels(stage).set(snapshot.percent or 0.0)
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+def write_termination_log(path: str, record: dict) -> None:
+    """Write the import's outcome as JSON, cut to what Kubernetes keeps."""
+    text = json.dumps(record)
+    if len(text) > TERMINATION_MESSAGE_LIMIT and "message" in record:
+        overflow = len(text) - TERMINATION_MESSAGE_LIMIT + 3
+        record = {
+            **record,
+            "message": record["message"][: max(0, len(record["message"]) - overflow)] + "...",
+        }
+        text = json.dumps(record)
+    with open(path, "w") as out:
+        out.write(text[:TERMINATION_MESSAGE_LIMIT])

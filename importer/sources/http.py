@@ -1,0 +1,306 @@
+"""HTTP(S) source: one GET stream that survives dropped connections.
+
+A dropped, stalled or truncated transfer is retried with backoff and resumed with
+`Range` + `If-Range`, so a replaced object is detected instead of mixed into the image.
+Where the server ignores ranges, the stream is fetched again from byte 0 and the bytes
+already passed downstream are skipped: hashing and decompression never notice a resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import requests
+import urllib3
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from importer.errors import FinalError, ImportFailure, TransientError
+
+log = logging.getLogger("diskflow.importer")
+
+MAX_REDIRECTS = 10
+_REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+_FINAL_STATUSES = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Gone"}
+_MAX_RETRY_AFTER = 60.0
+_SKIP_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class HttpOptions:
+    """How to talk to the server. Credentials here never reach logs or errors."""
+
+    headers: tuple[tuple[str, str], ...] = ()
+    """Sent with every request, also after a redirect to another host."""
+    secret_headers: tuple[tuple[str, str], ...] = ()
+    """Sent only to the host named in the URL, like the basic-auth credentials."""
+    auth: tuple[str, str] | None = None
+    ca_bundle: str | None = None
+    insecure: bool = False
+    retries: int = 5
+    """Failed attempts in a row (without a byte of progress between them) before giving up."""
+    backoff: float = 1.0
+    """First retry delay in seconds; doubles each time, with jitter, up to 30 s."""
+    stall_timeout: float = 60.0
+    """A transfer that delivers no byte for this many seconds counts as failed."""
+    connect_timeout: float = 30.0
+
+
+def parse_header(line: str) -> tuple[str, str]:
+    """Split a "Name: value" header line; the error never repeats the value."""
+    name, sep, value = line.partition(":")
+    name = name.strip()
+    if not sep or not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        raise FinalError(
+            "InvalidArgument", f"header {name[:40]!r} is not of the form 'Name: value'"
+        )
+    return name, value.strip()
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info and query string (signed URLs carry secrets there)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _describe(exc: BaseException) -> str:
+    # Library messages quote the request path, query string included.
+    return re.sub(r"\?[^\s'\"()]+", "?<redacted>", str(exc)) or type(exc).__name__
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class HttpSource:
+    """Stream an image over HTTP(S), resuming after failures."""
+
+    def __init__(self, url: str, options: HttpOptions) -> None:
+        self._url = url
+        self._options = options
+        self.description = redact_url(url)
+        self._session = requests.Session()
+        self._session.verify = options.ca_bundle or not options.insecure
+        self._response: requests.Response | None = None
+        self._offset = 0
+        self._validator: str | None = None
+        self._closed = False
+        self.size: int | None = None
+        self._response = self._retrying(self._open_first)
+
+    # --- the stream -------------------------------------------------------------------
+
+    def read(self, n: int) -> bytes:
+        return self._retrying(self._read_once, n)
+
+    def close(self) -> None:
+        self._closed = True
+        self._drop_response()
+        self._session.close()
+
+    def _read_once(self, n: int) -> bytes:
+        if self._closed:
+            raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
+        if self._response is None:
+            self._response = self._resume(self._offset)
+        try:
+            data = self._response.raw.read(n)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            self._drop_response()
+            raise TransientError(
+                "ConnectionLost",
+                f"transfer from {self.description} failed at byte {self._offset}: {_describe(exc)}",
+            ) from None
+        if not data and self.size is not None and self._offset < self.size:
+            self._drop_response()
+            raise TransientError(
+                "Truncated",
+                f"{self.description} ended at byte {self._offset} of {self.size}",
+            )
+        self._offset += len(data)
+        return data
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _open_first(self) -> requests.Response:
+        response = self._request(0)
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip().lower() in ("text/html", "application/xhtml+xml"):
+            response.close()
+            raise FinalError(
+                "HtmlInsteadOfImage",
+                f"{self.description} answered with an HTML page ({content_type}), not a disk "
+                "image; the link may have expired or need a login",
+            )
+        if "Content-Length" in response.headers and not response.headers.get("Content-Encoding"):
+            self.size = int(response.headers["Content-Length"])
+        etag = response.headers.get("ETag")
+        # Only a strong ETag may be used in If-Range (RFC 9110 13.1.5).
+        self._validator = etag if etag and not etag.startswith("W/") else None
+        self._validator = self._validator or response.headers.get("Last-Modified")
+        return response
+
+    def _resume(self, offset: int) -> requests.Response:
+        response = self._request(offset)
+        if response.status_code == 206:
+            match = re.fullmatch(
+                r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "")
+            )
+            if match and int(match.group(1)) == offset:
+                log.info("resumed %s at byte %d", self.description, offset)
+                return response
+            response.close()
+            raise TransientError(
+                "BadContentRange",
+                f"{self.description} answered a resume at byte {offset} with Content-Range "
+                f"{response.headers.get('Content-Range')!r}",
+            )
+        validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if self._validator and validator and validator != self._validator:
+            response.close()
+            raise TransientError(
+                "SourceChanged",
+                f"{self.description} changed during the download ({self._validator} became "
+                f"{validator}); start the import again",
+            )
+        log.warning("%s does not resume; fetching again from byte 0", self.description)
+        self._skip(response, offset)
+        return response
+
+    def _skip(self, response: requests.Response, count: int) -> None:
+        try:
+            while count:
+                data = response.raw.read(min(count, _SKIP_CHUNK))
+                if not data:
+                    raise TransientError("Truncated", f"{self.description} ended early")
+                count -= len(data)
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            response.close()
+            raise TransientError("ConnectionLost", _describe(exc)) from None
+
+    def _request(self, offset: int) -> requests.Response:
+        headers = {"Accept-Encoding": "identity", **dict(self._options.headers)}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if self._validator:
+                headers["If-Range"] = self._validator
+        url, trusted = self._url, True
+        for _ in range(MAX_REDIRECTS + 1):
+            response = self._get(url, headers, trusted=trusted)
+            if response.status_code not in _REDIRECT_STATUSES:
+                self._check_status(response, url)
+                return response
+            location = response.headers.get("Location")
+            response.close()
+            if not location:
+                raise FinalError("HttpError", f"{redact_url(url)} redirected without a Location")
+            target = urljoin(url, location)
+            # Credentials belong to the origin the user named; a redirect elsewhere loses them.
+            trusted = trusted and _origin(target) == _origin(self._url)
+            url = target
+        raise FinalError(
+            "TooManyRedirects", f"{self.description} redirected more than {MAX_REDIRECTS} times"
+        )
+
+    def _get(self, url: str, headers: dict[str, str], *, trusted: bool) -> requests.Response:
+        if trusted:
+            headers = {**headers, **dict(self._options.secret_headers)}
+        try:
+            return self._session.get(
+                url,
+                headers=headers,
+                auth=self._options.auth if trusted else None,
+                stream=True,
+                allow_redirects=False,
+                timeout=(self._options.connect_timeout, self._options.stall_timeout),
+            )
+        except requests.exceptions.SSLError as exc:
+            raise FinalError(
+                "TLSError", f"TLS with {redact_url(url)} failed: {_describe(exc)}"
+            ) from None
+        except requests.exceptions.InvalidURL as exc:
+            raise FinalError("InvalidURL", f"{redact_url(url)}: {_describe(exc)}") from None
+        except requests.RequestException as exc:
+            raise TransientError(
+                "ConnectionFailed", f"{redact_url(url)}: {_describe(exc)}"
+            ) from None
+
+    def _check_status(self, response: requests.Response, url: str) -> None:
+        status = response.status_code
+        if status in (200, 206):
+            return
+        response.close()
+        where = redact_url(url)
+        if status in _FINAL_STATUSES:
+            raise FinalError(
+                _FINAL_STATUSES[status], f"{where} answered HTTP {status} {response.reason}"
+            )
+        if status in (408, 429) or status >= 500:
+            error = TransientError(
+                "ServerError", f"{where} answered HTTP {status} {response.reason}"
+            )
+            error.retry_after = _retry_after(response)  # type: ignore[attr-defined]
+            raise error
+        raise FinalError("HttpError", f"{where} answered HTTP {status} {response.reason}")
+
+    # --- retries ----------------------------------------------------------------------
+
+    def _retrying(self, fn, *args):
+        retrying = Retrying(
+            stop=stop_after_attempt(self._options.retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception(_retryable),
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        return retrying(fn, *args)
+
+    def _wait(self, state: RetryCallState) -> float:
+        backoff = wait_exponential_jitter(
+            initial=self._options.backoff, max=30, jitter=self._options.backoff
+        )(state)
+        exc = state.outcome.exception() if state.outcome else None
+        return max(backoff, getattr(exc, "retry_after", 0.0))
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "attempt %d failed (%s); retrying in %.1fs",
+            state.attempt_number,
+            exc,
+            state.next_action.sleep if state.next_action else 0,
+        )
+
+    def _drop_response(self) -> None:
+        if self._response is not None:
+            self._response.close()
+            self._response = None
+
+
+def _retryable(exc: BaseException) -> bool:
+    # A changed object cannot be resumed; a new import (a new pod) starts it over.
+    return isinstance(exc, TransientError) and exc.reason != "SourceChanged"
+
+
+def _retry_after(response: requests.Response) -> float:
+    try:
+        return min(float(response.headers.get("Retry-After", 0)), _MAX_RETRY_AFTER)
+    except ValueError:
+        return 0.0
+
+
+__all__ = ["HttpOptions", "HttpSource", "ImportFailure", "parse_header", "redact_url"]

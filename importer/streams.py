@@ -1,0 +1,175 @@
+"""Composable stages of the data path: each a generator of byte chunks, optionally run in
+its own thread so that fetching, hashing, inflating and writing overlap on several cores
+(hashlib, zlib/isal, lzma, bz2 and zstandard release the GIL on large buffers)."""
+
+from __future__ import annotations
+
+import bz2
+import io
+import lzma
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, TypeVar
+
+import zstandard
+from isal import igzip
+
+from importer.errors import FinalError, ImportFailure
+from importer.formats import Compression
+
+T = TypeVar("T")
+
+CHUNK = 4 << 20
+# Memory a decompressor may use for its window: xz -9 needs 64 MiB, zstd's default cap is 128 MiB.
+XZ_MEMLIMIT = 128 << 20
+ZSTD_MAX_WINDOW = 128 << 20
+
+
+@dataclass
+class _End:
+    error: BaseException | None
+
+
+def threaded(items: Iterable[T], *, name: str, depth: int = 4) -> Iterator[T]:
+    """Produce `items` in a thread, at most `depth` items ahead of the consumer.
+
+    Errors in the producer are raised in the consumer; closing the consumer stops the
+    producer at its next item.
+    """
+    handoff: queue.Queue[Any] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_End(None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(_End(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # stop the stages upstream of this one
+
+    worker = threading.Thread(target=produce, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = handoff.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+def peek(chunks: Iterator[bytes], n: int) -> tuple[bytes, Iterator[bytes]]:
+    """Return at least the first `n` bytes (fewer only at the end) and the whole stream."""
+    seen: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        seen.append(chunk)
+        size += len(chunk)
+        if size >= n:
+            break
+    head = b"".join(seen)
+    return head, chain([head] if head else [], chunks)
+
+
+def read_chunks(
+    read: Callable[[int], bytes], *, on_bytes: Callable[[int], None]
+) -> Iterator[bytes]:
+    """Yield `read(CHUNK)` results until the end of the stream."""
+    while data := read(CHUNK):
+        on_bytes(len(data))
+        yield data
+
+
+def hashed(chunks: Iterable[bytes], hashes: list) -> Iterator[bytes]:
+    """Pass chunks through, feeding each to every hash in `hashes`."""
+    for chunk in chunks:
+        for digest in hashes:
+            digest.update(chunk)
+        yield chunk
+
+
+def decompressed(chunks: Iterable[bytes], kind: Compression) -> Iterator[bytes]:
+    """Inflate a compressed stream (all members/frames/streams of it) in bounded chunks."""
+    try:
+        if kind is Compression.GZIP:
+            yield from _read_all(igzip.IGzipFile(fileobj=_ChunkReader(chunks)))
+        elif kind is Compression.ZSTD:
+            dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+            yield from _read_all(dctx.stream_reader(_ChunkReader(chunks), read_across_frames=True))
+        elif kind is Compression.XZ:
+            yield from _multistream(chunks, lambda: lzma.LZMADecompressor(memlimit=XZ_MEMLIMIT))
+        elif kind is Compression.BZIP2:
+            yield from _multistream(chunks, bz2.BZ2Decompressor)
+        else:
+            yield from chunks
+    except ImportFailure:
+        raise
+    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError) as exc:
+        raise FinalError("CorruptCompressedData", f"the {kind} stream is corrupt: {exc}") from None
+
+
+def _read_all(reader: io.RawIOBase | io.BufferedIOBase | Any) -> Iterator[bytes]:
+    with reader:
+        while data := reader.read(CHUNK):
+            yield data
+
+
+def _multistream(chunks: Iterable[bytes], new: Callable[[], Any]) -> Iterator[bytes]:
+    # lzma and bz2 decompressors stop at the end of one stream; files often hold several.
+    decompressor, fed = new(), False
+    for data in chunks:
+        while True:
+            if decompressor.eof:
+                data = decompressor.unused_data + data
+                decompressor, fed = new(), False
+                if not data.strip(b"\0"):
+                    break  # nothing, or the zero padding allowed between and after streams
+            fed = fed or bool(data)
+            out = decompressor.decompress(data, CHUNK)
+            data = b""
+            if out:
+                yield out
+            if not decompressor.eof and decompressor.needs_input:
+                break
+    if fed and not decompressor.eof:
+        raise EOFError("the stream ends before its end-of-stream marker")
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks, for file-based decompressors."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._current = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._current:
+            self._current = memoryview(next(self._chunks, b""))
+        n = min(len(buffer), len(self._current))
+        buffer[:n] = self._current[:n]
+        self._current = self._current[n:]
+        return n

@@ -1,0 +1,221 @@
+"""The destination of an import: a file (`disk.img` on a Filesystem volume) or a block device.
+
+Data is written with O_DIRECT where the filesystem allows it, so a large import neither fills
+the page cache (counted against a pod's memory limit) nor pays for a second copy. Zero blocks
+are never written to a file: they stay holes. On a block device they are zeroed with
+BLKZEROOUT, punched, or written, in that order of preference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+from importer.errors import FinalError
+
+GRANULE = 64 << 10  # zero detection unit: a hole smaller than this is not worth a syscall
+ALIGN = 4096
+HEAD = 1 << 20  # on a block device the first MiB is written last, so a failed import
+#                 never leaves a recognisable partition table or image header behind.
+_BLKZEROOUT = 0x127F
+_BLKGETSIZE64 = 0x80081272
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZEROS = bytes(GRANULE)
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    is_block: bool
+    device_size: int | None  # bytes, for a block device
+
+
+def inspect_target(path: str) -> Target:
+    """Say what `path` is; the error names the problem when it cannot be a destination."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise FinalError("InvalidDestination", f"directory {parent} does not exist") from None
+        return Target(path, False, None)
+    if stat.S_ISBLK(mode):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
+        finally:
+            os.close(fd)
+        return Target(path, True, size)
+    if stat.S_ISREG(mode):
+        return Target(path, False, None)
+    raise FinalError("InvalidDestination", f"{path} is neither a regular file nor a block device")
+
+
+def _aligned(size: int) -> tuple[bytearray, int]:
+    """A bytearray with a page-aligned window of `size` bytes starting at the returned offset."""
+    raw = bytearray(size + ALIGN)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    return raw, (-address) % ALIGN
+
+
+def open_direct(path: str, flags: int) -> int | None:
+    """Open `path` with O_DIRECT, or None where the filesystem refuses it (tmpfs)."""
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return None
+        raise
+
+
+class SparseWriter:
+    """Write a stream of bytes from offset 0 of a file or block device, sparsely.
+
+    A file must be new (it is truncated): skipped zero blocks read back as zeroes.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        block: bool,
+        limit: int | None,
+        chunk: int = 4 << 20,
+        preallocate: bool = False,
+    ) -> None:
+        self.path = path
+        self._block = block
+        self._limit = limit
+        self._preallocate = preallocate
+        flags = os.O_WRONLY | (0 if block else os.O_CREAT | os.O_TRUNC)
+        self._fd = os.open(path, flags, 0o644)
+        self._direct_fd = open_direct(path, os.O_WRONLY)
+        self._buffer, self._base = _aligned(chunk)
+        self._view = memoryview(self._buffer)[self._base : self._base + chunk]
+        self._chunk = chunk
+        self._fill = 0  # bytes waiting in the buffer
+        self._offset = 0  # file offset of the buffer's first byte
+        self._head: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return self._offset + self._fill
+
+    def write(self, data: bytes) -> None:
+        if self._limit is not None and self.size + len(data) > self._limit:
+            raise FinalError(
+                "ImageTooLarge",
+                f"the image is larger than the usable capacity of {self._limit} bytes "
+                f"(more than {self.size + len(data)} bytes arrived); stopped writing",
+            )
+        source = memoryview(data)
+        while source:
+            n = min(len(source), self._chunk - self._fill)
+            self._view[self._fill : self._fill + n] = source[:n]
+            self._fill += n
+            source = source[n:]
+            if self._fill == self._chunk:
+                self._flush()
+
+    def finish(self) -> int:
+        """Write what is buffered and set the file's length; return the stream's length."""
+        self._flush()
+        if not self._block:
+            os.ftruncate(self._fd, self._offset)
+        return self._offset
+
+    def commit(self) -> None:
+        """Make the data durable (and, on a block device, write the held-back head)."""
+        if self._head is not None:
+            os.pwrite(self._fd, self._head, 0)
+        os.fdatasync(self._fd)
+
+    def abort(self) -> None:
+        """After a failure: on a block device, leave zeroes where the head would be."""
+        if self._block:
+            zero_range(self._fd, 0, min(HEAD, self._limit or HEAD), block=True, write_only=False)
+
+    def close(self) -> None:
+        if self._direct_fd is not None:
+            os.close(self._direct_fd)
+            self._direct_fd = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _flush(self) -> None:
+        length, self._fill = self._fill, 0
+        start = self._offset
+        self._offset += length
+        if self._block and start < HEAD:
+            keep = min(HEAD, start + length) - start
+            self._head = (self._head or b"") + bytes(self._view[:keep])
+        run_start, run_zero = 0, None
+        for offset in range(0, length, GRANULE):
+            end = min(offset + GRANULE, length)
+            zero = self._buffer.startswith(_ZEROS[: end - offset], self._base + offset)
+            if zero is not run_zero and run_zero is not None:
+                self._put(start, run_start, offset, zero=run_zero)
+                run_start = offset
+            run_zero = zero
+        if run_zero is not None:
+            self._put(start, run_start, length, zero=run_zero)
+
+    def _put(self, base: int, begin: int, end: int, *, zero: bool) -> None:
+        offset = base + begin
+        if self._block and offset < HEAD:
+            skip = min(HEAD - offset, end - begin)
+            begin, offset = begin + skip, offset + skip
+            if begin >= end:
+                return
+        if zero:
+            if self._block:  # a file is new: its holes already read as zeroes
+                zero_range(self._fd, offset, end - begin, block=True, write_only=self._preallocate)
+            return
+        data = self._view[begin:end]
+        direct = self._direct_fd is not None and len(data) % ALIGN == 0 and offset % ALIGN == 0
+        fd = self._direct_fd if direct else self._fd
+        while data:
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+
+
+def zero_range(fd: int, offset: int, length: int, *, block: bool, write_only: bool) -> None:
+    """Make a range read as zeroes: BLKZEROOUT, then punching a hole, then writing zeroes.
+
+    `write_only` skips the shortcuts, for preallocation where the blocks must be allocated.
+    """
+    if length <= 0:
+        return
+    if not write_only:
+        aligned = offset % 512 == 0 and length % 512 == 0
+        if block and aligned:
+            try:
+                fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                pass
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) == 0:
+            return
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd, _ZEROS[: min(GRANULE, end - offset)], offset)
+
+
+def wipe_head(path: str) -> None:
+    """Zero the first MiB of a block device, so a failed import does not look like an image."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        zero_range(fd, 0, HEAD, block=True, write_only=False)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
