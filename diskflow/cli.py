@@ -78,18 +78,23 @@ def import_command(
     header_file: Annotated[
         Path | None,
         typer.Option(
-            help="File of secret 'Name: value' header lines, sent only to the URL's own host."
+            exists=True,
+            dir_okay=False,
+            help="File of secret 'Name: value' header lines, sent only to the URL's own host.",
         ),
     ] = None,
     auth_file: Annotated[
         Path | None,
         typer.Option(
+            exists=True,
+            dir_okay=False,
             help=f"File holding 'user:password' for basic auth (or set {USER_ENV} and "
-            f"{PASSWORD_ENV}). Sent only to the URL's own host."
+            f"{PASSWORD_ENV}). Sent only to the URL's own host.",
         ),
     ] = None,
     ca_bundle: Annotated[
-        Path | None, typer.Option(help="PEM file of CA certificates to trust.")
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="PEM file of CA certificates to trust."),
     ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Do not verify the server's TLS certificate.")
@@ -190,8 +195,8 @@ def _finish(record: dict, mode: ProgressMode, termination_log: Path | None) -> N
         typer.echo(f"error: {record['message']} [{record['reason']}]", err=True)
     elif mode is not ProgressMode.JSON:
         typer.echo(
-            f"imported {record['source']} ({record['format']}, compression {record['compression']}) "
-            f"into {record['destination']}: {record['size']} bytes in {record['seconds']}s"
+            f"imported {record['source']} ({record['format']}, "
+            f"compression {record['compression']}) into {record['destination']}: {record['size']} bytes in {record['seconds']}s"
         )
 
 

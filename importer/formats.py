@@ -77,6 +77,25 @@ def detect_format(head: bytes) -> DiskFormat:
     return DiskFormat.RAW
 
 
+_UNSUPPORTED_MAGIC = [
+    (b"QED\x00", "qed"),
+    (b"LUKS\xba\xbe", "LUKS (encrypted)"),
+    (b"WithoutFreeSpace", "parallels"),
+    (b"WithouFreSpacExt", "parallels"),
+    (b"Bochs Virtual HD Image", "bochs"),
+    (b"#!/bin/sh\n#V2.0 Format", "cloop"),
+    (b"QFI\xfb\x00\x00\x00\x01", "qcow (version 1)"),
+]
+
+
+def unsupported_format(head: bytes) -> str | None:
+    """Name a disk format that qemu-img knows but diskflow refuses to import, if `head` is one."""
+    for magic, name in _UNSUPPORTED_MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
+
+
 def _looks_like_html(head: bytes) -> bool:
     start = head[:512].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     return start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body"))

@@ -32,6 +32,7 @@ from importer.formats import (
     detect_compression,
     detect_format,
     fixed_vhd_disk_size,
+    unsupported_format,
 )
 from importer.progress import Progress
 from importer.sources import HttpOptions, Source, open_source
@@ -132,7 +133,7 @@ def import_image(
                 options.checksum.verify(hashes[0], what=f"{stream.description} as downloaded")
 
         if fmt.streams:
-            size, fmt = _write_raw(chunks, target, capacity, options, verify, progress)
+            size, fmt = _write_raw(chunks, fmt, target, capacity, options, verify, progress)
         else:
             size = _write_converted(chunks, fmt, target, capacity, options, verify, progress)
     finally:
@@ -167,6 +168,13 @@ def _refuse_early(
             f"{stream.description} holds an HTML page, not a disk image; the link may have "
             "expired or need a login",
         )
+    unsupported = unsupported_format(head)
+    if unsupported:
+        raise FinalError(
+            "UnsupportedFormat",
+            f"the image is {unsupported}, which diskflow does not import; supported formats: "
+            "raw, iso, qcow2, vmdk, vdi, vhd, vhdx",
+        )
     if head.startswith(b"# Disk DescriptorFile"):
         raise FinalError(
             "BackingFileRejected",
@@ -185,12 +193,14 @@ def _refuse_early(
     if capacity is not None and raw_size is not None and raw_size > capacity:
         raise FinalError(
             "ImageTooLarge",
-            f"the image's size {raw_size} bytes is larger than the usable capacity {capacity} bytes",
+            f"the image's size {raw_size} bytes is larger than the usable capacity "
+            f"{capacity} bytes",
         )
 
 
 def _write_raw(
     chunks: Iterator[bytes],
+    fmt: DiskFormat,
     target: Target,
     capacity: int | None,
     options: ImportOptions,
@@ -198,7 +208,6 @@ def _write_raw(
     progress: Progress,
 ) -> tuple[int, DiskFormat]:
     """Stream raw bytes into the destination in one pass."""
-    fmt = DiskFormat.RAW
     with _published(target) as path:
         writer = SparseWriter(
             path, block=target.is_block, limit=capacity, preallocate=options.preallocate

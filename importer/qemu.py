@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import sh
 
-logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command at INFO
-
 from importer.errors import FinalError
 from importer.formats import DiskFormat
+
+logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command at INFO
 
 INFO_MEMORY_LIMIT = 1 << 30
 INFO_CPU_SECONDS = 30

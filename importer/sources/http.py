@@ -20,7 +20,8 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from importer.errors import FinalError, ImportFailure, TransientError
@@ -94,7 +95,8 @@ class HttpSource:
         self._options = options
         self.description = redact_url(url)
         self._session = requests.Session()
-        self._session.verify = options.ca_bundle or not options.insecure
+        # Passed per request: a session-wide `verify` loses to REQUESTS_CA_BUNDLE in the env.
+        self._verify: str | bool = options.ca_bundle or not options.insecure
         self._response: requests.Response | None = None
         self._offset = 0
         self._validator: str | None = None
@@ -116,23 +118,32 @@ class HttpSource:
         if self._closed:
             raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
         if self._response is None:
-            self._response = self._resume(self._offset)
+            self._response = self._open_first() if self._offset == 0 else self._resume(self._offset)
+        parts: list[bytes] = []
+        got = 0
         try:
-            data = self._response.raw.read(n)
+            # read1 hands over what has arrived, so bytes received before a failure count
+            # and the resume starts after them.
+            while got < n and (data := self._response.raw.read1(n - got)):
+                parts.append(data)
+                got += len(data)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             self._drop_response()
-            raise TransientError(
+            failure = TransientError(
                 "ConnectionLost",
-                f"transfer from {self.description} failed at byte {self._offset}: {_describe(exc)}",
-            ) from None
-        if not data and self.size is not None and self._offset < self.size:
+                f"transfer from {self.description} failed at byte {self._offset + got}: "
+                f"{_describe(exc)}",
+            )
+            if not parts:
+                raise failure from None
+            log.warning("%s; resuming", failure)
+        if not parts and self.size is not None and self._offset < self.size:
             self._drop_response()
             raise TransientError(
-                "Truncated",
-                f"{self.description} ended at byte {self._offset} of {self.size}",
+                "Truncated", f"{self.description} ended at byte {self._offset} of {self.size}"
             )
-        self._offset += len(data)
-        return data
+        self._offset += got
+        return b"".join(parts) if len(parts) != 1 else parts[0]
 
     # --- requests ---------------------------------------------------------------------
 
@@ -225,6 +236,7 @@ class HttpSource:
                 headers=headers,
                 auth=self._options.auth if trusted else None,
                 stream=True,
+                verify=self._verify,
                 allow_redirects=False,
                 timeout=(self._options.connect_timeout, self._options.stall_timeout),
             )
@@ -270,8 +282,9 @@ class HttpSource:
         return retrying(fn, *args)
 
     def _wait(self, state: RetryCallState) -> float:
-        backoff = wait_exponential_jitter(
-            initial=self._options.backoff, max=30, jitter=self._options.backoff
+        backoff = (
+            wait_exponential(multiplier=self._options.backoff, max=30)
+            + wait_random(0, self._options.backoff)
         )(state)
         exc = state.outcome.exception() if state.outcome else None
         return max(backoff, getattr(exc, "retry_after", 0.0))

@@ -1,0 +1,142 @@
+"""An HTTP server for tests that misbehaves on request, the way real servers and networks do.
+
+Files under `root` are served at /<token>/<name>?<faults>. The token (any string) keeps each
+test's request counters apart; faults are query parameters:
+
+    times=N         how many responses the faults below apply to (default 1)
+    status=CODE     answer CODE instead of the file
+    drop_at=BYTE    close the connection once the body reaches absolute offset BYTE
+    stall_at=BYTE   stop sending at BYTE for `stall` seconds (default 5)
+    ranges=0        ignore Range and If-Range: always send the whole file
+    etag=changing   a new ETag on every response (the object "is replaced")
+    html=1          answer 200 with an HTML page (Content-Type from `ctype`, default text/html)
+    ctype=TYPE      Content-Type of the answer
+    redirect=URL    answer 302 to URL (on every request); `self` redirects to itself
+    retry_after=S   Retry-After header on error statuses
+
+Every request's method, path and headers are recorded in `requests[token]`.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HTML = b"<!DOCTYPE html><html><head><title>Link expired</title></head><body>Sorry</body></html>\n"
+
+
+class FaultServer:
+    """Start on 127.0.0.1 on a free port; `url(token, name, **faults)` builds request URLs."""
+
+    def __init__(self, root: str, *, tls: tuple[str, str] | None = None) -> None:
+        self.root = root
+        self.requests: dict[str, list[dict]] = defaultdict(list)
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server._handle(self)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.scheme = "http"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            self.scheme = "https"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, token: str, name: str, host: str = "127.0.0.1", **faults: object) -> str:
+        query = "&".join(f"{key}={value}" for key, value in faults.items())
+        return f"{self.scheme}://{host}:{self.port}/{token}/{name}" + (f"?{query}" if query else "")
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(request.path)
+        token, _, name = parts.path.lstrip("/").partition("/")
+        faults = {key: values[0] for key, values in parse_qs(parts.query).items()}
+        with self._lock:
+            seen = self.requests[token]
+            seen.append({"path": request.path, "headers": dict(request.headers)})
+            attempt = len(seen)
+        faulty = attempt <= int(faults.get("times", 1))
+        if "redirect" in faults:
+            location = request.path if faults["redirect"] == "self" else faults["redirect"]
+            self._send_head(request, 302, {"Location": location, "Content-Length": "0"})
+            return
+        if "status" in faults and faulty:
+            headers = {"Content-Length": "0"}
+            if "retry_after" in faults:
+                headers["Retry-After"] = faults["retry_after"]
+            self._send_head(request, int(faults["status"]), headers)
+            return
+        if faults.get("html"):
+            ctype = faults.get("ctype", "text/html")
+            self._send_head(request, 200, {"Content-Type": ctype, "Content-Length": str(len(HTML))})
+            request.wfile.write(HTML)
+            return
+        path = os.path.join(self.root, name)
+        size = os.path.getsize(path)
+        etag = f'"{os.path.getmtime(path)}-{size}"'
+        if faults.get("etag") == "changing":
+            etag = f'"v{attempt}"'
+        start = 0
+        range_header = request.headers.get("Range")
+        if_range = request.headers.get("If-Range")
+        if faults.get("ranges") != "0" and range_header and (if_range in (None, etag)):
+            start = int(range_header.removeprefix("bytes=").split("-")[0])
+        headers = {
+            "Content-Type": faults.get("ctype", "application/octet-stream"),
+            "Content-Length": str(size - start),
+            "ETag": etag,
+        }
+        if faults.get("ranges") != "0":
+            headers["Accept-Ranges"] = "bytes"
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        self._send_head(request, 206 if start else 200, headers)
+        drop_at = int(faults["drop_at"]) if "drop_at" in faults and faulty else None
+        stall_at = int(faults["stall_at"]) if "stall_at" in faults and faulty else None
+        with open(path, "rb") as data:
+            data.seek(start)
+            offset = start
+            while chunk := data.read(64 << 10):
+                for limit in (drop_at, stall_at):
+                    if limit is not None and offset <= limit < offset + len(chunk):
+                        chunk = chunk[: limit - offset]
+                try:
+                    request.wfile.write(chunk)
+                    request.wfile.flush()
+                except OSError:
+                    return
+                offset += len(chunk)
+                if drop_at is not None and offset == drop_at:
+                    request.close_connection = True
+                    return
+                if stall_at is not None and offset == stall_at:
+                    time.sleep(float(faults.get("stall", 5)))
+                    stall_at = None
+
+    @staticmethod
+    def _send_head(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.end_headers()

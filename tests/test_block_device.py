@@ -1,0 +1,117 @@
+"""Imports into a real block device (a loop device): old contents must not show through, and
+a failed import must not leave a device that looks like it holds an image."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from importer import Checksum, ImportOptions, import_image
+from importer.errors import ImportFailure
+from importer.target import HEAD
+from tests.conftest import Images, MiB
+
+DEVICE_SIZE = 64 * MiB
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[str]:
+    """A 64 MiB loop device filled with 0xff, like a reused volume."""
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(b"\xff" * DEVICE_SIZE)
+    try:
+        path = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        pytest.fail(f"a loop device is needed (run as root): {exc}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["losetup", "--detach", path], check=True)
+
+
+def read_device(path: str, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(length)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "compression"), [("raw", "gz"), ("raw", None), ("qcow2", "xz"), ("vpc-fixed", "zst")]
+)
+def test_image_lands_on_the_device(
+    fmt: str, compression: str | None, device: str, images: Images, tmp_path: Path
+) -> None:
+    result = import_image(
+        str(images.path(fmt, compression)), device, options=ImportOptions(scratch_dir=str(tmp_path))
+    )
+    expected = images.reference(fmt, tmp_path).read_bytes()
+    assert result.size == len(expected)
+    # Zero ranges of the image are zeroes on the device, not the old 0xff.
+    assert read_device(device, len(expected)) == expected
+
+
+def test_size_larger_than_device_is_refused(device: str, images: Images) -> None:
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(images.raw), device, options=ImportOptions(size=DEVICE_SIZE * 2))
+    assert caught.value.reason == "InvalidArgument" and str(DEVICE_SIZE) in caught.value.message
+
+
+def test_image_larger_than_device_is_refused(device: str, tmp_path: Path) -> None:
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:
+        f.truncate(DEVICE_SIZE + MiB)
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(big), device)
+    assert caught.value.reason == "ImageTooLarge"
+
+
+def test_failed_raw_import_leaves_no_recognisable_head(device: str, images: Images) -> None:
+    wrong = Checksum.parse("sha256:" + "1" * 64)
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(images.path("raw", "gz")), device, options=ImportOptions(checksum=wrong))
+    assert caught.value.reason == "ChecksumMismatch"
+    assert read_device(device, HEAD) == bytes(HEAD)
+
+
+def test_failed_conversion_leaves_no_recognisable_head(device: str, tmp_path: Path) -> None:
+    # A compressed qcow2 whose cluster data is garbage: info accepts it, convert fails.
+    raw, image = tmp_path / "text.raw", tmp_path / "broken.qcow2"
+    raw.write_bytes(b"diskflow " * (MiB // 8))
+    subprocess.run(
+        ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, image], check=True
+    )
+    data = bytearray(image.read_bytes())
+    data[5 * 65536 :] = b"\xff" * (len(data) - 5 * 65536)  # past the metadata clusters
+    image.write_bytes(bytes(data))
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(image), device, options=ImportOptions(scratch_dir=str(tmp_path)))
+    assert caught.value.reason == "ConversionFailed", caught.value.message
+    assert "qemu-img convert failed" in caught.value.message
+    assert read_device(device, HEAD) == bytes(HEAD)
+
+
+def test_checksum_mismatch_before_conversion_leaves_the_device_untouched(
+    device: str, images: Images, tmp_path: Path
+) -> None:
+    wrong = Checksum.parse("sha256:" + "1" * 64)
+    with pytest.raises(ImportFailure):
+        import_image(
+            str(images.path("qcow2", "gz")),
+            device,
+            options=ImportOptions(checksum=wrong, scratch_dir=str(tmp_path)),
+        )
+    assert read_device(device, HEAD) == b"\xff" * HEAD
+
+
+def test_preallocate_writes_zeroes(device: str, images: Images) -> None:
+    import_image(str(images.path("raw", "zst")), device, options=ImportOptions(preallocate=True))
+    assert read_device(device, 40 * MiB) == images.raw.read_bytes()
+    assert os.path.exists(device)

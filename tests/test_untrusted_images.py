@@ -1,0 +1,206 @@
+"""Images that reach outside themselves, lie about their size, or are not images at all get
+a specific error, and leave no destination file and no scratch file behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from importer import Checksum, FinalError, ImportOptions, import_image
+from importer.errors import ImportFailure
+from tests.conftest import Images, MiB, run
+
+
+def import_fails(
+    source: Path | str, tmp_path: Path, reason: str, **options: object
+) -> ImportFailure:
+    dest = tmp_path / "out" / "disk.img"
+    dest.parent.mkdir(exist_ok=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    with pytest.raises(ImportFailure) as caught:
+        import_image(
+            str(source), str(dest), options=ImportOptions(scratch_dir=str(scratch), **options)
+        )
+    assert caught.value.reason == reason, caught.value.message
+    assert list(dest.parent.iterdir()) == [], "nothing half-written is left in the destination"
+    assert list(scratch.iterdir()) == [], "the scratch file is removed"
+    return caught.value
+
+
+def test_backing_file_rejected(images: Images, tmp_path: Path) -> None:
+    image = tmp_path / "child.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-b", images.raw, "-F", "raw", image)
+    error = import_fails(image, tmp_path, "BackingFileRejected")
+    assert "backing file" in error.message
+
+
+def test_json_backing_file_rejected(tmp_path: Path) -> None:
+    image = tmp_path / "child.qcow2"
+    backing = 'json:{"driver":"http","url":"http://127.0.0.1:1/x"}'
+    run("qemu-img", "create", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", image, "10M")
+    import_fails(image, tmp_path, "BackingFileRejected")
+
+
+def test_backing_file_rejected_when_compressed(images: Images, tmp_path: Path) -> None:
+    image = tmp_path / "child.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-b", images.raw, "-F", "raw", image)
+    run("gzip", image)
+    import_fails(f"{image}.gz", tmp_path, "BackingFileRejected")
+
+
+def test_external_data_file_rejected(tmp_path: Path) -> None:
+    image = tmp_path / "data.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'secret'}", image, "10M")
+    error = import_fails(image, tmp_path, "DataFileRejected")
+    assert "data file" in error.message
+
+
+def test_data_file_found_by_qemu_img_info(tmp_path: Path) -> None:
+    # The same check one layer down: qemu-img info's view of the image, not the header.
+    from importer import qemu
+    from importer.formats import DiskFormat
+
+    image = tmp_path / "data.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'secret'}", image, "10M")
+    with pytest.raises(FinalError) as caught:
+        qemu.validate(qemu.info(str(image), DiskFormat.QCOW2), DiskFormat.QCOW2, str(image))
+    assert caught.value.reason == "DataFileRejected"
+
+
+def test_vmdk_descriptor_with_external_extent_rejected(tmp_path: Path) -> None:
+    image = tmp_path / "flat.vmdk"
+    run("qemu-img", "create", "-f", "vmdk", "-o", "subformat=monolithicFlat", image, "10M")
+    error = import_fails(image, tmp_path, "BackingFileRejected")
+    assert "descriptor" in error.message
+
+
+@pytest.mark.parametrize("fmt", ["qed", "parallels", "luks"])
+def test_formats_outside_the_list_rejected(fmt: str, tmp_path: Path) -> None:
+    image = tmp_path / f"disk.{fmt}"
+    options = (
+        ["--object", "secret,id=s0,data=x", "-o", "key-secret=s0,iter-time=10"]
+        if fmt == "luks"
+        else []
+    )
+    run("qemu-img", "create", "-f", fmt, *options, image, "10M")
+    error = import_fails(image, tmp_path, "UnsupportedFormat")
+    assert "supported formats" in error.message
+
+
+def test_corrupt_qcow2_is_an_invalid_image(tmp_path: Path) -> None:
+    image = tmp_path / "broken.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", image, "10M")
+    data = bytearray(image.read_bytes())
+    data[20:24] = b"\xff\xff\xff\xff"  # cluster_bits: absurd
+    image.write_bytes(bytes(data))
+    error = import_fails(image, tmp_path, "InvalidImage")
+    assert "qcow2" in error.message
+
+
+def test_virtual_size_larger_than_capacity_names_both_sizes(images: Images, tmp_path: Path) -> None:
+    error = import_fails(images.path("qcow2", "xz"), tmp_path, "ImageTooLarge", size=20 * MiB)
+    usable = int(20 * MiB * (1 - 0.055)) // MiB * MiB
+    assert str(40 * MiB) in error.message and str(usable) in error.message
+
+
+def test_raw_larger_than_capacity_refused_before_download(images: Images, tmp_path: Path) -> None:
+    error = import_fails(images.raw, tmp_path, "ImageTooLarge", size=20 * MiB)
+    assert str(40 * MiB) in error.message
+
+
+def test_decompression_bomb_stops_at_capacity(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.raw"
+    with open(bomb, "wb") as f:
+        f.truncate(1 << 30)
+    run("zstd", "-q", "--rm", "-1", bomb)
+    assert (tmp_path / "bomb.raw.zst").stat().st_size < MiB
+    error = import_fails(tmp_path / "bomb.raw.zst", tmp_path, "ImageTooLarge", size=16 * MiB)
+    assert "usable capacity" in error.message
+
+
+def test_gzip_bomb_stops_at_capacity(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.raw"
+    with open(bomb, "wb") as f:
+        f.truncate(256 * MiB)
+    run("gzip", bomb)
+    import_fails(tmp_path / "bomb.raw.gz", tmp_path, "ImageTooLarge", size=16 * MiB)
+
+
+def test_qcow2_bomb_in_scratch_stops(tmp_path: Path) -> None:
+    # A qcow2 whose file is far larger than any volume it could claim to fit.
+    image = tmp_path / "fat.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "preallocation=full", image, "200M")
+    run("zstd", "-q", "--rm", image)
+    import_fails(tmp_path / "fat.qcow2.zst", tmp_path, "ImageTooLarge", size=8 * MiB)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    ["sha256", "sha512", "sha1", "md5"],
+)
+def test_checksum_of_bytes_as_downloaded(algorithm: str, images: Images, tmp_path: Path) -> None:
+    import hashlib
+
+    source = images.path("qcow2", "gz")
+    digest = hashlib.new(algorithm, source.read_bytes()).hexdigest()
+    dest = tmp_path / "disk.img"
+    result = import_image(
+        str(source),
+        str(dest),
+        options=ImportOptions(checksum=Checksum.parse(f"{algorithm}:{digest}")),
+    )
+    assert result.checksum == f"{algorithm}:{digest}"
+    assert dest.exists()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_checksum_mismatch_is_final_and_leaves_nothing(
+    fmt: str, images: Images, tmp_path: Path
+) -> None:
+    wrong = Checksum.parse("sha256:" + "0" * 64)
+    error = import_fails(images.path(fmt, "xz"), tmp_path, "ChecksumMismatch", checksum=wrong)
+    assert error.final and "expected " + "0" * 64 in error.message
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("sha256", "ALG:HEX"),
+        ("crc32:abcd", "ALG:HEX"),
+        ("sha256:abc", "64 hex digits"),
+        ("md5:" + "g" * 32, "32 hex"),
+    ],
+)
+def test_bad_checksum_syntax(text: str, problem: str) -> None:
+    with pytest.raises(FinalError) as caught:
+        Checksum.parse(text)
+    assert problem in caught.value.message
+
+
+def test_truncated_compressed_file_is_corrupt(images: Images, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.xz"
+    data = images.path("raw", "xz").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    import_fails(cut, tmp_path, "CorruptCompressedData")
+
+
+def test_html_file_is_not_an_image(tmp_path: Path) -> None:
+    page = tmp_path / "download"
+    page.write_text("<!DOCTYPE html>\n<html><body>Please log in</body></html>\n")
+    import_fails(page, tmp_path, "HtmlInsteadOfImage")
+
+
+def test_qemu_img_info_runs_with_explicit_format_and_limits(images: Images) -> None:
+    # A raw file read as qcow2 must fail, not be probed into something else.
+    from importer import qemu
+    from importer.formats import DiskFormat
+
+    with pytest.raises(FinalError) as caught:
+        qemu.info(str(images.raw), DiskFormat.QCOW2)
+    assert caught.value.reason == "InvalidImage"
+    details = qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2)
+    assert json.dumps(details)  # plain JSON
+    assert qemu.validate(details, DiskFormat.QCOW2, str(images.path("qcow2"))) == 40 * MiB
