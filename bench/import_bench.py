@@ -434,11 +434,14 @@ def main() -> int:
             log(f"{source.name}: {source.stat().st_size / MIB:.0f} MiB")
         log(f"inputs ready in {time.perf_counter() - started:.0f} s")
 
+        load = [os.getloadavg()[0]]  # other work on the machine skews the timings
         with Nginx(workdir, workdir / "nginx") as nginx:
             log(f"nginx serving {workdir} at {nginx.base_url}")
             benchmark(args, workdir, nginx.base_url, results)
+        load.append(os.getloadavg()[0])
         goals = targets(results)
         print(f"machine: {machine_line}")
+        print(f"load average (1 min) before and after the runs: {load[0]:.2f}, {load[1]:.2f}")
         print(
             f"image: {args.size // MIB} MiB raw, {data_blocks} data blocks; "
             f"medians of {args.repeat} runs\n"
@@ -450,6 +453,7 @@ def main() -> int:
                 "size": args.size,
                 "data_blocks": data_blocks,
                 "repeat": args.repeat,
+                "load_average_before_after": load,
                 "cases": {
                     case: {
                         "source": result.source,

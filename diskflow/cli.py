@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
@@ -13,7 +15,16 @@ from typing import Annotated
 
 import typer
 
-from importer import Checksum, HttpOptions, ImportFailure, ImportOptions, Progress, import_image
+from diskflow.demo import run_demo
+from importer import (
+    Checksum,
+    HttpOptions,
+    ImportFailure,
+    ImportOptions,
+    ImportResult,
+    Progress,
+    import_image,
+)
 from importer.errors import FinalError
 from importer.progress import (
     JsonReporter,
@@ -137,12 +148,8 @@ def import_command(
     Exit status: 0 done, 1 failed for good (bad input, missing object, checksum mismatch),
     75 failed for now (network or server trouble: trying again may work), 2 bad usage.
     """
-    mode = progress
-    if mode is ProgressMode.AUTO:
-        mode = ProgressMode.BAR if sys.stderr.isatty() else ProgressMode.JSON
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    state = Progress()
-    try:
+
+    def job(state: Progress) -> ImportResult:
         options = ImportOptions(
             size=parse_quantity(size) if size else None,
             checksum=Checksum.parse(checksum) if checksum else None,
@@ -160,30 +167,71 @@ def import_command(
             filesystem_overhead=filesystem_overhead,
             scratch_dir=str(scratch_dir) if scratch_dir else None,
         )
-        reporters: list[Reporter] = []
-        if mode is ProgressMode.BAR:
-            reporters.append(RichReporter())
-        elif mode is ProgressMode.JSON:
-            reporters.append(JsonReporter())
-        if metrics_port is not None:
-            reporters.append(MetricsReporter(metrics_port))
-        with reporting(state, reporters, interval=1.0 if mode is ProgressMode.JSON else 0.2):
-            result = import_image(source, dest, options=options, progress=state)
+        return import_image(source, dest, options=options, progress=state)
+
+    _run(job, progress, metrics_port=metrics_port, termination_log=termination_log)
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Argument(help="Where the sample and disk.img go.")] = Path(
+        "diskflow-demo"
+    ),
+    progress: Annotated[
+        ProgressMode, typer.Option(help="auto, bar, json or none.")
+    ] = ProgressMode.AUTO,
+) -> None:
+    """Import a sample image end to end with nothing else running (no cluster, no network).
+
+    Makes a 256 MiB qcow2 disk, xz-compresses it, serves it from an HTTP server on 127.0.0.1
+    and imports it into DIRECTORY/disk.img with checksum verification and a 512 MiB volume.
+    """
+    _run(lambda state: run_demo(directory, state), progress)
+
+
+def _run(
+    job: Callable[[Progress], ImportResult],
+    progress: ProgressMode,
+    *,
+    metrics_port: int | None = None,
+    termination_log: Path | None = None,
+) -> None:
+    """Run an import with progress shown as asked; report the outcome; exit 0, 1 or 75."""
+    mode = _resolve(progress)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    state = Progress()
+    try:
+        with _reporting(state, mode, metrics_port):
+            result = job(state)
     except ImportFailure as failure:
-        record = {
-            "ok": False,
-            "reason": failure.reason,
-            "message": failure.message,
-            "final": failure.final,
-        }
-        _finish(record, mode, termination_log)
+        record = {"reason": failure.reason, "message": failure.message, "final": failure.final}
+        _finish({"ok": False, **record}, mode, termination_log)
         raise typer.Exit(EXIT_FINAL if failure.final else EXIT_TRANSIENT) from None
     except OSError as exc:
-        # Disk full, permission denied on the destination, ...: name the file and the cause.
-        record = {"ok": False, "reason": "IOError", "message": str(exc), "final": True}
-        _finish(record, mode, termination_log)
+        # Disk full, permission denied on the destination, ...: the message names the file.
+        record = {"reason": "IOError", "message": str(exc), "final": True}
+        _finish({"ok": False, **record}, mode, termination_log)
         raise typer.Exit(EXIT_FINAL) from None
     _finish({"ok": True, **asdict(result)}, mode, termination_log)
+
+
+def _resolve(mode: ProgressMode) -> ProgressMode:
+    if mode is ProgressMode.AUTO:
+        return ProgressMode.BAR if sys.stderr.isatty() else ProgressMode.JSON
+    return mode
+
+
+def _reporting(
+    state: Progress, mode: ProgressMode, metrics_port: int | None
+) -> AbstractContextManager[None]:
+    reporters: list[Reporter] = []
+    if mode is ProgressMode.BAR:
+        reporters.append(RichReporter())
+    elif mode is ProgressMode.JSON:
+        reporters.append(JsonReporter())
+    if metrics_port is not None:
+        reporters.append(MetricsReporter(metrics_port))
+    return reporting(state, reporters, interval=1.0 if mode is ProgressMode.JSON else 0.2)
 
 
 def _finish(record: dict, mode: ProgressMode, termination_log: Path | None) -> None:
@@ -196,7 +244,8 @@ def _finish(record: dict, mode: ProgressMode, termination_log: Path | None) -> N
     elif mode is not ProgressMode.JSON:
         typer.echo(
             f"imported {record['source']} ({record['format']}, "
-            f"compression {record['compression']}) into {record['destination']}: {record['size']} bytes in {record['seconds']}s"
+            f"compression {record['compression']}) into {record['destination']}: "
+            f"{record['size']} bytes in {record['seconds']}s"
         )
 
 

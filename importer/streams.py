@@ -15,7 +15,7 @@ from itertools import chain
 from typing import Any, TypeVar
 
 import zstandard
-from isal import igzip
+from isal import igzip, isal_zlib
 
 from importer.errors import FinalError, ImportFailure
 from importer.formats import Compression
@@ -23,6 +23,8 @@ from importer.formats import Compression
 T = TypeVar("T")
 
 CHUNK = 4 << 20
+# Smaller reads from the network: progress and resume points move every MiB.
+FETCH_CHUNK = 1 << 20
 # Memory a decompressor may use for its window: xz -9 needs 64 MiB, zstd's default cap is 128 MiB.
 XZ_MEMLIMIT = 128 << 20
 ZSTD_MAX_WINDOW = 128 << 20
@@ -95,8 +97,8 @@ def peek(chunks: Iterator[bytes], n: int) -> tuple[bytes, Iterator[bytes]]:
 def read_chunks(
     read: Callable[[int], bytes], *, on_bytes: Callable[[int], None]
 ) -> Iterator[bytes]:
-    """Yield `read(CHUNK)` results until the end of the stream."""
-    while data := read(CHUNK):
+    """Yield `read(FETCH_CHUNK)` results until the end of the stream."""
+    while data := read(FETCH_CHUNK):
         on_bytes(len(data))
         yield data
 
@@ -125,7 +127,14 @@ def decompressed(chunks: Iterable[bytes], kind: Compression) -> Iterator[bytes]:
             yield from chunks
     except ImportFailure:
         raise
-    except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, ValueError) as exc:
+    except (
+        OSError,
+        EOFError,
+        isal_zlib.error,
+        lzma.LZMAError,
+        zstandard.ZstdError,
+        ValueError,
+    ) as exc:
         raise FinalError("CorruptCompressedData", f"the {kind} stream is corrupt: {exc}") from None
 
 

@@ -117,22 +117,23 @@ class FaultServer:
         with open(path, "rb") as data:
             data.seek(start)
             offset = start
-            while chunk := data.read(64 << 10):
-                for limit in (drop_at, stall_at):
-                    if limit is not None and offset <= limit < offset + len(chunk):
-                        chunk = chunk[: limit - offset]
+            while True:
+                # Stop each write at the next fault offset, so the fault hits the exact byte.
+                limits = [x for x in (drop_at, stall_at) if x is not None and x > offset]
+                chunk = data.read(min([64 << 10] + [x - offset for x in limits]))
+                if not chunk:
+                    return
                 try:
                     request.wfile.write(chunk)
                     request.wfile.flush()
                 except OSError:
                     return
                 offset += len(chunk)
-                if drop_at is not None and offset == drop_at:
+                if offset == drop_at:
                     request.close_connection = True
                     return
-                if stall_at is not None and offset == stall_at:
+                if offset == stall_at:
                     time.sleep(float(faults.get("stall", 5)))
-                    stall_at = None
 
     @staticmethod
     def _send_head(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:

@@ -204,3 +204,14 @@ def test_qemu_img_info_runs_with_explicit_format_and_limits(images: Images) -> N
     details = qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2)
     assert json.dumps(details)  # plain JSON
     assert qemu.validate(details, DiskFormat.QCOW2, str(images.path("qcow2"))) == 40 * MiB
+
+
+@pytest.mark.parametrize("suffix", ["gz", "xz", "zst", "bz2"])
+def test_garbled_compressed_stream_is_corrupt(suffix: str, images: Images, tmp_path: Path) -> None:
+    data = bytearray(images.path("raw", suffix).read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)
+    garbled = tmp_path / f"garbled.{suffix}"
+    garbled.write_bytes(bytes(data))
+    error = import_fails(garbled, tmp_path, "CorruptCompressedData")
+    assert error.final

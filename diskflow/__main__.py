@@ -1,0 +1,5 @@
+"""`python -m diskflow` is the `diskflow` command."""
+
+from diskflow.cli import app
+
+app(prog_name="diskflow")

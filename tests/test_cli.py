@@ -1,0 +1,158 @@
+"""`diskflow import` as users and pods run it: exit codes, JSON progress, the termination
+log, Prometheus metrics, and credentials that never show up in any output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MiB, Images, free_port
+from tests.faultserver import FaultServer
+
+SECRET = "correct-horse-battery-staple"
+
+
+def diskflow(
+    *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diskflow", "import", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_success_prints_json_progress_and_writes_the_termination_log(
+    images: Images, nginx: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "termination-log"
+    source = images.path("qcow2", "xz")
+    done = diskflow(
+        f"{nginx}/{source.name}", tmp_path / "disk.img", "--progress", "json",
+        "--termination-log", log, "--size", "64Mi",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    assert stages[0] == "download" and "convert" in stages and stages[-1] == "resize"
+    download = [e for e in events if e.get("stage") == "download"][-1]
+    assert download["bytes_done"] == download["bytes_total"] == source.stat().st_size
+    assert events[-1]["event"] == "done" and events[-1]["format"] == "qcow2"
+    result = json.loads(log.read_text())
+    assert result["ok"] is True and result["size"] == int(64 * MiB * 0.945) // MiB * MiB
+
+
+def test_final_failure_exits_1_with_reason(faults: FaultServer, tmp_path: Path) -> None:
+    log = tmp_path / "termination-log"
+    url = faults.url(uuid.uuid4().hex, "disk.raw.gz", status=404, times=9)
+    done = diskflow(url, tmp_path / "disk.img", "--progress", "none", "--termination-log", log)
+    assert done.returncode == 1
+    assert "404" in done.stderr and "[NotFound]" in done.stderr
+    record = json.loads(log.read_text())
+    assert record == {
+        "ok": False,
+        "reason": "NotFound",
+        "message": record["message"],
+        "final": True,
+    }
+    assert not (tmp_path / "disk.img").exists()
+
+
+def test_transient_failure_exits_75(faults: FaultServer, tmp_path: Path) -> None:
+    url = faults.url(uuid.uuid4().hex, "disk.raw.gz", status=503, times=99)
+    done = diskflow(
+        url, tmp_path / "d.img", "--progress", "json", "--retries", "1", "--retry-backoff", "0"
+    )
+    assert done.returncode == 75
+    last = json.loads(done.stdout.splitlines()[-1])
+    assert last["event"] == "failed" and last["reason"] == "ServerError" and last["final"] is False
+
+
+def test_bad_arguments_are_named(images: Images, tmp_path: Path) -> None:
+    cases = {
+        ("--size", "ten gigs"): "'ten gigs' is not a quantity",
+        ("--checksum", "sha256:xyz"): "64 hex digits",
+        ("--header", "no colon here"): "is not of the form",
+    }
+    for args, message in cases.items():
+        done = diskflow(images.raw, tmp_path / "d.img", "--progress", "none", *args)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+    done = diskflow(images.raw, tmp_path / "no-such-dir" / "d.img", "--progress", "none")
+    assert done.returncode == 1 and "does not exist" in done.stderr
+
+
+def test_credentials_never_appear_in_output(faults: FaultServer, tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    auth.write_text(f"admin:{SECRET}\n")
+    headers = tmp_path / "headers"
+    headers.write_text(f"X-Api-Key: {SECRET}\n")
+    log = tmp_path / "termination-log"
+    token = uuid.uuid4().hex
+    url = faults.url(token, "disk.raw.gz", status=401, times=9, sig=SECRET)
+    for extra, env in (
+        (["--auth-file", auth, "--header-file", headers], {}),
+        ([], {"DISKFLOW_HTTP_USER": "admin", "DISKFLOW_HTTP_PASSWORD": SECRET}),
+    ):
+        done = diskflow(
+            url, tmp_path / "d.img", "--progress", "json", "--termination-log", log, *extra, env=env
+        )
+        assert done.returncode == 1
+        for text in (done.stdout, done.stderr, log.read_text()):
+            assert SECRET not in text
+    sent = faults.requests[token][0]["headers"]
+    assert sent["X-Api-Key"] == SECRET and sent["Authorization"].startswith("Basic ")
+
+
+def test_half_set_credentials_are_refused(images: Images, tmp_path: Path) -> None:
+    done = diskflow(images.raw, tmp_path / "d.img", env={"DISKFLOW_HTTP_USER": "admin"})
+    assert done.returncode == 1 and "DISKFLOW_HTTP_PASSWORD" in done.stderr
+
+
+def download_metric(text: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == {"stage": "download"}:
+                return sample.value
+    return None
+
+
+def test_metrics_are_served_while_importing(
+    faults: FaultServer, images: Images, tmp_path: Path
+) -> None:
+    port = free_port()
+    stall_at = 3 * MiB + 1000
+    url = faults.url(uuid.uuid4().hex, "disk.qcow2.gz", stall_at=stall_at, stall=4)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "import", url, str(tmp_path / "d.img"),
+         "--progress", "none", "--metrics-port", str(port), "--stall-timeout", "30"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        done = None
+        while not done:  # the transfer pauses at stall_at: progress must show it got there
+            assert time.monotonic() < deadline, "no download progress in the metrics"
+            try:
+                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
+                done = download_metric(text, "diskflow_import_bytes_done")
+            except requests.ConnectionError:
+                time.sleep(0.05)
+                continue
+            if not done:
+                time.sleep(0.05)
+        assert 3 * MiB <= done <= stall_at
+        assert process.poll() is None, "measured during the import, not after"
+        total = download_metric(text, "diskflow_import_bytes_total")
+        assert total == images.path("qcow2", "gz").stat().st_size
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
