@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MiB, Images, free_port
+from tests.conftest import Images, MiB, free_port
 from tests.faultserver import FaultServer
 
 SECRET = "correct-horse-battery-staple"
