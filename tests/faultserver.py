@@ -5,8 +5,8 @@ test's request counters apart; faults are query parameters:
 
     times=N         how many responses the faults below apply to (default 1)
     status=CODE     answer CODE instead of the file
-    drop_at=BYTE    close the connection once the body reaches absolute offset BYTE
-    stall_at=BYTE   stop sending at BYTE for `stall` seconds (default 5)
+    drop_after=N    close the connection after N bytes of the body
+    stall_after=N   stop sending after N bytes of the body for `stall` seconds (default 5)
     ranges=0        ignore Range and If-Range: always send the whole file
     etag=changing   a new ETag on every response (the object "is replaced")
     html=1          answer 200 with an HTML page (Content-Type from `ctype`, default text/html)
@@ -112,14 +112,23 @@ class FaultServer:
         if start:
             headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
         self._send_head(request, 206 if start else 200, headers)
-        drop_at = int(faults["drop_at"]) if "drop_at" in faults and faulty else None
-        stall_at = int(faults["stall_at"]) if "stall_at" in faults and faulty else None
+        drop_at = start + int(faults["drop_after"]) if "drop_after" in faults and faulty else None
+        stall_at = (
+            start + int(faults["stall_after"]) if "stall_after" in faults and faulty else None
+        )
         with open(path, "rb") as data:
             data.seek(start)
             offset = start
             while True:
                 # Stop each write at the next fault offset, so the fault hits the exact byte.
-                limits = [x for x in (drop_at, stall_at) if x is not None and x > offset]
+                limits = [x for x in (drop_at, stall_at) if x is not None and x >= offset]
+                if offset == stall_at:
+                    time.sleep(float(faults.get("stall", 5)))
+                    stall_at = None
+                    continue
+                if offset == drop_at:
+                    request.close_connection = True
+                    return
                 chunk = data.read(min([64 << 10] + [x - offset for x in limits]))
                 if not chunk:
                     return
@@ -129,11 +138,6 @@ class FaultServer:
                 except OSError:
                     return
                 offset += len(chunk)
-                if offset == drop_at:
-                    request.close_connection = True
-                    return
-                if offset == stall_at:
-                    time.sleep(float(faults.get("stall", 5)))
 
     @staticmethod
     def _send_head(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:

@@ -131,24 +131,22 @@ def test_metrics_are_served_while_importing(
 ) -> None:
     port = free_port()
     stall_at = 3 * MiB + 1000
-    url = faults.url(uuid.uuid4().hex, "disk.qcow2.gz", stall_at=stall_at, stall=4)
+    url = faults.url(uuid.uuid4().hex, "disk.qcow2.gz", stall_after=stall_at, stall=4)
     process = subprocess.Popen(
         [sys.executable, "-m", "diskflow", "import", url, str(tmp_path / "d.img"),
          "--progress", "none", "--metrics-port", str(port), "--stall-timeout", "30"],
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        done = None
-        while not done:  # the transfer pauses at stall_at: progress must show it got there
-            assert time.monotonic() < deadline, "no download progress in the metrics"
+        done: float | None = None
+        while done is None or done < 3 * MiB:  # the transfer pauses at stall_at for 4 s
+            assert time.monotonic() < deadline, f"no download progress in the metrics: {done}"
+            time.sleep(0.05)
             try:
                 text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
-                done = download_metric(text, "diskflow_import_bytes_done")
             except requests.ConnectionError:
-                time.sleep(0.05)
                 continue
-            if not done:
-                time.sleep(0.05)
+            done = download_metric(text, "diskflow_import_bytes_done")
         assert 3 * MiB <= done <= stall_at
         assert process.poll() is None, "measured during the import, not after"
         total = download_metric(text, "diskflow_import_bytes_total")

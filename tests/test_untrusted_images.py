@@ -77,17 +77,20 @@ def test_vmdk_descriptor_with_external_extent_rejected(tmp_path: Path) -> None:
     assert "descriptor" in error.message
 
 
-@pytest.mark.parametrize("fmt", ["qed", "parallels", "luks"])
+@pytest.mark.parametrize("fmt", ["qed", "parallels"])
 def test_formats_outside_the_list_rejected(fmt: str, tmp_path: Path) -> None:
     image = tmp_path / f"disk.{fmt}"
-    options = (
-        ["--object", "secret,id=s0,data=x", "-o", "key-secret=s0,iter-time=10"]
-        if fmt == "luks"
-        else []
-    )
-    run("qemu-img", "create", "-f", fmt, *options, image, "10M")
+    run("qemu-img", "create", "-f", fmt, image, "10M")
     error = import_fails(image, tmp_path, "UnsupportedFormat")
     assert "supported formats" in error.message
+
+
+def test_luks_rejected(tmp_path: Path) -> None:
+    # A LUKS1 header's magic and version; qemu-img create -f luks needs seconds of key stretching.
+    image = tmp_path / "disk.luks"
+    image.write_bytes(b"LUKS\xba\xbe\x00\x01" + bytes(MiB))
+    error = import_fails(image, tmp_path, "UnsupportedFormat")
+    assert "LUKS" in error.message
 
 
 def test_corrupt_qcow2_is_an_invalid_image(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -97,6 +98,9 @@ class HttpSource:
         self._session = requests.Session()
         # Passed per request: a session-wide `verify` loses to REQUESTS_CA_BUNDLE in the env.
         self._verify: str | bool = options.ca_bundle or not options.insecure
+        if self._verify is False:
+            log.warning("not verifying the TLS certificate of %s (--insecure)", self.description)
+            warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
         self._response: requests.Response | None = None
         self._offset = 0
         self._validator: str | None = None
