@@ -105,7 +105,7 @@ def import_image(
     started = time.monotonic()
     target = inspect_target(destination)
     capacity = usable_capacity(target, options)
-    hashes = [options.checksum.new_hash()] if options.checksum else []
+    digest = options.checksum.new_hash() if options.checksum else None
     stream = open_source(source, options.http)
     stages: list[Iterator[bytes]] = []
     downloaded = 0
@@ -118,8 +118,8 @@ def import_image(
     try:
         progress.stage("download", stream.size)
         chunks = _stage(stages, read_chunks(stream.read, on_bytes=fetched), "fetch")
-        if hashes:
-            chunks = _stage(stages, hashed(chunks, hashes), "hash")
+        if digest is not None:
+            chunks = _stage(stages, hashed(chunks, digest), "hash")
         head, chunks = peek(chunks, 8)
         compression = detect_compression(head)
         if compression is not Compression.NONE:
@@ -129,13 +129,14 @@ def import_image(
         _refuse_early(fmt, head, stream, compression, capacity)
 
         def verify() -> None:
-            if options.checksum:
-                options.checksum.verify(hashes[0], what=f"{stream.description} as downloaded")
+            if options.checksum and digest is not None:
+                options.checksum.verify(digest, what=f"{stream.description} as downloaded")
 
+        job = _Job(target, capacity, options, verify, progress)
         if fmt.streams:
-            size, fmt = _write_raw(chunks, fmt, target, capacity, options, verify, progress)
+            size, fmt = _write_raw(chunks, fmt, job)
         else:
-            size = _write_converted(chunks, fmt, target, capacity, options, verify, progress)
+            size = _write_converted(chunks, fmt, job)
     finally:
         stream.close()
         for stage in reversed(stages):
@@ -198,32 +199,34 @@ def _refuse_early(
         )
 
 
-def _write_raw(
-    chunks: Iterator[bytes],
-    fmt: DiskFormat,
-    target: Target,
-    capacity: int | None,
-    options: ImportOptions,
-    verify: Callable[[], None],
-    progress: Progress,
-) -> tuple[int, DiskFormat]:
+@dataclass(frozen=True)
+class _Job:
+    """What both write paths need to know about the import in hand."""
+
+    target: Target
+    capacity: int | None
+    options: ImportOptions
+    verify: Callable[[], None]
+    progress: Progress
+
+
+def _write_raw(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
     """Stream raw bytes into the destination in one pass."""
+    target = job.target
     with _published(target) as path:
         writer = SparseWriter(
-            path, block=target.is_block, limit=capacity, preallocate=options.preallocate
+            path, block=target.is_block, limit=job.capacity, preallocate=job.options.preallocate
         )
         try:
-            for chunk in chunks:
-                writer.write(chunk)
-            size = writer.finish()
-            verify()
+            size = writer.write_all(chunks)
+            job.verify()
             disk_size = _fixed_vhd_size(path, size)
             if disk_size is not None:
                 fmt, size = DiskFormat.VPC, disk_size
             if target.is_block:
                 writer.commit()
             else:
-                size = _finish_file(path, size, capacity, options.preallocate, progress)
+                size = _finish_file(path, size, job)
         except BaseException:
             writer.abort()
             raise
@@ -232,28 +235,19 @@ def _write_raw(
     return size, fmt
 
 
-def _write_converted(
-    chunks: Iterator[bytes],
-    fmt: DiskFormat,
-    target: Target,
-    capacity: int | None,
-    options: ImportOptions,
-    verify: Callable[[], None],
-    progress: Progress,
-) -> int:
+def _write_converted(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> int:
     """Land the image in scratch space, check it, and let qemu-img convert it to raw."""
+    target, capacity, progress = job.target, job.capacity, job.progress
     scratch_limit = None if capacity is None else capacity + capacity // 8 + SCRATCH_SLACK
-    fd, scratch = tempfile.mkstemp(prefix="diskflow-scratch-", dir=options.scratch_dir)
+    fd, scratch = tempfile.mkstemp(prefix="diskflow-scratch-", dir=job.options.scratch_dir)
     os.close(fd)
     try:
         writer = SparseWriter(scratch, block=False, limit=scratch_limit)
         try:
-            for chunk in chunks:
-                writer.write(chunk)
-            writer.finish()
+            writer.write_all(chunks)
         finally:
             writer.close()
-        verify()
+        job.verify()
         virtual_size = qemu.validate(qemu.info(scratch, fmt), fmt, scratch)
         if capacity is not None and virtual_size > capacity:
             raise FinalError(
@@ -278,7 +272,7 @@ def _write_converted(
                 if target.is_block:
                     _sync(path)
                     return virtual_size
-                return _finish_file(path, virtual_size, capacity, options.preallocate, progress)
+                return _finish_file(path, virtual_size, job)
             except BaseException:
                 if target.is_block:
                     wipe_head(path)
@@ -287,18 +281,16 @@ def _write_converted(
         os.unlink(scratch)
 
 
-def _finish_file(
-    path: str, size: int, capacity: int | None, preallocate: bool, progress: Progress
-) -> int:
+def _finish_file(path: str, size: int, job: _Job) -> int:
     """Grow a raw file to the usable capacity (never shrink), allocate it if asked, sync it."""
-    final = max(size, capacity or 0)
+    final = max(size, job.capacity or 0)
     fd = os.open(path, os.O_WRONLY)
     try:
         if final != os.fstat(fd).st_size:
-            progress.stage("resize", final)
+            job.progress.stage("resize", final)
             os.ftruncate(fd, final)
-            progress.set_done(final)
-        if preallocate:
+            job.progress.set_done(final)
+        if job.options.preallocate:
             os.posix_fallocate(fd, 0, final)
         os.fdatasync(fd)
     finally:

@@ -103,11 +103,10 @@ def read_chunks(
         yield data
 
 
-def hashed(chunks: Iterable[bytes], hashes: list) -> Iterator[bytes]:
-    """Pass chunks through, feeding each to every hash in `hashes`."""
+def hashed(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
+    """Pass chunks through, feeding each to `digest` (a hashlib object)."""
     for chunk in chunks:
-        for digest in hashes:
-            digest.update(chunk)
+        digest.update(chunk)
         yield chunk
 
 

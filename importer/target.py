@@ -15,6 +15,7 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from importer.errors import FinalError
@@ -124,6 +125,12 @@ class SparseWriter:
             source = source[n:]
             if self._fill == self._chunk:
                 self._flush()
+
+    def write_all(self, chunks: Iterable[bytes]) -> int:
+        """Write every chunk, then `finish()`; return the stream's length."""
+        for chunk in chunks:
+            self.write(chunk)
+        return self.finish()
 
     def finish(self) -> int:
         """Write what is buffered and set the file's length; return the stream's length."""
