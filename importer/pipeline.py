@@ -242,7 +242,8 @@ def _write_converted(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> int
     fd, scratch = tempfile.mkstemp(prefix="diskflow-scratch-", dir=job.options.scratch_dir)
     os.close(fd)
     try:
-        writer = SparseWriter(scratch, block=False, limit=scratch_limit)
+        # Buffered: qemu-img reads it right back, from the page cache.
+        writer = SparseWriter(scratch, block=False, limit=scratch_limit, direct=False)
         try:
             writer.write_all(chunks)
         finally:
@@ -257,7 +258,7 @@ def _write_converted(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> int
             )
         with _published(target) as path:
             progress.stage("convert", virtual_size)
-            direct = _supports_direct(scratch) and _supports_direct(path)
+            direct = _supports_direct(path)
             try:
                 qemu.convert(
                     scratch,

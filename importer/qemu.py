@@ -93,10 +93,11 @@ def convert(
     """Convert `source` to raw at `destination`, reporting percent done.
 
     `existing` writes into what is there (a block device) instead of creating a file;
-    `direct` bypasses the page cache on both sides (where the filesystems support it).
+    `direct` writes with O_DIRECT (where the filesystem supports it). The source is read
+    through the page cache, where the freshly written scratch file still is.
     """
     args = ["convert", "-p", "-f", fmt.value, "-O", "raw", "-W", "-m", "16"]
-    args += ["-t", "none", "-T", "none"] if direct else ["-t", "writeback"]
+    args += ["-t", "none" if direct else "writeback", "-T", "writeback"]
     if existing:
         args.append("-n")
     args += [source, destination]

@@ -91,6 +91,7 @@ class SparseWriter:
         limit: int | None,
         chunk: int = 4 << 20,
         preallocate: bool = False,
+        direct: bool = True,
     ) -> None:
         self.path = path
         self._block = block
@@ -98,7 +99,7 @@ class SparseWriter:
         self._preallocate = preallocate
         flags = os.O_WRONLY | (0 if block else os.O_CREAT | os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
-        self._direct_fd = open_direct(path, os.O_WRONLY)
+        self._direct_fd = open_direct(path, os.O_WRONLY) if direct else None
         self._buffer, self._base = _aligned(chunk)
         self._view = memoryview(self._buffer)[self._base : self._base + chunk]
         self._chunk = chunk
