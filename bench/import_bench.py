@@ -1,20 +1,21 @@
 """Benchmark `diskflow import` against a CDI-style path and a native shell pipeline.
 
-Run it (root is needed only because nginx is started with `user root;`):
+Run it from the repository, with the venv that has diskflow installed:
 
     python bench/import_bench.py [--size 2G] [--repeat 3] [--workdir DIR] [--json FILE]
 
-It writes a raw image of --size bytes (half its 1 MiB blocks zero, the rest half random and half
-text), compresses it to .gz, .zst and .qcow2, serves them with nginx on 127.0.0.1, then times
-for each case, --repeat times, with the output durable at the end of each command:
+It writes a raw image of --size bytes (1 MiB blocks, about half of them zero, the others half
+text and half seeded random bytes), compresses it to .gz, .zst and .qcow2, serves them with
+nginx on 127.0.0.1 and times, for each case and --repeat times, three ways to import it, each
+ending with the output durable and checked against the raw image:
 
-- diskflow: `diskflow import --progress none --checksum sha256:HEX URL OUT`;
+- diskflow: `diskflow import --progress none --scratch-dir WORKDIR --checksum sha256:HEX URL OUT`;
 - CDI-style: download (and decompress) to a scratch file, `qemu-img convert -O raw`, `sync`;
-- native (gz, zst only): `curl | gzip -dc | dd conv=sparse`, `sync`.
+- native (gz and zst only): `curl | gzip -dc | dd conv=sparse`, `sync`.
 
 It prints the medians, diskflow's peak RSS and whether the targets are met. The page cache is
 not dropped between runs: the served files stay cached, as on a warm server.
-Needs curl, gzip, zstd, qemu-img, cmp, nginx and the diskflow command.
+Needs curl, gzip, zstd, qemu-img, cmp, nginx and the diskflow command (--diskflow).
 """
 
 from __future__ import annotations
@@ -115,7 +116,19 @@ def machine_info(workdir: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "qemu_img": run(["qemu-img", "--version"]).splitlines()[0],
         "workdir_fs": filesystem_type(workdir),
+        "commit": commit(),
     }
+
+
+def commit() -> str:
+    """The commit of the checkout holding this script, '-dirty' if diskflow's code is edited."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        return "unknown"
+    status = [*git, "status", "--porcelain", "--", ":/importer", ":/diskflow"]
+    edited = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+    return head.stdout.strip() + ("-dirty" if edited else "")
 
 
 def make_raw(path: Path, size: int) -> int:
