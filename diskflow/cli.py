@@ -15,7 +15,6 @@ from typing import Annotated
 
 import typer
 
-from diskflow.demo import run_demo
 from importer import (
     Checksum,
     HttpOptions,
@@ -186,6 +185,8 @@ def demo(
     Makes a 256 MiB qcow2 disk, xz-compresses it, serves it from an HTTP server on 127.0.0.1
     and imports it into DIRECTORY/disk.img with checksum verification and a 512 MiB volume.
     """
+    from diskflow.demo import run_demo  # its HTTP server is needed by nothing else
+
     _run(lambda state: run_demo(directory, state), progress)
 
 

@@ -154,3 +154,23 @@ def test_metrics_are_served_while_importing(
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "demo", str(tmp_path / "demo"), "--progress", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert (
+        result["event"] == "done" and result["format"] == "qcow2" and result["compression"] == "xz"
+    )
+    assert result["checksum"].startswith("sha256:")
+    disk = tmp_path / "demo" / "disk.img"
+    assert disk.stat().st_size == result["size"] == int(512 * MiB * 0.945) // MiB * MiB
+    with open(disk, "rb") as f:
+        assert f.read(21) == b"diskflow sample disk\n"
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["disk.img"]
