@@ -10,6 +10,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import sh
 
@@ -18,9 +19,16 @@ from importer.formats import DiskFormat
 
 logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command at INFO
 
-INFO_MEMORY_LIMIT = 1 << 30
-INFO_CPU_SECONDS = 30
-INFO_TIMEOUT = 60
+
+@dataclass(frozen=True)
+class Limits:
+    """What one `qemu-img info` on an untrusted image may use."""
+
+    address_space: int = 1 << 30
+    cpu_seconds: int = 30
+    timeout: float = 60
+
+
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -31,17 +39,17 @@ def _qemu_img() -> sh.Command:
         raise FinalError("MissingTool", "qemu-img is not installed (Debian: qemu-utils)") from None
 
 
-def info(path: str, fmt: DiskFormat) -> dict:
+def info(path: str, fmt: DiskFormat, limits: Limits = Limits()) -> dict:
     """`qemu-img info` of `path` read as `fmt`, under resource limits."""
     qemu_img = _qemu_img()
     limited = sh.Command("prlimit").bake(
-        f"--as={INFO_MEMORY_LIMIT}", f"--cpu={INFO_CPU_SECONDS}", "--", qemu_img._path
+        f"--as={limits.address_space}", f"--cpu={limits.cpu_seconds}", "--", qemu_img._path
     )
     try:
-        out = limited("info", "-f", fmt.value, "--output=json", path, _timeout=INFO_TIMEOUT)
+        out = limited("info", "-f", fmt.value, "--output=json", path, _timeout=limits.timeout)
     except sh.TimeoutException:
         raise FinalError(
-            "InvalidImage", f"qemu-img info took over {INFO_TIMEOUT}s on the {fmt} image"
+            "InvalidImage", f"qemu-img info took over {limits.timeout}s on the {fmt} image"
         ) from None
     except sh.ErrorReturnCode as exc:
         detail = exc.stderr.decode(errors="replace").strip().splitlines()

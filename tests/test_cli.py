@@ -174,3 +174,10 @@ def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> No
     with open(disk, "rb") as f:
         assert f.read(21) == b"diskflow sample disk\n"
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["disk.img"]
+
+
+def test_progress_bar_shows_stages_bytes_and_speed(images: Images, tmp_path: Path) -> None:
+    done = diskflow(images.path("vmdk", "gz"), tmp_path / "d.img", "--progress", "bar")
+    assert done.returncode == 0, done.stderr
+    assert "download" in done.stderr and "convert" in done.stderr and "MiB" in done.stderr
+    assert done.stdout.startswith("imported ")

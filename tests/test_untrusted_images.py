@@ -218,3 +218,22 @@ def test_garbled_compressed_stream_is_corrupt(suffix: str, images: Images, tmp_p
     garbled.write_bytes(bytes(data))
     error = import_fails(garbled, tmp_path, "CorruptCompressedData")
     assert error.final
+
+
+def test_qemu_img_info_runs_under_an_address_space_limit(images: Images) -> None:
+    # qemu-img cannot even start in 16 MiB: proof that the limit reaches the process.
+    from importer import qemu
+    from importer.formats import DiskFormat
+
+    with pytest.raises(FinalError) as caught:
+        qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(address_space=16 * MiB))
+    assert caught.value.reason == "InvalidImage"
+
+
+def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:
+    from importer import qemu
+    from importer.formats import DiskFormat
+
+    with pytest.raises(FinalError) as caught:
+        qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(timeout=0.001))
+    assert "took over" in caught.value.message
