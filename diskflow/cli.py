@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -24,7 +25,7 @@ from importer import (
     Progress,
     import_image,
 )
-from importer.errors import FinalError
+from importer.errors import FinalError, TransientError
 from importer.progress import (
     JsonReporter,
     MetricsReporter,
@@ -149,11 +150,16 @@ def import_command(
     """
 
     def job(state: Progress) -> ImportResult:
+        if ca_bundle and insecure:
+            raise FinalError("InvalidArgument", "--ca-bundle and --insecure contradict each other")
         options = ImportOptions(
             size=parse_quantity(size) if size else None,
             checksum=Checksum.parse(checksum) if checksum else None,
             http=HttpOptions(
-                headers=tuple(parse_header(line) for line in header or []),
+                headers=tuple(
+                    parse_header(line, where=f"--header number {n}")
+                    for n, line in enumerate(header or [], 1)
+                ),
                 secret_headers=_read_secret_headers(header_file),
                 auth=_read_auth(auth_file),
                 ca_bundle=str(ca_bundle) if ca_bundle else None,
@@ -200,6 +206,9 @@ def _run(
     """Run an import with progress shown as asked; report the outcome; exit 0, 1 or 75."""
     mode = _resolve(progress)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    # Kubernetes stops a pod with SIGTERM: unwind like an error, so that partial and scratch
+    # files are removed and the termination log says what happened.
+    signal.signal(signal.SIGTERM, _terminated)
     state = Progress()
     try:
         with _reporting(state, mode, metrics_port):
@@ -213,7 +222,19 @@ def _run(
         record = {"reason": "IOError", "message": str(exc), "final": True}
         _finish({"ok": False, **record}, mode, termination_log)
         raise typer.Exit(EXIT_FINAL) from None
+    except Exception as exc:
+        # A bug of ours: say so without repeating a message that might quote an input.
+        if os.environ.get("DISKFLOW_DEBUG"):
+            logging.getLogger("diskflow").exception("internal error")
+        message = f"internal error ({type(exc).__name__}); set DISKFLOW_DEBUG=1 for a traceback"
+        record = {"reason": "InternalError", "message": message, "final": True}
+        _finish({"ok": False, **record}, mode, termination_log)
+        raise typer.Exit(EXIT_FINAL) from None
     _finish({"ok": True, **asdict(result)}, mode, termination_log)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise TransientError("Terminated", "the import was stopped (SIGTERM); it can be run again")
 
 
 def _resolve(mode: ProgressMode) -> ProgressMode:
@@ -258,12 +279,23 @@ def _read_auth(path: Path | None) -> tuple[str, str] | None:
             raise FinalError(
                 "InvalidArgument", f"auth file {path} must hold 'user:password' on one line"
             )
-        return user, password
+        return _basic_auth(user, password, where=f"auth file {path}")
     user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
     if user is None and password is None:
         return None
     if not user or password is None:
         raise FinalError("InvalidArgument", f"set both {USER_ENV} and {PASSWORD_ENV}, or neither")
+    return _basic_auth(user, password, where=f"{USER_ENV}/{PASSWORD_ENV}")
+
+
+def _basic_auth(user: str, password: str, *, where: str) -> tuple[str, str]:
+    # HTTP basic auth is Latin-1 on the wire (what requests sends).
+    try:
+        (user + password).encode("latin-1")
+    except UnicodeEncodeError:
+        raise FinalError(
+            "InvalidArgument", f"credentials in {where} must be Latin-1 text"
+        ) from None
     return user, password
 
 
@@ -271,7 +303,11 @@ def _read_secret_headers(path: Path | None) -> tuple[tuple[str, str], ...]:
     if path is None:
         return ()
     lines = _read_secret_file(path).splitlines()
-    return tuple(parse_header(line) for line in lines if line.strip())
+    return tuple(
+        parse_header(line, where=f"line {n} of {path}")
+        for n, line in enumerate(lines, 1)
+        if line.strip()
+    )
 
 
 def _read_secret_file(path: Path) -> str:

@@ -32,6 +32,7 @@ from importer.formats import (
     detect_compression,
     detect_format,
     fixed_vhd_disk_size,
+    outside_reference,
     unsupported_format,
 )
 from importer.progress import Progress
@@ -117,13 +118,18 @@ def import_image(
 
     try:
         progress.stage("download", stream.size)
-        chunks = _stage(stages, read_chunks(stream.read, on_bytes=fetched), "fetch")
+
+        def in_thread(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
+            stages.append(threaded(chunks, name=name, cancel=stream.close))
+            return stages[-1]
+
+        chunks = in_thread(read_chunks(stream.read, on_bytes=fetched), "fetch")
         if digest is not None:
-            chunks = _stage(stages, hashed(chunks, digest), "hash")
+            chunks = in_thread(hashed(chunks, digest), "hash")
         head, chunks = peek(chunks, 8)
         compression = detect_compression(head)
         if compression is not Compression.NONE:
-            chunks = _stage(stages, decompressed(chunks, compression), "decompress")
+            chunks = in_thread(decompressed(chunks, compression), "decompress")
         head, chunks = peek(chunks, SNIFF_BYTES)
         fmt = detect_format(head)
         _refuse_early(fmt, head, stream, compression, capacity)
@@ -153,12 +159,6 @@ def import_image(
     )
 
 
-def _stage(stages: list[Iterator[bytes]], chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
-    stage = threaded(chunks, name=name)
-    stages.append(stage)
-    return stage
-
-
 def _refuse_early(
     fmt: DiskFormat, head: bytes, stream: Source, compression: Compression, capacity: int | None
 ) -> None:
@@ -176,22 +176,14 @@ def _refuse_early(
             f"the image is {unsupported}, which diskflow does not import; supported formats: "
             "raw, iso, qcow2, vmdk, vdi, vhd, vhdx",
         )
-    if head.startswith(b"# Disk DescriptorFile"):
-        raise FinalError(
-            "BackingFileRejected",
-            "the image is a vmdk descriptor that refers to other files; import a monolithic vmdk",
-        )
-    if fmt is DiskFormat.QCOW2 and len(head) >= 80:
-        backing_offset = int.from_bytes(head[8:16], "big")
-        incompatible = (
-            int.from_bytes(head[72:80], "big") if int.from_bytes(head[4:8], "big") >= 3 else 0
-        )
-        if backing_offset:
-            raise FinalError("BackingFileRejected", "the qcow2 image names a backing file")
-        if incompatible & 0x4:
-            raise FinalError("DataFileRejected", "the qcow2 image uses an external data file")
+    reference = outside_reference(fmt, head)
+    if reference:
+        raise FinalError(*reference)
+    if not head:
+        raise FinalError("InvalidImage", f"{stream.description} is empty")
     raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
-    if capacity is not None and raw_size is not None and raw_size > capacity:
+    # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
+    if capacity is not None and raw_size is not None and raw_size > capacity + VHD_FOOTER_SIZE:
         raise FinalError(
             "ImageTooLarge",
             f"the image's size {raw_size} bytes is larger than the usable capacity "
@@ -212,10 +204,16 @@ class _Job:
 
 def _write_raw(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
     """Stream raw bytes into the destination in one pass."""
-    target = job.target
+    target, capacity = job.target, job.capacity
+    # Room for a fixed VHD's footer in a file; a device ends where it ends.
+    limit = capacity + VHD_FOOTER_SIZE if capacity is not None and not target.is_block else capacity
     with _published(target) as path:
         writer = SparseWriter(
-            path, block=target.is_block, limit=job.capacity, preallocate=job.options.preallocate
+            path,
+            block=target.is_block,
+            limit=limit,
+            limit_what="the usable capacity",
+            preallocate=job.options.preallocate,
         )
         try:
             size = writer.write_all(chunks)
@@ -223,13 +221,16 @@ def _write_raw(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> tuple[int
             disk_size = _fixed_vhd_size(path, size)
             if disk_size is not None:
                 fmt, size = DiskFormat.VPC, disk_size
+            if capacity is not None and size > capacity:
+                raise FinalError(
+                    "ImageTooLarge",
+                    f"the image's size {size} bytes is larger than the usable capacity "
+                    f"{capacity} bytes",
+                )
             if target.is_block:
                 writer.commit()
             else:
                 size = _finish_file(path, size, job)
-        except BaseException:
-            writer.abort()
-            raise
         finally:
             writer.close()
     return size, fmt
@@ -243,7 +244,13 @@ def _write_converted(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> int
     os.close(fd)
     try:
         # Buffered: qemu-img reads it right back, from the page cache.
-        writer = SparseWriter(scratch, block=False, limit=scratch_limit, direct=False)
+        writer = SparseWriter(
+            scratch,
+            block=False,
+            limit=scratch_limit,
+            limit_what=f"what an image for a usable capacity of {capacity} bytes can need",
+            direct=False,
+        )
         try:
             writer.write_all(chunks)
         finally:

@@ -16,7 +16,7 @@ _SUFFIXES = {
 
 def parse_quantity(text: str) -> int:
     """Bytes in a Kubernetes-style quantity; the error repeats what was wrong."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([kMGTP]i?|Ki)?\s*", text)
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(k|[KMGTP]i|[MGTP])?\s*", text)
     try:
         if not match:
             raise InvalidOperation

@@ -35,11 +35,14 @@ class _End:
     error: BaseException | None
 
 
-def threaded(items: Iterable[T], *, name: str, depth: int = 4) -> Iterator[T]:
+def threaded(
+    items: Iterable[T], *, name: str, cancel: Callable[[], None], depth: int = 4
+) -> Iterator[T]:
     """Produce `items` in a thread, at most `depth` items ahead of the consumer.
 
-    Errors in the producer are raised in the consumer; closing the consumer stops the
-    producer at its next item.
+    Errors in the producer are raised in the consumer. A consumer that stops early calls
+    `cancel` (which must unblock whatever the producers wait on, such as a network read)
+    and waits for the producer to end.
     """
     handoff: queue.Queue[Any] = queue.Queue(depth)
     stop = threading.Event()
@@ -78,6 +81,8 @@ def threaded(items: Iterable[T], *, name: str, depth: int = 4) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        if worker.is_alive():
+            cancel()
         worker.join()
 
 
@@ -153,6 +158,8 @@ def _multistream(chunks: Iterable[bytes], new: Callable[[], Any]) -> Iterator[by
                 decompressor, fed = new(), False
                 if not data.strip(b"\0"):
                     break  # nothing, or the zero padding allowed between and after streams
+            if not fed:
+                data = data.lstrip(b"\0")  # xz allows zero padding between streams
             fed = fed or bool(data)
             out = decompressor.decompress(data, CHUNK)
             data = b""

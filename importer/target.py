@@ -49,7 +49,13 @@ def inspect_target(path: str) -> Target:
             raise FinalError("InvalidDestination", f"directory {parent} does not exist") from None
         return Target(path, False, None)
     if stat.S_ISBLK(mode):
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            # O_EXCL on a block device fails while it is mounted or otherwise claimed.
+            fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise FinalError("DeviceBusy", f"{path} is in use (mounted?)") from None
+            raise
         try:
             size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
         finally:
@@ -89,6 +95,7 @@ class SparseWriter:
         *,
         block: bool,
         limit: int | None,
+        limit_what: str = "the limit",
         chunk: int = 4 << 20,
         preallocate: bool = False,
         direct: bool = True,
@@ -96,6 +103,7 @@ class SparseWriter:
         self.path = path
         self._block = block
         self._limit = limit
+        self._limit_what = limit_what
         self._preallocate = preallocate
         flags = os.O_WRONLY | (0 if block else os.O_CREAT | os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
@@ -106,6 +114,10 @@ class SparseWriter:
         self._fill = 0  # bytes waiting in the buffer
         self._offset = 0  # file offset of the buffer's first byte
         self._head: bytes | None = None
+        if block:
+            # Zeroed now and written last: an import that dies half-way leaves no old
+            # partition table or image header on top of the new data.
+            zero_range(self._fd, 0, min(HEAD, limit or HEAD), block=True, write_only=False)
 
     @property
     def size(self) -> int:
@@ -115,8 +127,8 @@ class SparseWriter:
         if self._limit is not None and self.size + len(data) > self._limit:
             raise FinalError(
                 "ImageTooLarge",
-                f"the image is larger than the usable capacity of {self._limit} bytes "
-                f"(more than {self.size + len(data)} bytes arrived); stopped writing",
+                f"the image is larger than {self._limit_what} ({self._limit} bytes): more than "
+                f"{self.size + len(data)} bytes arrived; stopped writing",
             )
         source = memoryview(data)
         while source:
@@ -143,13 +155,8 @@ class SparseWriter:
     def commit(self) -> None:
         """Make the data durable (and, on a block device, write the held-back head)."""
         if self._head is not None:
-            os.pwrite(self._fd, self._head, 0)
+            pwrite_all(self._fd, self._head, 0)
         os.fdatasync(self._fd)
-
-    def abort(self) -> None:
-        """After a failure: on a block device, leave zeroes where the head would be."""
-        if self._block:
-            zero_range(self._fd, 0, min(HEAD, self._limit or HEAD), block=True, write_only=False)
 
     def close(self) -> None:
         if self._direct_fd is not None:
@@ -190,10 +197,15 @@ class SparseWriter:
             return
         data = self._view[begin:end]
         direct = self._direct_fd is not None and len(data) % ALIGN == 0 and offset % ALIGN == 0
-        fd = self._direct_fd if direct else self._fd
-        while data:
-            written = os.pwrite(fd, data, offset)
-            data, offset = data[written:], offset + written
+        pwrite_all(self._direct_fd if direct else self._fd, data, offset)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """pwrite until every byte is written (a short write is legal, if rare)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def zero_range(fd: int, offset: int, length: int, *, block: bool, write_only: bool) -> None:
@@ -216,7 +228,9 @@ def zero_range(fd: int, offset: int, length: int, *, block: bool, write_only: bo
             return
     end = offset + length
     while offset < end:
-        offset += os.pwrite(fd, _ZEROS[: min(GRANULE, end - offset)], offset)
+        size = min(GRANULE, end - offset)
+        pwrite_all(fd, _ZEROS[:size], offset)
+        offset += size
 
 
 def wipe_head(path: str) -> None:

@@ -9,6 +9,7 @@ test's request counters apart; faults are query parameters:
     stall_after=N   stop sending after N bytes of the body for `stall` seconds (default 5)
     ranges=0        ignore Range and If-Range: always send the whole file
     etag=changing   a new ETag on every response (the object "is replaced")
+    etag=weak       a weak ETag (W/"...") and a Last-Modified date
     html=1          answer 200 with an HTML page (Content-Type from `ctype`, default text/html)
     ctype=TYPE      Content-Type of the answer
     redirect=URL    answer 302 to URL (on every request); `self` redirects to itself
@@ -97,6 +98,8 @@ class FaultServer:
         etag = f'"{os.path.getmtime(path)}-{size}"'
         if faults.get("etag") == "changing":
             etag = f'"v{attempt}"'
+        if faults.get("etag") == "weak":
+            etag = "W/" + etag
         start = 0
         range_header = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
@@ -106,6 +109,7 @@ class FaultServer:
             "Content-Type": faults.get("ctype", "application/octet-stream"),
             "Content-Length": str(size - start),
             "ETag": etag,
+            "Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT",
         }
         if faults.get("ranges") != "0":
             headers["Accept-Ranges"] = "bytes"

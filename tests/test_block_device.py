@@ -115,3 +115,13 @@ def test_preallocate_writes_zeroes(device: str, images: Images) -> None:
     import_image(str(images.path("raw", "zst")), device, options=ImportOptions(preallocate=True))
     assert read_device(device, 40 * MiB) == images.raw.read_bytes()
     assert os.path.exists(device)
+
+
+def test_device_in_use_is_refused(device: str, images: Images) -> None:
+    claim = os.open(device, os.O_RDONLY | os.O_EXCL)  # as a mounted filesystem would
+    try:
+        with pytest.raises(ImportFailure) as caught:
+            import_image(str(images.raw), device)
+        assert caught.value.reason == "DeviceBusy"
+    finally:
+        os.close(claim)

@@ -181,3 +181,51 @@ def test_progress_bar_shows_stages_bytes_and_speed(images: Images, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert "download" in done.stderr and "convert" in done.stderr and "MiB" in done.stderr
     assert done.stdout.startswith("imported ")
+
+
+def test_sigterm_cleans_up_and_reports(faults: FaultServer, tmp_path: Path) -> None:
+    log, scratch = tmp_path / "termination-log", tmp_path / "scratch"
+    scratch.mkdir()
+    dest = tmp_path / "out" / "d.img"
+    dest.parent.mkdir()
+    url = faults.url(uuid.uuid4().hex, "disk.qcow2", stall_after=2 * MiB, stall=60)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "import", url, str(dest), "--progress", "none",
+         "--scratch-dir", str(scratch), "--termination-log", str(log), "--stall-timeout", "120"],
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not any(scratch.iterdir()):  # the download has begun: a scratch file exists
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        process.terminate()
+        # The fetch thread is blocked in a read that would last a minute: it must be woken.
+        assert process.wait(timeout=15) == 75
+    finally:
+        process.kill()
+    assert json.loads(log.read_text())["reason"] == "Terminated"
+    assert list(scratch.iterdir()) == [] and list(dest.parent.iterdir()) == []
+
+
+def test_secret_header_file_lines_are_never_echoed(images: Images, tmp_path: Path) -> None:
+    headers = tmp_path / "headers"
+    headers.write_text(f"X-Ok: 1\nBearer {SECRET}\n")
+    done = diskflow(images.raw, tmp_path / "d.img", "--progress", "json", "--header-file", headers)
+    assert done.returncode == 1 and "line 2 of" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_more_bad_arguments(images: Images, tmp_path: Path) -> None:
+    pem = tmp_path / "ca.pem"
+    pem.write_text("")
+    auth = tmp_path / "auth"
+    auth.write_text("user:p\u20acss\n")
+    cases = [
+        (["--size", "10ki"], "not a quantity"),
+        (["--ca-bundle", pem, "--insecure"], "contradict"),
+        (["--auth-file", auth], "Latin-1"),
+    ]
+    for args, message in cases:
+        done = diskflow(images.raw, tmp_path / "d.img", "--progress", "none", *args)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr

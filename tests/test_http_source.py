@@ -218,3 +218,24 @@ def test_insecure_skips_verification(
     server, _ = tls_server
     http = HttpOptions(insecure=True, retries=0)
     assert_same_content(fetch(server.url(token(), SOURCE), tmp_path, http), images.raw)
+
+
+def test_weak_etag_falls_back_to_last_modified(
+    faults: FaultServer, images: Images, tmp_path: Path
+) -> None:
+    t = token()
+    dest = fetch(faults.url(t, SOURCE, drop_after=250_000, etag="weak", ranges=0), tmp_path)
+    assert_same_content(dest, images.raw)
+    assert faults.requests[t][1]["headers"]["If-Range"] == "Wed, 21 Oct 2015 07:28:00 GMT"
+
+
+def test_query_strings_with_quotes_and_parentheses_are_redacted(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    url = faults.url(token(), SOURCE, status=404, times=1) + "&sig=ab'SECRET1(SECRET2)"
+    error = fails(url, tmp_path, "NotFound")
+    assert "SECRET1" not in error.message and "SECRET2" not in error.message
+
+
+def test_invalid_port_is_a_specific_error(tmp_path: Path) -> None:
+    fails("http://127.0.0.1:abc/disk.img", tmp_path, "InvalidURL")

@@ -237,3 +237,59 @@ def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:
     with pytest.raises(FinalError) as caught:
         qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(timeout=0.001))
     assert "took over" in caught.value.message
+
+
+def test_vmdk_deferring_to_its_embedded_descriptor_is_rejected(tmp_path: Path) -> None:
+    # capacity 0 + a descriptor offset: qemu would open the extents the descriptor names.
+    image = tmp_path / "evil.vmdk"
+    header = bytearray(512)
+    header[0:4] = b"KDMV"
+    header[4:8] = (1).to_bytes(4, "little")
+    header[28:36] = (1).to_bytes(8, "little")  # descriptor at sector 1
+    header[36:44] = (1).to_bytes(8, "little")
+    descriptor = (
+        b'# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\n'
+        b'RW 8 FLAT "/etc/hostname" 0\n'
+    )
+    image.write_bytes(bytes(header) + descriptor.ljust(512, b"\0"))
+    error = import_fails(image, tmp_path, "BackingFileRejected")
+    assert "embedded descriptor" in error.message
+
+
+def test_empty_source_is_not_an_image(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    import_fails(empty, tmp_path, "InvalidImage", size=16 * MiB)
+
+
+def test_xz_padding_between_streams(images: Images, tmp_path: Path) -> None:
+    part = images.path("raw", "xz").read_bytes()
+    padded = tmp_path / "padded.xz"
+    padded.write_bytes(part + bytes(4) + part)
+    run("xz", "-t", padded)  # xz itself accepts it
+    dest = tmp_path / "disk.img"
+    import_image(str(padded), str(dest))
+    assert dest.read_bytes() == images.raw.read_bytes() * 2
+
+
+def test_fixed_vhd_may_fill_the_capacity_exactly(tmp_path: Path) -> None:
+    raw, vhd = tmp_path / "d.raw", tmp_path / "d.vhd"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    run(
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vpc",
+        "-o",
+        "subformat=fixed,force_size=on",
+        raw,
+        vhd,
+    )
+    dest = tmp_path / "disk.img"
+    result = import_image(
+        str(vhd), str(dest), options=ImportOptions(size=64 * MiB, filesystem_overhead=0)
+    )
+    assert (result.format, result.size) == ("vpc", 64 * MiB)

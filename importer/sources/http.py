@@ -8,8 +8,11 @@ already passed downstream are skipped: hashing and decompression never notice a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import socket
+import threading
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -25,7 +28,7 @@ from tenacity import (
     wait_random,
 )
 
-from importer.errors import FinalError, ImportFailure, TransientError
+from importer.errors import FinalError, TransientError
 
 log = logging.getLogger("diskflow.importer")
 
@@ -56,13 +59,16 @@ class HttpOptions:
     connect_timeout: float = 30.0
 
 
-def parse_header(line: str) -> tuple[str, str]:
-    """Split a "Name: value" header line; the error never repeats the value."""
+def parse_header(line: str, *, where: str = "a header") -> tuple[str, str]:
+    """Split a "Name: value" header line. Errors name `where` the line came from, never its
+    content: a malformed line may well be a secret pasted without its name."""
     name, sep, value = line.partition(":")
     name = name.strip()
-    if not sep or not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+    if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        raise FinalError("InvalidArgument", f"{where} is not of the form 'Name: value'")
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
         raise FinalError(
-            "InvalidArgument", f"header {name[:40]!r} is not of the form 'Name: value'"
+            "InvalidArgument", f"the value of header {name} ({where}) has control characters"
         )
     return name, value.strip()
 
@@ -73,14 +79,10 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port else host
+    port = parts.netloc.rpartition(":")[2] if parts.netloc.rpartition(":")[2].isdigit() else ""
+    netloc = f"{host}:{port}" if port else host
     query = "<redacted>" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-
-
-def _describe(exc: BaseException) -> str:
-    # Library messages quote the request path, query string included.
-    return re.sub(r"\?[^\s'\"()]+", "?<redacted>", str(exc)) or type(exc).__name__
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
@@ -94,6 +96,8 @@ class HttpSource:
     def __init__(self, url: str, options: HttpOptions) -> None:
         self._url = url
         self._options = options
+        self._secrets: set[str] = set()  # query strings and passwords seen: never printed
+        self._remember_secrets(url)
         self.description = redact_url(url)
         self._session = requests.Session()
         # Passed per request: a session-wide `verify` loses to REQUESTS_CA_BUNDLE in the env.
@@ -103,8 +107,9 @@ class HttpSource:
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
         self._response: requests.Response | None = None
         self._offset = 0
-        self._validator: str | None = None
-        self._closed = False
+        self._etag: str | None = None
+        self._last_modified: str | None = None
+        self._closed = threading.Event()
         self.size: int | None = None
         self._response = self._retrying(self._open_first)
 
@@ -114,12 +119,15 @@ class HttpSource:
         return self._retrying(self._read_once, n)
 
     def close(self) -> None:
-        self._closed = True
-        self._drop_response()
+        """Stop the transfer; safe to call from another thread while `read` blocks."""
+        self._closed.set()  # also cuts a retry's backoff sleep short
+        response = self._response
+        if response is not None:
+            _shutdown(response)
         self._session.close()
 
     def _read_once(self, n: int) -> bytes:
-        if self._closed:
+        if self._closed.is_set():
             raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
         if self._response is None:
             self._response = self._open_first() if self._offset == 0 else self._resume(self._offset)
@@ -136,7 +144,7 @@ class HttpSource:
             failure = TransientError(
                 "ConnectionLost",
                 f"transfer from {self.description} failed at byte {self._offset + got}: "
-                f"{_describe(exc)}",
+                f"{self._describe(exc)}",
             )
             if not parts:
                 raise failure from None
@@ -165,9 +173,13 @@ class HttpSource:
             self.size = int(response.headers["Content-Length"])
         etag = response.headers.get("ETag")
         # Only a strong ETag may be used in If-Range (RFC 9110 13.1.5).
-        self._validator = etag if etag and not etag.startswith("W/") else None
-        self._validator = self._validator or response.headers.get("Last-Modified")
+        self._etag = etag if etag and not etag.startswith("W/") else None
+        self._last_modified = response.headers.get("Last-Modified")
         return response
+
+    @property
+    def _validator(self) -> str | None:
+        return self._etag or self._last_modified
 
     def _resume(self, offset: int) -> requests.Response:
         response = self._request(offset)
@@ -175,6 +187,14 @@ class HttpSource:
             match = re.fullmatch(
                 r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "")
             )
+            total = match.group(2) if match else "*"
+            if total != "*" and self.size is not None and int(total) != self.size:
+                response.close()
+                raise TransientError(
+                    "SourceChanged",
+                    f"{self.description} changed during the download (its size went from "
+                    f"{self.size} to {total} bytes); start the import again",
+                )
             if match and int(match.group(1)) == offset:
                 log.info("resumed %s at byte %d", self.description, offset)
                 return response
@@ -184,13 +204,15 @@ class HttpSource:
                 f"{self.description} answered a resume at byte {offset} with Content-Range "
                 f"{response.headers.get('Content-Range')!r}",
             )
-        validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
-        if self._validator and validator and validator != self._validator:
+        # Compare like with like: ETag with ETag, else Last-Modified with Last-Modified.
+        header = "ETag" if self._etag else "Last-Modified"
+        now = response.headers.get(header)
+        if self._validator and now and now != self._validator:
             response.close()
             raise TransientError(
                 "SourceChanged",
-                f"{self.description} changed during the download ({self._validator} became "
-                f"{validator}); start the import again",
+                f"{self.description} changed during the download ({header} {self._validator} "
+                f"became {now}); start the import again",
             )
         log.warning("%s does not resume; fetching again from byte 0", self.description)
         self._skip(response, offset)
@@ -201,11 +223,12 @@ class HttpSource:
             while count:
                 data = response.raw.read(min(count, _SKIP_CHUNK))
                 if not data:
+                    response.close()
                     raise TransientError("Truncated", f"{self.description} ended early")
                 count -= len(data)
         except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
             response.close()
-            raise TransientError("ConnectionLost", _describe(exc)) from None
+            raise TransientError("ConnectionLost", self._describe(exc)) from None
 
     def _request(self, offset: int) -> requests.Response:
         headers = {"Accept-Encoding": "identity", **dict(self._options.headers)}
@@ -224,6 +247,7 @@ class HttpSource:
             if not location:
                 raise FinalError("HttpError", f"{redact_url(url)} redirected without a Location")
             target = urljoin(url, location)
+            self._remember_secrets(target)
             # Credentials belong to the origin the user named; a redirect elsewhere loses them.
             trusted = trusted and _origin(target) == _origin(self._url)
             url = target
@@ -246,13 +270,13 @@ class HttpSource:
             )
         except requests.exceptions.SSLError as exc:
             raise FinalError(
-                "TLSError", f"TLS with {redact_url(url)} failed: {_describe(exc)}"
+                "TLSError", f"TLS with {redact_url(url)} failed: {self._describe(exc)}"
             ) from None
         except requests.exceptions.InvalidURL as exc:
-            raise FinalError("InvalidURL", f"{redact_url(url)}: {_describe(exc)}") from None
+            raise FinalError("InvalidURL", f"{redact_url(url)}: {self._describe(exc)}") from None
         except requests.RequestException as exc:
             raise TransientError(
-                "ConnectionFailed", f"{redact_url(url)}: {_describe(exc)}"
+                "ConnectionFailed", f"{redact_url(url)}: {self._describe(exc)}"
             ) from None
 
     def _check_status(self, response: requests.Response, url: str) -> None:
@@ -279,7 +303,8 @@ class HttpSource:
         retrying = Retrying(
             stop=stop_after_attempt(self._options.retries + 1),
             wait=self._wait,
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception(lambda exc: _retryable(exc) and not self._closed.is_set()),
+            sleep=self._closed.wait,
             before_sleep=self._log_retry,
             reraise=True,
         )
@@ -302,6 +327,22 @@ class HttpSource:
             state.next_action.sleep if state.next_action else 0,
         )
 
+    def _remember_secrets(self, url: str) -> None:
+        parts = urlsplit(url)
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise FinalError("InvalidURL", f"{redact_url(url)} has an invalid port") from None
+        self._secrets.update(s for s in (parts.query, parts.password) if s)
+
+    def _describe(self, exc: BaseException) -> str:
+        """The exception's text without any query string or password of the URLs used."""
+        text = str(exc)
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            text = text.replace(secret, "<redacted>")
+        # Library messages quote request paths; anything after a '?' is suspect.
+        return re.sub(r"\?\S+", "?<redacted>", text) or type(exc).__name__
+
     def _drop_response(self) -> None:
         if self._response is not None:
             self._response.close()
@@ -320,4 +361,10 @@ def _retry_after(response: requests.Response) -> float:
         return 0.0
 
 
-__all__ = ["HttpOptions", "HttpSource", "ImportFailure", "parse_header", "redact_url"]
+def _shutdown(response: requests.Response) -> None:
+    # Closing a socket does not wake a thread blocked in recv() on it; shutting it down does.
+    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
+    with contextlib.suppress(OSError):
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    response.close()

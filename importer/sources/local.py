@@ -24,7 +24,12 @@ class LocalSource:
         self.size = st.st_size if os.path.stat.S_ISREG(st.st_mode) else None
 
     def read(self, n: int) -> bytes:
-        return self._file.read(n)
+        try:
+            return self._file.read(n)
+        except OSError as exc:
+            raise FinalError(
+                "ReadError", f"reading {self.description} failed: {exc.strerror}"
+            ) from None
 
     def close(self) -> None:
         self._file.close()
