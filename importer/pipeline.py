@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from importer import qemu
+from importer.buffers import BufferPool
 from importer.checksum import Checksum
 from importer.errors import FinalError
 from importer.formats import (
@@ -37,7 +38,7 @@ from importer.formats import (
 )
 from importer.progress import Progress
 from importer.sources import HttpOptions, Source, open_source
-from importer.streams import decompressed, hashed, peek, read_chunks, threaded
+from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
 from importer.target import SparseWriter, Target, inspect_target, open_direct, wipe_head
 
 ALIGNMENT = 1 << 20  # usable capacity is rounded down to whole MiB, as CDI does
@@ -108,7 +109,9 @@ def import_image(
     capacity = usable_capacity(target, options)
     digest = options.checksum.new_hash() if options.checksum else None
     stream = open_source(source, options.http)
-    stages: list[Iterator[bytes]] = []
+    stages: list[Iterator[Chunk]] = []
+    # Every buffer the decompress stage may hold: its queue, one being filled, one written.
+    pool = BufferPool(count=QUEUE_DEPTH + 2)
     downloaded = 0
 
     def fetched(n: int) -> None:
@@ -119,8 +122,12 @@ def import_image(
     try:
         progress.stage("download", stream.size)
 
-        def in_thread(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
-            stages.append(threaded(chunks, name=name, cancel=stream.close))
+        def cancel() -> None:
+            stream.close()
+            pool.close()
+
+        def in_thread(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
+            stages.append(threaded(chunks, name=name, cancel=cancel))
             return stages[-1]
 
         chunks = in_thread(read_chunks(stream.read, on_bytes=fetched), "fetch")
@@ -129,7 +136,7 @@ def import_image(
         head, chunks = peek(chunks, 8)
         compression = detect_compression(head)
         if compression is not Compression.NONE:
-            chunks = in_thread(decompressed(chunks, compression), "decompress")
+            chunks = in_thread(decompressed(chunks, compression, pool), "decompress")
         head, chunks = peek(chunks, SNIFF_BYTES)
         fmt = detect_format(head)
         _refuse_early(fmt, head, stream, compression, capacity)
@@ -202,7 +209,7 @@ class _Job:
     progress: Progress
 
 
-def _write_raw(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
+def _write_raw(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
     """Stream raw bytes into the destination in one pass."""
     target, capacity = job.target, job.capacity
     # Room for a fixed VHD's footer in a file; a device ends where it ends.
@@ -236,7 +243,7 @@ def _write_raw(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> tuple[int
     return size, fmt
 
 
-def _write_converted(chunks: Iterator[bytes], fmt: DiskFormat, job: _Job) -> int:
+def _write_converted(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> int:
     """Land the image in scratch space, check it, and let qemu-img convert it to raw."""
     target, capacity, progress = job.target, job.capacity, job.progress
     scratch_limit = None if capacity is None else capacity + capacity // 8 + SCRATCH_SLACK

@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 import zstandard
 from isal import igzip, isal_zlib
 
+from importer.buffers import CHUNK, AlignedBuffer, BufferPool
 from importer.errors import FinalError, ImportFailure
 from importer.formats import Compression
 
 T = TypeVar("T")
+Chunk = bytes | AlignedBuffer
 
-CHUNK = 4 << 20
 # Smaller reads from the network: progress and resume points move every MiB.
 FETCH_CHUNK = 1 << 20
 # Memory a decompressor may use for its window: xz -9 needs 64 MiB, zstd's default cap is 128 MiB.
@@ -35,8 +36,11 @@ class _End:
     error: BaseException | None
 
 
+QUEUE_DEPTH = 4
+
+
 def threaded(
-    items: Iterable[T], *, name: str, cancel: Callable[[], None], depth: int = 4
+    items: Iterable[T], *, name: str, cancel: Callable[[], None], depth: int = QUEUE_DEPTH
 ) -> Iterator[T]:
     """Produce `items` in a thread, at most `depth` items ahead of the consumer.
 
@@ -86,17 +90,18 @@ def threaded(
         worker.join()
 
 
-def peek(chunks: Iterator[bytes], n: int) -> tuple[bytes, Iterator[bytes]]:
-    """Return at least the first `n` bytes (fewer only at the end) and the whole stream."""
-    seen: list[bytes] = []
+def peek(chunks: Iterator[Chunk], n: int) -> tuple[bytes, Iterator[Chunk]]:
+    """Return (a copy of) at least the first `n` bytes (fewer only at the end), and the
+    whole stream."""
+    seen: list[Chunk] = []
     size = 0
     for chunk in chunks:
         seen.append(chunk)
         size += len(chunk)
         if size >= n:
             break
-    head = b"".join(seen)
-    return head, chain([head] if head else [], chunks)
+    head = b"".join(c.data() if isinstance(c, AlignedBuffer) else c for c in seen)
+    return head, chain(seen, chunks)
 
 
 def read_chunks(
@@ -115,14 +120,16 @@ def hashed(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
         yield chunk
 
 
-def decompressed(chunks: Iterable[bytes], kind: Compression) -> Iterator[bytes]:
-    """Inflate a compressed stream (all members/frames/streams of it) in bounded chunks."""
+def decompressed(chunks: Iterable[bytes], kind: Compression, pool: BufferPool) -> Iterator[Chunk]:
+    """Inflate a compressed stream (all members/frames/streams of it) in bounded chunks;
+    gzip and zstd straight into aligned buffers from `pool`."""
     try:
         if kind is Compression.GZIP:
-            yield from _read_all(igzip.IGzipFile(fileobj=_ChunkReader(chunks)))
+            yield from _fill(igzip.IGzipFile(fileobj=_ChunkReader(chunks)), pool)
         elif kind is Compression.ZSTD:
             dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-            yield from _read_all(dctx.stream_reader(_ChunkReader(chunks), read_across_frames=True))
+            reader = dctx.stream_reader(_ChunkReader(chunks), read_across_frames=True)
+            yield from _fill(reader, pool)
         elif kind is Compression.XZ:
             yield from _multistream(chunks, lambda: lzma.LZMADecompressor(memlimit=XZ_MEMLIMIT))
         elif kind is Compression.BZIP2:
@@ -142,10 +149,19 @@ def decompressed(chunks: Iterable[bytes], kind: Compression) -> Iterator[bytes]:
         raise FinalError("CorruptCompressedData", f"the {kind} stream is corrupt: {exc}") from None
 
 
-def _read_all(reader: io.RawIOBase | io.BufferedIOBase | Any) -> Iterator[bytes]:
+def _fill(reader: Any, pool: BufferPool) -> Iterator[AlignedBuffer]:
+    # Full buffers, so that every write but the last is aligned for O_DIRECT.
     with reader:
-        while data := reader.read(CHUNK):
-            yield data
+        while True:
+            buffer = pool.get()
+            size = 0
+            while size < len(buffer.view) and (got := reader.readinto(buffer.view[size:])):
+                size += got
+            if not size:
+                buffer.release()
+                return
+            buffer.length = size
+            yield buffer
 
 
 def _multistream(chunks: Iterable[bytes], new: Callable[[], Any]) -> Iterator[bytes]:

@@ -18,10 +18,10 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from importer.buffers import ALIGN, CHUNK, AlignedBuffer, aligned
 from importer.errors import FinalError
 
 GRANULE = 64 << 10  # zero detection unit: a hole smaller than this is not worth a syscall
-ALIGN = 4096
 HEAD = 1 << 20  # on a block device the first MiB is written last, so a failed import
 #                 never leaves a recognisable partition table or image header behind.
 _BLKZEROOUT = 0x127F
@@ -66,13 +66,6 @@ def inspect_target(path: str) -> Target:
     raise FinalError("InvalidDestination", f"{path} is neither a regular file nor a block device")
 
 
-def _aligned(size: int) -> tuple[bytearray, int]:
-    """A bytearray with a page-aligned window of `size` bytes starting at the returned offset."""
-    raw = bytearray(size + ALIGN)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
-    return raw, (-address) % ALIGN
-
-
 def open_direct(path: str, flags: int) -> int | None:
     """Open `path` with O_DIRECT, or None where the filesystem refuses it (tmpfs)."""
     try:
@@ -96,7 +89,7 @@ class SparseWriter:
         block: bool,
         limit: int | None,
         limit_what: str = "the limit",
-        chunk: int = 4 << 20,
+        chunk: int = CHUNK,
         preallocate: bool = False,
         direct: bool = True,
     ) -> None:
@@ -108,7 +101,7 @@ class SparseWriter:
         flags = os.O_WRONLY | (0 if block else os.O_CREAT | os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
         self._direct_fd = open_direct(path, os.O_WRONLY) if direct else None
-        self._buffer, self._base = _aligned(chunk)
+        self._buffer, self._base = aligned(chunk)
         self._view = memoryview(self._buffer)[self._base : self._base + chunk]
         self._chunk = chunk
         self._fill = 0  # bytes waiting in the buffer
@@ -123,14 +116,27 @@ class SparseWriter:
     def size(self) -> int:
         return self._offset + self._fill
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | AlignedBuffer) -> None:
+        """Append `data`; an AlignedBuffer is released once written."""
         if self._limit is not None and self.size + len(data) > self._limit:
             raise FinalError(
                 "ImageTooLarge",
                 f"the image is larger than {self._limit_what} ({self._limit} bytes): more than "
                 f"{self.size + len(data)} bytes arrived; stopped writing",
             )
-        source = memoryview(data)
+        if isinstance(data, AlignedBuffer):
+            try:
+                if self._fill == 0 and len(data) == self._chunk:
+                    # Whole aligned chunks (all but a stream's last) go out as they are.
+                    self._flush_buffer(data.raw, data.base, data.view, len(data))
+                else:
+                    self._copy(data.data())
+            finally:
+                data.release()
+        else:
+            self._copy(memoryview(data))
+
+    def _copy(self, source: memoryview) -> None:
         while source:
             n = min(len(source), self._chunk - self._fill)
             self._view[self._fill : self._fill + n] = source[:n]
@@ -139,7 +145,7 @@ class SparseWriter:
             if self._fill == self._chunk:
                 self._flush()
 
-    def write_all(self, chunks: Iterable[bytes]) -> int:
+    def write_all(self, chunks: Iterable[bytes | AlignedBuffer]) -> int:
         """Write every chunk, then `finish()`; return the stream's length."""
         for chunk in chunks:
             self.write(chunk)
@@ -168,23 +174,27 @@ class SparseWriter:
 
     def _flush(self) -> None:
         length, self._fill = self._fill, 0
+        self._flush_buffer(self._buffer, self._base, self._view, length)
+
+    def _flush_buffer(self, raw: bytearray, base: int, view: memoryview, length: int) -> None:
+        """Write `length` bytes of `view` (which is `raw[base:]`) at the current offset."""
         start = self._offset
         self._offset += length
         if self._block and start < HEAD:
             keep = min(HEAD, start + length) - start
-            self._head = (self._head or b"") + bytes(self._view[:keep])
+            self._head = (self._head or b"") + bytes(view[:keep])
         run_start, run_zero = 0, None
         for offset in range(0, length, GRANULE):
             end = min(offset + GRANULE, length)
-            zero = self._buffer.startswith(_ZEROS[: end - offset], self._base + offset)
+            zero = raw.startswith(_ZEROS[: end - offset], base + offset)
             if zero is not run_zero and run_zero is not None:
-                self._put(start, run_start, offset, zero=run_zero)
+                self._put(view, start, run_start, offset, zero=run_zero)
                 run_start = offset
             run_zero = zero
         if run_zero is not None:
-            self._put(start, run_start, length, zero=run_zero)
+            self._put(view, start, run_start, length, zero=run_zero)
 
-    def _put(self, base: int, begin: int, end: int, *, zero: bool) -> None:
+    def _put(self, view: memoryview, base: int, begin: int, end: int, *, zero: bool) -> None:
         offset = base + begin
         if self._block and offset < HEAD:
             skip = min(HEAD - offset, end - begin)
@@ -195,7 +205,7 @@ class SparseWriter:
             if self._block:  # a file is new: its holes already read as zeroes
                 zero_range(self._fd, offset, end - begin, block=True, write_only=self._preallocate)
             return
-        data = self._view[begin:end]
+        data = view[begin:end]
         direct = self._direct_fd is not None and len(data) % ALIGN == 0 and offset % ALIGN == 0
         pwrite_all(self._direct_fd if direct else self._fd, data, offset)
 
