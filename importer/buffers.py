@@ -50,11 +50,14 @@ class BufferPool:
     def __init__(self, count: int, size: int = CHUNK) -> None:
         self._free: queue.Queue[AlignedBuffer] = queue.Queue()
         self._closed = threading.Event()
-        for _ in range(count):
-            self._free.put(AlignedBuffer(self, size))
+        self._unmade = count  # made on first need: an import that never inflates needs none
+        self._size = size
 
     def get(self) -> AlignedBuffer:
         """A free buffer; waits for one, unless the pool is closed (the import is stopping)."""
+        if self._free.empty() and self._unmade:
+            self._unmade -= 1
+            return AlignedBuffer(self, self._size)
         while True:
             try:
                 return self._free.get(timeout=0.1)

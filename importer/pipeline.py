@@ -250,13 +250,12 @@ def _write_converted(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> int
     fd, scratch = tempfile.mkstemp(prefix="diskflow-scratch-", dir=job.options.scratch_dir)
     os.close(fd)
     try:
-        # Buffered: qemu-img reads it right back, from the page cache.
         writer = SparseWriter(
             scratch,
             block=False,
             limit=scratch_limit,
             limit_what=f"what an image for a usable capacity of {capacity} bytes can need",
-            direct=False,
+            scratch=True,
         )
         try:
             writer.write_all(chunks)

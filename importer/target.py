@@ -91,7 +91,7 @@ class SparseWriter:
         limit_what: str = "the limit",
         chunk: int = CHUNK,
         preallocate: bool = False,
-        direct: bool = True,
+        scratch: bool = False,
     ) -> None:
         self.path = path
         self._block = block
@@ -100,7 +100,10 @@ class SparseWriter:
         self._preallocate = preallocate
         flags = os.O_WRONLY | (0 if block else os.O_CREAT | os.O_TRUNC)
         self._fd = os.open(path, flags, 0o644)
-        self._direct_fd = open_direct(path, os.O_WRONLY) if direct else None
+        # A scratch file is read straight back by qemu-img: plain buffered appends, through the
+        # page cache, with no copy into the staging buffer and no hole detection.
+        self._scratch = scratch
+        self._direct_fd = None if scratch else open_direct(path, os.O_WRONLY)
         self._buffer, self._base = aligned(chunk)
         self._view = memoryview(self._buffer)[self._base : self._base + chunk]
         self._chunk = chunk
@@ -124,17 +127,19 @@ class SparseWriter:
                 f"the image is larger than {self._limit_what} ({self._limit} bytes): more than "
                 f"{self.size + len(data)} bytes arrived; stopped writing",
             )
-        if isinstance(data, AlignedBuffer):
-            try:
-                if self._fill == 0 and len(data) == self._chunk:
-                    # Whole aligned chunks (all but a stream's last) go out as they are.
-                    self._flush_buffer(data.raw, data.base, data.view, len(data))
-                else:
-                    self._copy(data.data())
-            finally:
+        view = data.data() if isinstance(data, AlignedBuffer) else memoryview(data)
+        try:
+            if self._scratch:
+                pwrite_all(self._fd, view, self._offset)
+                self._offset += len(view)
+            elif isinstance(data, AlignedBuffer) and self._fill == 0 and len(view) == self._chunk:
+                # Whole aligned chunks (all but a stream's last) go out as they are.
+                self._flush_buffer(data.raw, data.base, view, len(view))
+            else:
+                self._copy(view)
+        finally:
+            if isinstance(data, AlignedBuffer):
                 data.release()
-        else:
-            self._copy(memoryview(data))
 
     def _copy(self, source: memoryview) -> None:
         while source:
