@@ -54,27 +54,25 @@ def detect_compression(head: bytes) -> Compression:
     return Compression.NONE
 
 
+# (offset, magic, format). A text vmdk descriptor counts as vmdk so that it is refused with a
+# precise message (it names its extents as other files).
+_FORMAT_MAGIC = [
+    (0, b"QFI\xfb", DiskFormat.QCOW2),
+    (0, b"KDMV", DiskFormat.VMDK),
+    (0, b"# Disk DescriptorFile", DiskFormat.VMDK),
+    (64, b"\x7f\x10\xda\xbe", DiskFormat.VDI),
+    (0, b"vhdxfile", DiskFormat.VHDX),
+    (0, b"conectix", DiskFormat.VPC),
+    (0x8001, b"CD001", DiskFormat.ISO),
+]
+
+
 def detect_format(head: bytes) -> DiskFormat:
     """Name the disk format of decompressed bytes from their first SNIFF_BYTES."""
-    if head.startswith(b"QFI\xfb"):
-        return DiskFormat.QCOW2
-    if head.startswith(b"KDMV"):
-        return DiskFormat.VMDK
-    if head.startswith(b"# Disk DescriptorFile"):
-        # A text descriptor names its extents as other files: treat it as vmdk so that
-        # validation rejects the external extents with a precise message.
-        return DiskFormat.VMDK
-    if head[64:68] == b"\x7f\x10\xda\xbe":
-        return DiskFormat.VDI
-    if head.startswith(b"vhdxfile"):
-        return DiskFormat.VHDX
-    if head.startswith(b"conectix"):
-        return DiskFormat.VPC
-    if head[0x8001:0x8006] == b"CD001":
-        return DiskFormat.ISO
-    if _looks_like_html(head):
-        return DiskFormat.HTML
-    return DiskFormat.RAW
+    for offset, magic, fmt in _FORMAT_MAGIC:
+        if head.startswith(magic, offset):
+            return fmt
+    return DiskFormat.HTML if _looks_like_html(head) else DiskFormat.RAW
 
 
 _UNSUPPORTED_MAGIC = [
