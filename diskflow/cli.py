@@ -63,7 +63,10 @@ def main() -> None:
 
 @app.command("import")
 def import_command(
-    source: Annotated[str, typer.Argument(help="http:// or https:// URL, or a local path.")],
+    source: Annotated[
+        str,
+        typer.Argument(help="http:// or https:// URL, a local path, or blank: (an empty disk)."),
+    ],
     dest: Annotated[
         str,
         typer.Argument(

@@ -39,8 +39,16 @@ from importer.formats import (
 from importer.progress import Progress
 from importer.sources import HttpOptions, Source, open_source
 from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
-from importer.target import SparseWriter, Target, inspect_target, open_direct, wipe_head
+from importer.target import (
+    SparseWriter,
+    Target,
+    inspect_target,
+    open_direct,
+    wipe_head,
+    zero_range,
+)
 
+BLANK = "blank:"  # the source of an empty disk, as CDI's `source: {blank: {}}`
 ALIGNMENT = 1 << 20  # usable capacity is rounded down to whole MiB, as CDI does
 # A non-raw image file may exceed its virtual size by its metadata; more than this is a bomb.
 SCRATCH_SLACK = 64 << 20
@@ -101,12 +109,17 @@ def import_image(
     options: ImportOptions | None = None,
     progress: Progress | None = None,
 ) -> ImportResult:
-    """Import the image at `source` (URL or path) into `destination` (file or block device)."""
+    """Import the image at `source` (URL, path, or `blank:` for an empty disk) into
+    `destination` (file or block device)."""
     options = options or ImportOptions()
     progress = progress or Progress()
     started = time.monotonic()
     target = inspect_target(destination)
     capacity = usable_capacity(target, options)
+    if source == BLANK:
+        size = _create_blank(target, capacity, options, progress)
+        seconds = round(time.monotonic() - started, 3)
+        return ImportResult(BLANK, destination, "none", "raw", 0, size, None, seconds)
     digest = options.checksum.new_hash() if options.checksum else None
     stream = open_source(source, options.http)
     stages: list[Iterator[Chunk]] = []
@@ -293,6 +306,28 @@ def _write_converted(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> int
                 raise
     finally:
         os.unlink(scratch)
+
+
+def _create_blank(
+    target: Target, capacity: int | None, options: ImportOptions, progress: Progress
+) -> int:
+    """An empty raw disk: a sparse file of the usable capacity, or a zeroed device (zeroed by
+    the device itself where it can, not by writing every byte)."""
+    if capacity is None:
+        raise FinalError("InvalidArgument", "a blank disk in a file needs --size")
+    job = _Job(target, capacity, options, verify=lambda: None, progress=progress)
+    if not target.is_block:
+        with _published(target) as path:
+            return _finish_file(path, 0, job)
+    progress.stage("zero", capacity)
+    fd = os.open(target.path, os.O_WRONLY | os.O_EXCL)
+    try:
+        zero_range(fd, 0, capacity, block=True, write_only=options.preallocate)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    progress.set_done(capacity)
+    return capacity
 
 
 def _finish_file(path: str, size: int, job: _Job) -> int:

@@ -155,3 +155,31 @@ def faults(images: Images) -> Iterator[FaultServer]:
     server = FaultServer(str(images.dir))
     yield server
     server.close()
+
+
+DEVICE_SIZE = 64 * MiB
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Iterator[str]:
+    """A 64 MiB loop device filled with 0xff, like a reused volume."""
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(b"\xff" * DEVICE_SIZE)
+    try:
+        path = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        pytest.fail(f"a loop device is needed (run as root): {exc}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["losetup", "--detach", path], check=True)
+
+
+def read_device(path: str, length: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(length)
