@@ -18,6 +18,7 @@ import typer
 
 from importer import (
     Checksum,
+    ContentType,
     HttpOptions,
     ImportFailure,
     ImportOptions,
@@ -132,6 +133,10 @@ def import_command(
             min=0, max=0.99, help="Fraction of a file destination's --size kept for the filesystem."
         ),
     ] = 0.055,
+    content_type: Annotated[
+        ContentType,
+        typer.Option(help="kubevirt: a disk image, to raw; archive: a tar, extracted into DEST."),
+    ] = ContentType.KUBEVIRT,
     scratch_dir: Annotated[
         Path | None, typer.Option(help="Where qcow2/vmdk/vdi/vhd/vhdx images wait for conversion.")
     ] = None,
@@ -174,6 +179,7 @@ def import_command(
             preallocate=preallocate,
             filesystem_overhead=filesystem_overhead,
             scratch_dir=str(scratch_dir) if scratch_dir else None,
+            content_type=content_type,
         )
         return import_image(source, dest, options=options, progress=state)
 

@@ -7,12 +7,19 @@ result = import_image("https://example.com/disk.qcow2.xz", "/data/disk.img",
 
 from importer.checksum import Checksum
 from importer.errors import FinalError, ImportFailure, TransientError
-from importer.pipeline import ImportOptions, ImportResult, import_image, usable_capacity
+from importer.pipeline import (
+    ContentType,
+    ImportOptions,
+    ImportResult,
+    import_image,
+    usable_capacity,
+)
 from importer.progress import Progress
 from importer.sources import HttpOptions
 
 __all__ = [
     "Checksum",
+    "ContentType",
     "FinalError",
     "HttpOptions",
     "ImportFailure",

@@ -20,8 +20,10 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from importer import qemu
+from importer.archive import extract, is_tar
 from importer.buffers import BufferPool
 from importer.checksum import Checksum
 from importer.errors import FinalError
@@ -54,6 +56,11 @@ ALIGNMENT = 1 << 20  # usable capacity is rounded down to whole MiB, as CDI does
 SCRATCH_SLACK = 64 << 20
 
 
+class ContentType(StrEnum):
+    KUBEVIRT = "kubevirt"
+    ARCHIVE = "archive"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImportOptions:
     size: int | None = None
@@ -66,6 +73,8 @@ class ImportOptions:
     """Fraction of a Filesystem volume kept free for the filesystem itself."""
     scratch_dir: str | None = None
     """Where non-raw images wait for qemu-img; default: the system's temporary directory."""
+    content_type: ContentType = ContentType.KUBEVIRT
+    """kubevirt: a disk image, converted to raw; archive: a tar extracted into a directory."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +85,8 @@ class ImportResult:
     format: str
     bytes_downloaded: int
     size: int
-    """Length in bytes of the raw image at the destination, after any resize."""
+    """Length in bytes of the raw image at the destination, after any resize (for an
+    archive: the bytes of file data extracted)."""
     checksum: str | None
     seconds: float
 
@@ -114,7 +124,10 @@ def import_image(
     options = options or ImportOptions()
     progress = progress or Progress()
     started = time.monotonic()
-    target = inspect_target(destination)
+    archive = options.content_type is ContentType.ARCHIVE
+    if archive and source == BLANK:
+        raise FinalError("InvalidArgument", "blank: makes a disk; it is not an archive")
+    target = _directory(destination) if archive else inspect_target(destination)
     capacity = usable_capacity(target, options)
     if source == BLANK:
         size = _create_blank(target, capacity, options, progress)
@@ -151,18 +164,27 @@ def import_image(
         if compression is not Compression.NONE:
             chunks = in_thread(decompressed(chunks, compression, pool), "decompress")
         head, chunks = peek(chunks, SNIFF_BYTES)
-        fmt = detect_format(head)
-        _refuse_early(fmt, head, stream, compression, capacity)
 
         def verify() -> None:
             if options.checksum and digest is not None:
                 options.checksum.verify(digest, what=f"{stream.description} as downloaded")
 
-        job = _Job(target, capacity, options, verify, progress)
-        if fmt.streams:
-            size, fmt = _write_raw(chunks, fmt, job)
+        if archive:
+            if not is_tar(head):
+                raise FinalError(
+                    "InvalidArchive",
+                    f"{stream.description} is not a tar archive (once decompressed)",
+                )
+            size, kind = extract(chunks, destination, limit=capacity, verify=verify), "tar"
         else:
-            size = _write_converted(chunks, fmt, job)
+            fmt = detect_format(head)
+            _refuse_early(fmt, head, stream, compression, capacity)
+            job = _Job(target, capacity, options, verify, progress)
+            if fmt.streams:
+                size, fmt = _write_raw(chunks, fmt, job)
+            else:
+                size = _write_converted(chunks, fmt, job)
+            kind = fmt.value
     finally:
         stream.close()
         for stage in reversed(stages):
@@ -171,7 +193,7 @@ def import_image(
         source=stream.description,
         destination=destination,
         compression=compression.value,
-        format=fmt.value,
+        format=kind,
         bytes_downloaded=downloaded,
         size=size,
         checksum=str(options.checksum) if options.checksum else None,
@@ -306,6 +328,14 @@ def _write_converted(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> int
                 raise
     finally:
         os.unlink(scratch)
+
+
+def _directory(path: str) -> Target:
+    if not os.path.isdir(path):
+        raise FinalError(
+            "InvalidDestination", f"an archive is extracted into a directory; {path} is not one"
+        )
+    return Target(path, False, None)
 
 
 def _create_blank(

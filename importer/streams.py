@@ -125,10 +125,10 @@ def decompressed(chunks: Iterable[bytes], kind: Compression, pool: BufferPool) -
     gzip and zstd straight into aligned buffers from `pool`."""
     try:
         if kind is Compression.GZIP:
-            yield from _fill(igzip.IGzipFile(fileobj=_ChunkReader(chunks)), pool)
+            yield from _fill(igzip.IGzipFile(fileobj=ChunkReader(chunks)), pool)
         elif kind is Compression.ZSTD:
             dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-            reader = dctx.stream_reader(_ChunkReader(chunks), read_across_frames=True)
+            reader = dctx.stream_reader(ChunkReader(chunks), read_across_frames=True)
             yield from _fill(reader, pool)
         elif kind is Compression.XZ:
             yield from _multistream(chunks, lambda: lzma.LZMADecompressor(memlimit=XZ_MEMLIMIT))
@@ -187,10 +187,10 @@ def _multistream(chunks: Iterable[bytes], new: Callable[[], Any]) -> Iterator[by
         raise EOFError("the stream ends before its end-of-stream marker")
 
 
-class _ChunkReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks, for file-based decompressors."""
+class ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of chunks, for decompressors and tarfile."""
 
-    def __init__(self, chunks: Iterable[bytes]) -> None:
+    def __init__(self, chunks: Iterable[Chunk]) -> None:
         self._chunks = iter(chunks)
         self._current = memoryview(b"")
 
@@ -199,7 +199,12 @@ class _ChunkReader(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         if not self._current:
-            self._current = memoryview(next(self._chunks, b""))
+            chunk = next(self._chunks, b"")
+            if isinstance(chunk, AlignedBuffer):
+                data = bytes(chunk.data())  # a copy: the pool wants its buffer back
+                chunk.release()
+                chunk = data
+            self._current = memoryview(chunk)
         n = min(len(buffer), len(self._current))
         buffer[:n] = self._current[:n]
         self._current = self._current[n:]
