@@ -8,27 +8,17 @@ already passed downstream are skipped: hashing and decompression never notice a 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
-import socket
-import threading
 import warnings
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
 
 from importer.errors import FinalError, TransientError
+from importer.sources.resumable import STREAM_ERRORS, ResumableSource
 
 log = logging.getLogger("diskflow.importer")
 
@@ -90,13 +80,17 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port
 
 
-class HttpSource:
+class HttpSource(ResumableSource):
     """Stream an image over HTTP(S), resuming after failures."""
 
     def __init__(self, url: str, options: HttpOptions) -> None:
+        super().__init__(
+            retries=options.retries,
+            backoff=options.backoff,
+            stream_errors=(*STREAM_ERRORS, requests.RequestException),
+        )
         self._url = url
         self._options = options
-        self._secrets: set[str] = set()  # query strings and passwords seen: never printed
         self._remember_secrets(url)
         self.description = redact_url(url)
         self._session = requests.Session()
@@ -105,57 +99,16 @@ class HttpSource:
         if self._verify is False:
             log.warning("not verifying the TLS certificate of %s (--insecure)", self.description)
             warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
-        self._response: requests.Response | None = None
-        self._offset = 0
         self._etag: str | None = None
         self._last_modified: str | None = None
-        self._closed = threading.Event()
-        self.size: int | None = None
-        self._response = self._retrying(self._open_first)
-
-    # --- the stream -------------------------------------------------------------------
-
-    def read(self, n: int) -> bytes:
-        return self._retrying(self._read_once, n)
+        self._start()
 
     def close(self) -> None:
-        """Stop the transfer; safe to call from another thread while `read` blocks."""
-        self._closed.set()  # also cuts a retry's backoff sleep short
-        response = self._response
-        if response is not None:
-            _shutdown(response)
+        super().close()
         self._session.close()
 
-    def _read_once(self, n: int) -> bytes:
-        if self._closed.is_set():
-            raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
-        if self._response is None:
-            self._response = self._open_first() if self._offset == 0 else self._resume(self._offset)
-        parts: list[bytes] = []
-        got = 0
-        try:
-            # read1 hands over what has arrived, so bytes received before a failure count
-            # and the resume starts after them.
-            while got < n and (data := self._response.raw.read1(n - got)):
-                parts.append(data)
-                got += len(data)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-            self._drop_response()
-            failure = TransientError(
-                "ConnectionLost",
-                f"transfer from {self.description} failed at byte {self._offset + got}: "
-                f"{self._describe(exc)}",
-            )
-            if not parts:
-                raise failure from None
-            log.warning("%s; resuming", failure)
-        if not parts and self.size is not None and self._offset < self.size:
-            self._drop_response()
-            raise TransientError(
-                "Truncated", f"{self.description} ended at byte {self._offset} of {self.size}"
-            )
-        self._offset += got
-        return b"".join(parts) if len(parts) != 1 else parts[0]
+    def _open(self, offset: int) -> urllib3.BaseHTTPResponse:
+        return (self._open_first() if offset == 0 else self._resume(offset)).raw
 
     # --- requests ---------------------------------------------------------------------
 
@@ -226,7 +179,7 @@ class HttpSource:
                     response.close()
                     raise TransientError("Truncated", f"{self.description} ended early")
                 count -= len(data)
-        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        except self._stream_errors as exc:
             response.close()
             raise TransientError("ConnectionLost", self._describe(exc)) from None
 
@@ -297,36 +250,6 @@ class HttpSource:
             raise error
         raise FinalError("HttpError", f"{where} answered HTTP {status} {response.reason}")
 
-    # --- retries ----------------------------------------------------------------------
-
-    def _retrying(self, fn, *args):
-        retrying = Retrying(
-            stop=stop_after_attempt(self._options.retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception(lambda exc: _retryable(exc) and not self._closed.is_set()),
-            sleep=self._closed.wait,
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        return retrying(fn, *args)
-
-    def _wait(self, state: RetryCallState) -> float:
-        backoff = (
-            wait_exponential(multiplier=self._options.backoff, max=30)
-            + wait_random(0, self._options.backoff)
-        )(state)
-        exc = state.outcome.exception() if state.outcome else None
-        return max(backoff, getattr(exc, "retry_after", 0.0))
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning(
-            "attempt %d failed (%s); retrying in %.1fs",
-            state.attempt_number,
-            exc,
-            state.next_action.sleep if state.next_action else 0,
-        )
-
     def _remember_secrets(self, url: str) -> None:
         parts = urlsplit(url)
         try:
@@ -335,36 +258,9 @@ class HttpSource:
             raise FinalError("InvalidURL", f"{redact_url(url)} has an invalid port") from None
         self._secrets.update(s for s in (parts.query, parts.password) if s)
 
-    def _describe(self, exc: BaseException) -> str:
-        """The exception's text without any query string or password of the URLs used."""
-        text = str(exc)
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "<redacted>")
-        # Library messages quote request paths; anything after a '?' is suspect.
-        return re.sub(r"\?\S+", "?<redacted>", text) or type(exc).__name__
-
-    def _drop_response(self) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
-
-
-def _retryable(exc: BaseException) -> bool:
-    # A changed object cannot be resumed; a new import (a new pod) starts it over.
-    return isinstance(exc, TransientError) and exc.reason != "SourceChanged"
-
 
 def _retry_after(response: requests.Response) -> float:
     try:
         return min(float(response.headers.get("Retry-After", 0)), _MAX_RETRY_AFTER)
     except ValueError:
         return 0.0
-
-
-def _shutdown(response: requests.Response) -> None:
-    # Closing a socket does not wake a thread blocked in recv() on it; shutting it down does.
-    sock = getattr(getattr(response.raw, "_connection", None), "sock", None)
-    with contextlib.suppress(OSError):
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    response.close()
