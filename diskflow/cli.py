@@ -24,6 +24,7 @@ from importer import (
     ImportOptions,
     ImportResult,
     Progress,
+    S3Options,
     import_image,
 )
 from importer.errors import FinalError, TransientError
@@ -50,6 +51,12 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL: trying again later may work
 USER_ENV, PASSWORD_ENV = "DISKFLOW_HTTP_USER", "DISKFLOW_HTTP_PASSWORD"
 
 
+class S3Addressing(StrEnum):
+    AUTO = "auto"
+    PATH = "path"
+    VIRTUAL = "virtual"
+
+
 class ProgressMode(StrEnum):
     AUTO = "auto"
     BAR = "bar"
@@ -66,7 +73,7 @@ def main() -> None:
 def import_command(
     source: Annotated[
         str,
-        typer.Argument(help="http:// or https:// URL, a local path, or blank: (an empty disk)."),
+        typer.Argument(help="http(s):// URL, s3://bucket/key, local path, or blank: (empty disk)."),
     ],
     dest: Annotated[
         str,
@@ -124,6 +131,27 @@ def import_command(
         float,
         typer.Option(min=0.1, help="Seconds without a byte before a transfer counts as failed."),
     ] = 60.0,
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
+    ] = None,
+    s3_region: Annotated[
+        str | None, typer.Option(help="S3 region; default: from an AWS host name, else us-east-1.")
+    ] = None,
+    s3_addressing: Annotated[
+        S3Addressing,
+        typer.Option(help="Bucket in the path or the host name; auto: path with --s3-endpoint."),
+    ] = S3Addressing.AUTO,
+    s3_profile: Annotated[str | None, typer.Option(help="AWS profile for the credentials.")] = None,
+    s3_credentials_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="AWS shared-credentials file (INI)."),
+    ] = None,
+    s3: Annotated[
+        bool,
+        typer.Option(
+            "--s3", help="Read an http(s) SOURCE as CDI's S3 URL https://host/bucket/key."
+        ),
+    ] = False,
     preallocate: Annotated[
         bool, typer.Option(help="Allocate every block of the destination.")
     ] = False,
@@ -175,6 +203,14 @@ def import_command(
                 retries=retries,
                 backoff=retry_backoff,
                 stall_timeout=stall_timeout,
+            ),
+            s3=S3Options(
+                endpoint=s3_endpoint,
+                region=s3_region,
+                addressing=s3_addressing.value,
+                profile=s3_profile,
+                credentials_file=str(s3_credentials_file) if s3_credentials_file else None,
+                cdi_url=s3,
             ),
             preallocate=preallocate,
             filesystem_overhead=filesystem_overhead,

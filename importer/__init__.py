@@ -15,7 +15,7 @@ from importer.pipeline import (
     usable_capacity,
 )
 from importer.progress import Progress
-from importer.sources import HttpOptions
+from importer.sources import HttpOptions, S3Options
 
 __all__ = [
     "Checksum",
@@ -26,6 +26,7 @@ __all__ = [
     "ImportOptions",
     "ImportResult",
     "Progress",
+    "S3Options",
     "TransientError",
     "import_image",
     "usable_capacity",

@@ -39,7 +39,7 @@ from importer.formats import (
     unsupported_format,
 )
 from importer.progress import Progress
-from importer.sources import HttpOptions, Source, open_source
+from importer.sources import HttpOptions, S3Options, Source, open_source
 from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
 from importer.target import (
     SparseWriter,
@@ -68,6 +68,8 @@ class ImportOptions:
     checksum: Checksum | None = None
     """Expected digest of the bytes as downloaded (before decompression)."""
     http: HttpOptions = field(default_factory=HttpOptions)
+    """TLS, retries and timeouts for HTTP and S3 sources; headers and auth for HTTP."""
+    s3: S3Options = field(default_factory=S3Options)
     preallocate: bool = False
     filesystem_overhead: float = 0.055
     """Fraction of a Filesystem volume kept free for the filesystem itself."""
@@ -134,7 +136,7 @@ def import_image(
         seconds = round(time.monotonic() - started, 3)
         return ImportResult(BLANK, destination, "none", "raw", 0, size, None, seconds)
     digest = options.checksum.new_hash() if options.checksum else None
-    stream = open_source(source, options.http)
+    stream = open_source(source, options.http, options.s3)
     stages: list[Iterator[Chunk]] = []
     # Every buffer the decompress stage may hold: its queue, one being filled, one written.
     pool = BufferPool(count=QUEUE_DEPTH + 2)

@@ -15,6 +15,10 @@ test's request counters apart; faults are query parameters:
     redirect=URL    answer 302 to URL (on every request); `self` redirects to itself
     retry_after=S   Retry-After header on error statuses
 
+Faults can also be set per token with `configure(token, **faults)`: that is how S3 clients,
+which build their own URLs, get them (the token is the bucket, the file name the key).
+An `If-Match` that is not the current ETag is answered 412, as S3 does.
+
 Every request's method, path and headers are recorded in `requests[token]`.
 """
 
@@ -37,6 +41,7 @@ class FaultServer:
     def __init__(self, root: str, *, tls: tuple[str, str] | None = None) -> None:
         self.root = root
         self.requests: dict[str, list[dict]] = defaultdict(list)
+        self._configured: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
         server = self
 
@@ -65,6 +70,9 @@ class FaultServer:
         query = "&".join(f"{key}={value}" for key, value in faults.items())
         return f"{self.scheme}://{host}:{self.port}/{token}/{name}" + (f"?{query}" if query else "")
 
+    def configure(self, token: str, **faults: object) -> None:
+        self._configured[token] = {key: str(value) for key, value in faults.items()}
+
     def close(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
@@ -73,6 +81,7 @@ class FaultServer:
         parts = urlsplit(request.path)
         token, _, name = parts.path.lstrip("/").partition("/")
         faults = {key: values[0] for key, values in parse_qs(parts.query).items()}
+        faults.update(self._configured.get(token, {}))
         with self._lock:
             seen = self.requests[token]
             seen.append({"path": request.path, "headers": dict(request.headers)})
@@ -100,6 +109,10 @@ class FaultServer:
             etag = f'"v{attempt}"'
         if faults.get("etag") == "weak":
             etag = "W/" + etag
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match != etag:
+            self._send_head(request, 412, {"Content-Length": "0"})
+            return
         start = 0
         range_header = request.headers.get("Range")
         if_range = request.headers.get("If-Range")

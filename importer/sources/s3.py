@@ -1,0 +1,162 @@
+"""S3 source (AWS or any S3-compatible store: MinIO, Ceph RGW, Wasabi...).
+
+Credentials come from boto3's standard chain (environment, shared config and profiles, web
+identity tokens as IRSA uses, instance metadata) or from a credentials file; session tokens
+work. The object is read as one GET stream; a resume asks for the rest with `Range` and
+`If-Match` on the first response's ETag, so a replaced object is detected, never mixed in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3
+
+from importer.errors import FinalError, ImportFailure, TransientError
+from importer.sources.http import HttpOptions
+from importer.sources.resumable import ResumableSource
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_FORBIDDEN = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+_UNAUTHORIZED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+_WRONG_REGION = {
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "301",
+    "IllegalLocationConstraintException",
+}
+_CHANGED = {"PreconditionFailed", "412"}
+_RETRIED = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3Options:
+    """Where and how to reach the store. Transport settings (TLS, retries, timeouts) are
+    HttpOptions' own."""
+
+    endpoint: str | None = None
+    """The store's URL (https://minio.example:9000); default: AWS."""
+    region: str | None = None
+    """Default: from an AWS host name, else the profile's, else us-east-1."""
+    addressing: str = "auto"
+    """path, virtual or auto (path for a custom endpoint: IP:port endpoints need it)."""
+    profile: str | None = None
+    credentials_file: str | None = None
+    """An AWS shared-credentials file (INI) to read keys from, instead of the default."""
+    cdi_url: bool = False
+    """Read an http(s) URL as CDI's S3 form https://host[:port]/bucket/key."""
+
+
+def parse_location(location: str, options: S3Options) -> tuple[str, str, str | None]:
+    """(bucket, key, endpoint) of `s3://bucket/key`, or of CDI's `https://host/bucket/key`."""
+    parts = urlsplit(location)
+    if parts.scheme == "s3":
+        bucket, key, endpoint = parts.netloc, parts.path.lstrip("/"), options.endpoint
+    else:
+        bucket, _, key = parts.path.lstrip("/").partition("/")
+        endpoint = options.endpoint or f"{parts.scheme}://{parts.netloc}"
+    if not bucket or not key:
+        raise FinalError("InvalidURL", f"{location} does not name a bucket and a key")
+    return bucket, key, endpoint
+
+
+def region_of(endpoint: str | None) -> str | None:
+    """The region in an AWS endpoint's host name (s3.eu-west-1.amazonaws.com), if any."""
+    host = urlsplit(endpoint).hostname or "" if endpoint else ""
+    match = re.search(r"s3[.-]([a-z]{2}(?:-[a-z]+)+-\d)\.amazonaws\.com$", host)
+    return match.group(1) if match else None
+
+
+class S3Source(ResumableSource):
+    """Stream an S3 object, resuming after failures."""
+
+    def __init__(self, location: str, s3: S3Options, http: HttpOptions) -> None:
+        super().__init__(retries=http.retries, backoff=http.backoff)
+        self._bucket, self._key, endpoint = parse_location(location, s3)
+        self.description = f"s3://{self._bucket}/{self._key}"
+        session = boto3.session.Session(profile_name=s3.profile)
+        if s3.credentials_file:
+            # boto3 has no public knob for this; botocore's session has.
+            session._session.set_config_variable("credentials_file", s3.credentials_file)
+        credentials = session.get_credentials()
+        if credentials is None:
+            raise FinalError(
+                "NoCredentials",
+                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, "
+                "a web identity token, or --s3-credentials-file",
+            )
+        frozen = credentials.get_frozen_credentials()
+        self._secrets.update(s for s in (frozen.secret_key, frozen.token) if s)
+        addressing = s3.addressing if s3.addressing != "auto" or not endpoint else "path"
+        config = botocore.config.Config(
+            region_name=s3.region or region_of(endpoint) or session.region_name or "us-east-1",
+            s3={"addressing_style": addressing},
+            retries={"total_max_attempts": 1},  # retried here, resuming where it stopped
+            connect_timeout=http.connect_timeout,
+            read_timeout=http.stall_timeout,
+        )
+        self._client = session.client(
+            "s3", endpoint_url=endpoint, verify=http.ca_bundle or not http.insecure, config=config
+        )
+        self._etag: str | None = None
+        self._start()
+
+    def _open(self, offset: int) -> urllib3.BaseHTTPResponse:
+        request = {"Bucket": self._bucket, "Key": self._key}
+        if offset:
+            request["Range"] = f"bytes={offset}-"
+        if self._etag:
+            request["IfMatch"] = self._etag
+        try:
+            response = self._client.get_object(**request)
+        except botocore.exceptions.ClientError as exc:
+            raise self._failure(exc) from None
+        except botocore.exceptions.NoCredentialsError:
+            raise FinalError("NoCredentials", "no S3 credentials were found") from None
+        except botocore.exceptions.SSLError as exc:
+            raise FinalError(
+                "TLSError", f"TLS with the S3 endpoint failed: {self._describe(exc)}"
+            ) from None
+        except botocore.exceptions.ParamValidationError as exc:
+            raise FinalError("InvalidURL", f"{self.description}: {self._describe(exc)}") from None
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(
+                "ConnectionFailed", f"{self.description}: {self._describe(exc)}"
+            ) from None
+        if offset == 0:
+            self.size = response["ContentLength"]
+            self._etag = response.get("ETag")
+        # The urllib3 response under botocore's StreamingBody: read1, and shutdown on close.
+        return response["Body"]._raw_stream
+
+    def _failure(self, exc: botocore.exceptions.ClientError) -> ImportFailure:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        said = f"{self.description}: {code} {self._describe(Exception(error.get('Message', '')))}"
+        if code in _NOT_FOUND:
+            return FinalError("NotFound", said)
+        if code in _FORBIDDEN:
+            return FinalError("Forbidden", said)
+        if code in _UNAUTHORIZED:
+            return FinalError("Unauthorized", said)
+        if code in _WRONG_REGION:
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            where = headers.get("x-amz-bucket-region")
+            hint = f"it is in {where}: " if where else ""
+            return FinalError(
+                "WrongRegion", f"{said}; the bucket is in another region ({hint}set --s3-region)"
+            )
+        if code in _CHANGED:
+            return TransientError(
+                "SourceChanged",
+                f"{self.description} changed during the download; start the import again",
+            )
+        if code in _RETRIED or (isinstance(status, int) and status >= 500):
+            return TransientError("ServerError", said)
+        return FinalError("S3Error", said)

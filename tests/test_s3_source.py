@@ -1,0 +1,193 @@
+"""S3 sources against moto's S3 server over real HTTP, with objects put there by the aws CLI
+(a second, independent client), and against the fault server for resumes and errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+from importer import Checksum, HttpOptions, ImportOptions, Progress, S3Options, import_image
+from importer.errors import ImportFailure
+from tests.conftest import Images, free_port
+from tests.faultserver import FaultServer
+from tests.test_import_formats import assert_same_content
+
+FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=2.0, connect_timeout=2.0)
+BUCKET = "images"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def credentials() -> Iterator[None]:
+    """Static test keys in the environment, as boto3's chain reads them; no metadata service."""
+    saved = dict(os.environ)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="AKIDTESTING",
+        AWS_SECRET_ACCESS_KEY="s3cr3t-k3y-never-printed",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    os.environ.pop("AWS_PROFILE", None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def moto(images: Images) -> Iterator[str]:
+    """moto's S3 server on loopback with the test images put into a bucket by the aws CLI."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    aws = [str(Path(sys.executable).parent / "aws"), "--endpoint-url", endpoint, "s3"]
+    subprocess.run([*aws, "mb", f"s3://{BUCKET}"], check=True, capture_output=True)
+    for name in ("disk.raw.zst", "disk.qcow2.gz", "disk.vmdk"):
+        subprocess.run(
+            [*aws, "cp", str(images.dir / name), f"s3://{BUCKET}/golden/{name}"],
+            check=True,
+            capture_output=True,
+        )
+    yield endpoint
+    server.stop()
+
+
+def s3_import(location: str, tmp_path: Path, s3: S3Options, **options: object) -> Path:
+    dest = tmp_path / "disk.img"
+    import_image(
+        location,
+        str(dest),
+        options=ImportOptions(s3=s3, http=FAST, scratch_dir=str(tmp_path), **options),
+    )
+    return dest
+
+
+@pytest.mark.parametrize("name", ["disk.raw.zst", "disk.qcow2.gz", "disk.vmdk"])
+def test_s3_url_with_checksum(name: str, moto: str, images: Images, tmp_path: Path) -> None:
+    digest = hashlib.sha256((images.dir / name).read_bytes()).hexdigest()
+    dest = s3_import(
+        f"s3://{BUCKET}/golden/{name}",
+        tmp_path,
+        S3Options(endpoint=moto),
+        checksum=Checksum("sha256", digest),
+    )
+    assert_same_content(dest, images.raw)
+
+
+def test_cdi_url_form_and_known_total(moto: str, images: Images, tmp_path: Path) -> None:
+    progress = Progress()
+    dest = tmp_path / "disk.img"
+    options = ImportOptions(s3=S3Options(cdi_url=True), http=FAST)
+    import_image(
+        f"{moto}/{BUCKET}/golden/disk.raw.zst", str(dest), options=options, progress=progress
+    )
+    assert_same_content(dest, images.raw)
+    download = progress.snapshots()[0]
+    assert download.stage == "download"
+    assert (
+        download.bytes_total == download.bytes_done == (images.dir / "disk.raw.zst").stat().st_size
+    )
+
+
+@pytest.mark.parametrize(
+    ("location", "reason"),
+    [
+        (f"s3://{BUCKET}/golden/missing.img", "NotFound"),
+        ("s3://no-such-bucket/disk.img", "NotFound"),
+    ],
+)
+def test_missing_objects_are_final(location: str, reason: str, moto: str, tmp_path: Path) -> None:
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(location, tmp_path, S3Options(endpoint=moto))
+    assert caught.value.reason == reason and caught.value.final
+
+
+def test_session_token_and_credentials_file(moto: str, images: Images, tmp_path: Path) -> None:
+    creds = tmp_path / "credentials"
+    creds.write_text(
+        "[default]\naws_access_key_id = AKIDFILE\n"
+        "aws_secret_access_key = file-secret\naws_session_token = tok3n\n"
+    )
+    saved = {k: os.environ.pop(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    try:
+        dest = s3_import(
+            f"s3://{BUCKET}/golden/disk.raw.zst",
+            tmp_path,
+            S3Options(endpoint=moto, credentials_file=str(creds)),
+        )
+    finally:
+        os.environ.update(saved)
+    assert_same_content(dest, images.raw)
+
+
+def test_no_credentials_is_a_specific_error(moto: str, tmp_path: Path) -> None:
+    saved = {k: os.environ.pop(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
+    os.environ["AWS_CONFIG_FILE"] = str(tmp_path / "none")
+    try:
+        with pytest.raises(ImportFailure) as caught:
+            s3_import(f"s3://{BUCKET}/golden/disk.raw.zst", tmp_path, S3Options(endpoint=moto))
+    finally:
+        os.environ.update(saved)
+        del os.environ["AWS_SHARED_CREDENTIALS_FILE"], os.environ["AWS_CONFIG_FILE"]
+    assert caught.value.reason == "NoCredentials"
+
+
+def fault_s3(faults: FaultServer, **configured: object) -> tuple[str, S3Options]:
+    token = uuid.uuid4().hex  # the bucket: a valid bucket name
+    faults.configure(token, **configured)
+    return token, S3Options(endpoint=f"http://127.0.0.1:{faults.port}")
+
+
+def test_dropped_connection_resumes_pinned_to_the_etag(
+    faults: FaultServer, images: Images, tmp_path: Path
+) -> None:
+    token, s3 = fault_s3(faults, drop_after=300_000, times=2)
+    dest = s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
+    assert_same_content(dest, images.raw)
+    sent = [r["headers"] for r in faults.requests[token]]
+    assert len(sent) == 3
+    assert sent[1]["Range"] == "bytes=300000-" and sent[1]["If-Match"].startswith('"')
+
+
+def test_replaced_object_is_detected(faults: FaultServer, tmp_path: Path) -> None:
+    token, s3 = fault_s3(faults, drop_after=300_000, etag="changing")
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
+    assert caught.value.reason == "SourceChanged"
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_server_errors_are_retried(
+    status: int, faults: FaultServer, images: Images, tmp_path: Path
+) -> None:
+    token, s3 = fault_s3(faults, status=status, times=2)
+    assert_same_content(s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3), images.raw)
+    assert len(faults.requests[token]) == 3
+
+
+def test_access_denied_is_final_and_secrets_stay_out(faults: FaultServer, tmp_path: Path) -> None:
+    token, s3 = fault_s3(faults, status=403, times=9)
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
+    assert caught.value.reason == "Forbidden" and len(faults.requests[token]) == 1
+    assert "s3cr3t" not in caught.value.message
+
+
+def test_session_token_is_sent(faults: FaultServer, images: Images, tmp_path: Path) -> None:
+    token, s3 = fault_s3(faults)
+    os.environ["AWS_SESSION_TOKEN"] = "t0ken-from-sts"
+    try:
+        assert_same_content(s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3), images.raw)
+    finally:
+        del os.environ["AWS_SESSION_TOKEN"]
+    sent = faults.requests[token][0]["headers"]
+    assert sent["X-Amz-Security-Token"] == "t0ken-from-sts"
+    assert sent["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDTESTING/")
