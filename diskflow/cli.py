@@ -131,6 +131,12 @@ def import_command(
         float,
         typer.Option(min=0.1, help="Seconds without a byte before a transfer counts as failed."),
     ] = 60.0,
+    connections: Annotated[
+        int,
+        typer.Option(
+            min=1, max=32, help="Parallel ranged GETs where the server allows; 1: one stream."
+        ),
+    ] = 4,
     s3_endpoint: Annotated[
         str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
     ] = None,
@@ -212,6 +218,7 @@ def import_command(
                 credentials_file=str(s3_credentials_file) if s3_credentials_file else None,
                 cdi_url=s3,
             ),
+            connections=connections,
             preallocate=preallocate,
             filesystem_overhead=filesystem_overhead,
             scratch_dir=str(scratch_dir) if scratch_dir else None,

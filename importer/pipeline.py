@@ -70,6 +70,8 @@ class ImportOptions:
     http: HttpOptions = field(default_factory=HttpOptions)
     """TLS, retries and timeouts for HTTP and S3 sources; headers and auth for HTTP."""
     s3: S3Options = field(default_factory=S3Options)
+    connections: int = 4
+    """Parallel ranged GETs for HTTP and S3 sources that allow them; 1: one stream."""
     preallocate: bool = False
     filesystem_overhead: float = 0.055
     """Fraction of a Filesystem volume kept free for the filesystem itself."""
@@ -136,7 +138,7 @@ def import_image(
         seconds = round(time.monotonic() - started, 3)
         return ImportResult(BLANK, destination, "none", "raw", 0, size, None, seconds)
     digest = options.checksum.new_hash() if options.checksum else None
-    stream = open_source(source, options.http, options.s3)
+    stream = open_source(source, options.http, options.s3, connections=options.connections)
     stages: list[Iterator[Chunk]] = []
     # Every buffer the decompress stage may hold: its queue, one being filled, one written.
     pool = BufferPool(count=QUEUE_DEPTH + 2)

@@ -32,6 +32,7 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
 HTML = b"<!DOCTYPE html><html><head><title>Link expired</title></head><body>Sorry</body></html>\n"
 
 
@@ -113,22 +114,23 @@ class FaultServer:
         if if_match is not None and if_match != etag:
             self._send_head(request, 412, {"Content-Length": "0"})
             return
-        start = 0
+        start, end, partial = 0, size, False
         range_header = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
-        if faults.get("ranges") != "0" and range_header and (if_range in (None, etag)):
-            start = int(range_header.removeprefix("bytes=").split("-")[0])
+        if faults.get("ranges") != "0" and range_header and if_range in (None, etag, MODIFIED):
+            first, _, last = range_header.removeprefix("bytes=").partition("-")
+            start, end, partial = int(first), int(last) + 1 if last else size, True
         headers = {
             "Content-Type": faults.get("ctype", "application/octet-stream"),
-            "Content-Length": str(size - start),
+            "Content-Length": str(end - start),
             "ETag": etag,
-            "Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT",
+            "Last-Modified": MODIFIED,
         }
         if faults.get("ranges") != "0":
             headers["Accept-Ranges"] = "bytes"
-        if start:
-            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
-        self._send_head(request, 206 if start else 200, headers)
+        if partial:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        self._send_head(request, 206 if partial else 200, headers)
         drop_at = start + int(faults["drop_after"]) if "drop_after" in faults and faulty else None
         stall_at = (
             start + int(faults["stall_after"]) if "stall_after" in faults and faulty else None
@@ -138,7 +140,7 @@ class FaultServer:
             offset = start
             while True:
                 # Stop each write at the next fault offset, so the fault hits the exact byte.
-                limits = [x for x in (drop_at, stall_at) if x is not None and x >= offset]
+                limits = [x for x in (drop_at, stall_at, end) if x is not None and x >= offset]
                 if offset == stall_at:
                     time.sleep(float(faults.get("stall", 5)))
                     stall_at = None

@@ -49,7 +49,7 @@ def moto(images: Images) -> Iterator[str]:
     endpoint = f"http://127.0.0.1:{port}"
     aws = [str(Path(sys.executable).parent / "aws"), "--endpoint-url", endpoint, "s3"]
     subprocess.run([*aws, "mb", f"s3://{BUCKET}"], check=True, capture_output=True)
-    for name in ("disk.raw.zst", "disk.qcow2.gz", "disk.vmdk"):
+    for name in ("disk.raw.zst", "disk.qcow2.gz", "disk.vmdk", "disk.raw"):
         subprocess.run(
             [*aws, "cp", str(images.dir / name), f"s3://{BUCKET}/golden/{name}"],
             check=True,
@@ -191,3 +191,21 @@ def test_session_token_is_sent(faults: FaultServer, images: Images, tmp_path: Pa
     sent = faults.requests[token][0]["headers"]
     assert sent["X-Amz-Security-Token"] == "t0ken-from-sts"
     assert sent["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDTESTING/")
+
+
+def test_parallel_ranged_download_from_s3(moto: str, images: Images, tmp_path: Path) -> None:
+    dest = s3_import(
+        f"s3://{BUCKET}/golden/disk.raw", tmp_path, S3Options(endpoint=moto), connections=4
+    )
+    assert_same_content(dest, images.raw)
+
+
+def test_parallel_parts_are_pinned_with_if_match(
+    faults: FaultServer, images: Images, tmp_path: Path
+) -> None:
+    token, s3 = fault_s3(faults)
+    assert_same_content(
+        s3_import(f"s3://{token}/disk.raw", tmp_path, s3, connections=4), images.raw
+    )
+    parts = [r["headers"] for r in faults.requests[token]][1:]
+    assert len(parts) == 10 and all(h["If-Match"].startswith('"') for h in parts)

@@ -128,6 +128,11 @@ class HttpSource(ResumableSource):
         # Only a strong ETag may be used in If-Range (RFC 9110 13.1.5).
         self._etag = etag if etag and not etag.startswith("W/") else None
         self._last_modified = response.headers.get("Last-Modified")
+        self.ranges = (
+            response.headers.get("Accept-Ranges", "").lower() == "bytes"
+            and self.size is not None
+            and self._validator is not None
+        )
         return response
 
     @property
@@ -183,10 +188,20 @@ class HttpSource(ResumableSource):
             response.close()
             raise TransientError("ConnectionLost", self._describe(exc)) from None
 
-    def _request(self, offset: int) -> requests.Response:
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        response = self._request(start, end)
+        if response.status_code != 206:
+            response.close()  # If-Range failed: the whole (new) object came back
+            raise TransientError(
+                "SourceChanged",
+                f"{self.description} changed during the download; start the import again",
+            )
+        return self._read_exactly(response.raw, end - start, start)
+
+    def _request(self, offset: int, end: int | None = None) -> requests.Response:
         headers = {"Accept-Encoding": "identity", **dict(self._options.headers)}
-        if offset:
-            headers["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
             if self._validator:
                 headers["If-Range"] = self._validator
         url, trusted = self._url, True

@@ -38,6 +38,8 @@ class ResumableSource:
 
     description: str
     size: int | None
+    ranges: bool = False
+    """Whether `read_range` works (the server serves byte ranges of a pinned version)."""
 
     def __init__(
         self, *, retries: int, backoff: float, stream_errors: tuple = STREAM_ERRORS
@@ -54,6 +56,34 @@ class ResumableSource:
     def _open(self, offset: int) -> urllib3.BaseHTTPResponse:
         """The body from byte `offset` on; raise FinalError or TransientError."""
         raise NotImplementedError
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the version first read, in one request (not retried)."""
+        raise NotImplementedError
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the version first read, retried like `read`."""
+        return self._retrying(self._fetch_range, start, end)
+
+    def stop_streaming(self) -> None:
+        """Let go of the sequential stream: the reader moved on to `read_range`."""
+        self._drop_response()
+
+    def _read_exactly(self, response: urllib3.BaseHTTPResponse, count: int, start: int) -> bytes:
+        try:
+            data = response.read(count)
+        except self._stream_errors as exc:
+            raise TransientError(
+                "ConnectionLost",
+                f"ranged read of {self.description} at byte {start} failed: {self._describe(exc)}",
+            ) from None
+        finally:
+            response.close()
+        if len(data) != count:
+            raise TransientError(
+                "Truncated", f"{self.description}: {len(data)} of {count} bytes at byte {start}"
+            )
+        return data
 
     def _start(self) -> None:
         """Open the stream at byte 0 (retried like any read)."""

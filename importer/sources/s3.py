@@ -106,10 +106,18 @@ class S3Source(ResumableSource):
         self._etag: str | None = None
         self._start()
 
+    ranges = True
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return self._read_exactly(self._get(start, end), end - start, start)
+
     def _open(self, offset: int) -> urllib3.BaseHTTPResponse:
+        return self._get(offset, None)
+
+    def _get(self, offset: int, end: int | None) -> urllib3.BaseHTTPResponse:
         request = {"Bucket": self._bucket, "Key": self._key}
-        if offset:
-            request["Range"] = f"bytes={offset}-"
+        if offset or end is not None:
+            request["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
         if self._etag:
             request["IfMatch"] = self._etag
         try:
