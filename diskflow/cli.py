@@ -134,9 +134,12 @@ def import_command(
     connections: Annotated[
         int,
         typer.Option(
-            min=1, max=32, help="Parallel ranged GETs where the server allows; 1: one stream."
+            min=1,
+            max=32,
+            help="Parallel ranged GETs where the server allows (try 4-8 on links capped per "
+            "connection); 1: one stream.",
         ),
-    ] = 4,
+    ] = 1,
     s3_endpoint: Annotated[
         str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
     ] = None,

@@ -14,6 +14,7 @@ test's request counters apart; faults are query parameters:
     ctype=TYPE      Content-Type of the answer
     redirect=URL    answer 302 to URL (on every request); `self` redirects to itself
     retry_after=S   Retry-After header on error statuses
+    rate=BYTES      send each response's body at most this many bytes per second
 
 Faults can also be set per token with `configure(token, **faults)`: that is how S3 clients,
 which build their own URLs, get them (the token is the bucket, the file name the key).
@@ -135,6 +136,8 @@ class FaultServer:
         stall_at = (
             start + int(faults["stall_after"]) if "stall_after" in faults and faulty else None
         )
+        rate = float(faults.get("rate", 0))
+        began = time.monotonic()
         with open(path, "rb") as data:
             data.seek(start)
             offset = start
@@ -157,6 +160,8 @@ class FaultServer:
                 except OSError:
                     return
                 offset += len(chunk)
+                if rate:  # pace this connection, like a per-connection bandwidth cap
+                    time.sleep(max(0.0, began + (offset - start) / rate - time.monotonic()))
 
     @staticmethod
     def _send_head(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:

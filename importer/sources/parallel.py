@@ -12,7 +12,7 @@ import threading
 
 from importer.sources.resumable import ResumableSource
 
-PART_SIZE = 4 << 20
+PART_SIZE = 2 << 20
 
 
 class ParallelSource:
@@ -27,7 +27,7 @@ class ParallelSource:
         self._source = source
         self._part_size = part_size
         self._parts = -(-source.size // part_size)
-        self._window = connections + 2
+        self._window = connections + 1
         self._lock = threading.Condition()
         self._fetched: dict[int, bytes] = {}
         self._next_to_fetch = 0
@@ -43,7 +43,7 @@ class ParallelSource:
         for worker in self._workers:
             worker.start()
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> memoryview:
         if not self._pending:
             if self._next_to_read >= self._parts:
                 return b""
@@ -56,7 +56,7 @@ class ParallelSource:
                 self._next_to_read += 1
                 self._lock.notify_all()
         data, self._pending = self._pending[:n], self._pending[n:]
-        return bytes(data)
+        return data  # a view of the part: no copy
 
     def close(self) -> None:
         with self._lock:
