@@ -7,14 +7,13 @@ from importer.sources.http import HttpOptions, HttpSource, redact_url
 from importer.sources.local import LocalSource
 from importer.sources.parallel import PART_SIZE, ParallelSource
 from importer.sources.resumable import ResumableSource
-from importer.sources.s3 import S3Options, S3Source
+from importer.sources.s3_options import S3Options
 
 __all__ = [
     "HttpOptions",
     "HttpSource",
     "LocalSource",
     "S3Options",
-    "S3Source",
     "Source",
     "open_source",
     "redact_url",
@@ -27,6 +26,8 @@ def open_source(location: str, http: HttpOptions, s3: S3Options, *, connections:
     parallel where the server allows and the object is large enough to gain from it."""
     web = location.startswith(("http://", "https://"))
     if location.startswith("s3://") or (s3.cdi_url and web):
+        from importer.sources.s3 import S3Source  # boto3 is slow to import: only S3 pays
+
         source: ResumableSource = S3Source(location, s3, http)
     elif web:
         source = HttpSource(location, http)

@@ -8,10 +8,6 @@ work. The object is read as one GET stream; a resume asks for the rest with `Ran
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from urllib.parse import urlsplit
-
 import boto3
 import botocore.config
 import botocore.exceptions
@@ -20,6 +16,7 @@ import urllib3
 from importer.errors import FinalError, ImportFailure, TransientError
 from importer.sources.http import HttpOptions
 from importer.sources.resumable import ResumableSource
+from importer.sources.s3_options import S3Options, parse_location, region_of
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 _FORBIDDEN = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
@@ -32,44 +29,6 @@ _WRONG_REGION = {
 }
 _CHANGED = {"PreconditionFailed", "412"}
 _RETRIED = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class S3Options:
-    """Where and how to reach the store. Transport settings (TLS, retries, timeouts) are
-    HttpOptions' own."""
-
-    endpoint: str | None = None
-    """The store's URL (https://minio.example:9000); default: AWS."""
-    region: str | None = None
-    """Default: from an AWS host name, else the profile's, else us-east-1."""
-    addressing: str = "auto"
-    """path, virtual or auto (path for a custom endpoint: IP:port endpoints need it)."""
-    profile: str | None = None
-    credentials_file: str | None = None
-    """An AWS shared-credentials file (INI) to read keys from, instead of the default."""
-    cdi_url: bool = False
-    """Read an http(s) URL as CDI's S3 form https://host[:port]/bucket/key."""
-
-
-def parse_location(location: str, options: S3Options) -> tuple[str, str, str | None]:
-    """(bucket, key, endpoint) of `s3://bucket/key`, or of CDI's `https://host/bucket/key`."""
-    parts = urlsplit(location)
-    if parts.scheme == "s3":
-        bucket, key, endpoint = parts.netloc, parts.path.lstrip("/"), options.endpoint
-    else:
-        bucket, _, key = parts.path.lstrip("/").partition("/")
-        endpoint = options.endpoint or f"{parts.scheme}://{parts.netloc}"
-    if not bucket or not key:
-        raise FinalError("InvalidURL", f"{location} does not name a bucket and a key")
-    return bucket, key, endpoint
-
-
-def region_of(endpoint: str | None) -> str | None:
-    """The region in an AWS endpoint's host name (s3.eu-west-1.amazonaws.com), if any."""
-    host = urlsplit(endpoint).hostname or "" if endpoint else ""
-    match = re.search(r"s3[.-]([a-z]{2}(?:-[a-z]+)+-\d)\.amazonaws\.com$", host)
-    return match.group(1) if match else None
 
 
 class S3Source(ResumableSource):
