@@ -15,6 +15,8 @@ test's request counters apart; faults are query parameters:
     redirect=URL    answer 302 to URL (on every request); `self` redirects to itself
     retry_after=S   Retry-After header on error statuses
     rate=BYTES      send each response's body at most this many bytes per second
+    s3_error=CODE   with `status`: an S3 XML error body naming CODE
+    region=NAME     with `status`: the x-amz-bucket-region header S3 sends on a wrong region
 
 Faults can also be set per token with `configure(token, **faults)`: that is how S3 clients,
 which build their own URLs, get them (the token is the bucket, the file name the key).
@@ -94,10 +96,17 @@ class FaultServer:
             self._send_head(request, 302, {"Location": location, "Content-Length": "0"})
             return
         if "status" in faults and faulty:
-            headers = {"Content-Length": "0"}
+            body = b""
+            if "s3_error" in faults:
+                code = faults["s3_error"]
+                body = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+            headers = {"Content-Length": str(len(body)), "Content-Type": "application/xml"}
             if "retry_after" in faults:
                 headers["Retry-After"] = faults["retry_after"]
+            if "region" in faults:
+                headers["x-amz-bucket-region"] = faults["region"]
             self._send_head(request, int(faults["status"]), headers)
+            request.wfile.write(body)
             return
         if faults.get("html"):
             ctype = faults.get("ctype", "text/html")

@@ -211,3 +211,18 @@ def test_parallel_parts_are_pinned_with_if_match(
     parts = [r["headers"] for r in faults.requests[token]][1:]
     assert len(parts) == -(-images.raw.stat().st_size // PART_SIZE)
     assert all(h["If-Match"].startswith('"') for h in parts)
+
+
+def test_wrong_region_is_final_and_names_the_region(faults: FaultServer, tmp_path: Path) -> None:
+    token, s3 = fault_s3(
+        faults, status=301, s3_error="PermanentRedirect", region="eu-west-3", times=9
+    )
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
+    assert caught.value.reason == "WrongRegion" and caught.value.final
+    assert "eu-west-3" in caught.value.message and "--s3-region" in caught.value.message
+
+
+def test_throttling_is_retried(faults: FaultServer, images: Images, tmp_path: Path) -> None:
+    token, s3 = fault_s3(faults, status=503, s3_error="SlowDown", times=2)
+    assert_same_content(s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3), images.raw)
