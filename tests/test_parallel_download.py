@@ -1,5 +1,6 @@
-"""Parallel ranged downloads: parts fetched over several connections are handed on in order,
-each pinned to the version first read, each retried on its own."""
+"""Parallel ranged downloads: one stream first, parts over several connections only when that
+stream is slow; parts handed on in order, each pinned to the version first read and retried
+on its own."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import pytest
 
 from importer import HttpOptions, ImportOptions, import_image
 from importer.errors import ImportFailure
-from importer.sources.parallel import PART_SIZE
-from tests.conftest import Images
+from importer.sources import HttpSource
+from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
+from tests.conftest import Images, MiB
 from tests.faultserver import FaultServer
 from tests.test_import_formats import assert_same_content
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=2.0)
+SLOW = 16 * MiB  # bytes/s per connection: well under the fan-out threshold
 
 
 def fetch(url: str, tmp_path: Path, connections: int = 4) -> Path:
@@ -25,43 +28,52 @@ def fetch(url: str, tmp_path: Path, connections: int = 4) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("name", ["disk.raw", "disk.vhdx"])
-def test_parallel_download_from_nginx(
-    name: str, nginx: str, images: Images, tmp_path: Path
-) -> None:
-    fmt = name.split(".")[1]
-    assert_same_content(fetch(f"{nginx}/{name}", tmp_path), images.reference(fmt, tmp_path))
-
-
-def test_every_part_is_a_pinned_ranged_get(
+def test_a_fast_stream_stays_one_stream(
     faults: FaultServer, images: Images, tmp_path: Path
 ) -> None:
     token = uuid.uuid4().hex
     assert_same_content(fetch(faults.url(token, "disk.raw"), tmp_path), images.raw)
-    sent = [r["headers"] for r in faults.requests[token]]
-    size = images.raw.stat().st_size
-    expected = {
-        f"bytes={start}-{min(size, start + PART_SIZE) - 1}" for start in range(0, size, PART_SIZE)
-    }
-    assert {h["Range"] for h in sent[1:]} == expected
-    assert all(h["If-Range"] == sent[1]["If-Range"] for h in sent[1:])
+    assert len(faults.requests[token]) == 1
 
 
-def test_failed_parts_are_fetched_again(
+def test_a_slow_stream_fans_out_into_pinned_parts(
     faults: FaultServer, images: Images, tmp_path: Path
 ) -> None:
     token = uuid.uuid4().hex
+    assert_same_content(fetch(faults.url(token, "disk.raw", rate=SLOW), tmp_path), images.raw)
+    sent = faults.requests[token]
+    assert "Range" not in sent[0]["headers"]  # the probing stream
+    size = images.raw.stat().st_size
+    expected = {
+        f"bytes={start}-{min(size, start + PART_SIZE) - 1}"
+        for start in range(PROBE_BYTES, size, PART_SIZE)
+    }
+    assert {r["headers"]["Range"] for r in sent[1:]} == expected
+    assert len({r["headers"]["If-Range"] for r in sent[1:]}) == 1
+
+
+def parallel(url: str) -> bytes:
+    source = ParallelSource(HttpSource(url, FAST), connections=4, probe_bytes=0)
+    try:
+        return b"".join(iter(lambda: bytes(source.read(MiB)), b""))
+    finally:
+        source.close()
+
+
+def test_failed_parts_are_fetched_again(faults: FaultServer, images: Images) -> None:
+    token = uuid.uuid4().hex
     # The first three responses drop half-way: the opening stream and two parts.
-    assert_same_content(
-        fetch(faults.url(token, "disk.raw", drop_after=1_000_000, times=3), tmp_path), images.raw
+    assert (
+        parallel(faults.url(token, "disk.raw", drop_after=1_000_000, times=3))
+        == images.raw.read_bytes()
     )
     parts = -(-images.raw.stat().st_size // PART_SIZE)
     assert len(faults.requests[token]) == 1 + parts + 2
 
 
-def test_object_replaced_between_parts(faults: FaultServer, tmp_path: Path) -> None:
+def test_object_replaced_between_parts(faults: FaultServer) -> None:
     with pytest.raises(ImportFailure) as caught:
-        fetch(faults.url(uuid.uuid4().hex, "disk.raw", etag="changing"), tmp_path)
+        parallel(faults.url(uuid.uuid4().hex, "disk.raw", etag="changing"))
     assert caught.value.reason == "SourceChanged"
 
 
@@ -69,11 +81,23 @@ def test_without_range_support_one_stream(
     faults: FaultServer, images: Images, tmp_path: Path
 ) -> None:
     token = uuid.uuid4().hex
-    assert_same_content(fetch(faults.url(token, "disk.raw", ranges=0), tmp_path), images.raw)
+    assert_same_content(
+        fetch(faults.url(token, "disk.raw", ranges=0, rate=SLOW), tmp_path), images.raw
+    )
     assert len(faults.requests[token]) == 1
 
 
 def test_one_connection_is_one_stream(faults: FaultServer, images: Images, tmp_path: Path) -> None:
     token = uuid.uuid4().hex
-    assert_same_content(fetch(faults.url(token, "disk.raw"), tmp_path, connections=1), images.raw)
+    assert_same_content(
+        fetch(faults.url(token, "disk.raw", rate=SLOW), tmp_path, connections=1), images.raw
+    )
     assert len(faults.requests[token]) == 1
+
+
+@pytest.mark.parametrize("name", ["disk.raw", "disk.vhdx"])
+def test_nginx_results_are_the_same_either_way(
+    name: str, nginx: str, images: Images, tmp_path: Path
+) -> None:
+    fmt = name.split(".")[1]
+    assert_same_content(fetch(f"{nginx}/{name}", tmp_path), images.reference(fmt, tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from importer.sources.base import Source
 from importer.sources.http import HttpOptions, HttpSource, redact_url
 from importer.sources.local import LocalSource
-from importer.sources.parallel import PART_SIZE, ParallelSource
+from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
 from importer.sources.resumable import ResumableSource
 from importer.sources.s3_options import S3Options
 
@@ -33,6 +33,6 @@ def open_source(location: str, http: HttpOptions, s3: S3Options, *, connections:
         source = HttpSource(location, http)
     else:
         return LocalSource(location)
-    if connections > 1 and source.ranges and (source.size or 0) > 2 * PART_SIZE:
+    if connections > 1 and source.ranges and (source.size or 0) > PROBE_BYTES + 2 * PART_SIZE:
         return ParallelSource(source, connections=connections)
     return source
