@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -149,3 +151,15 @@ def test_existing_names_are_not_overwritten(good_tar: Path, tmp_path: Path) -> N
         import_image(str(good_tar), str(dest), options=ARCHIVE)
     assert caught.value.reason == "InvalidDestination" and "'etc'" in caught.value.message
     assert sorted(p.name for p in dest.iterdir()) == ["etc"]
+
+
+def test_archive_from_the_cli(good_tar: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "volume"
+    dest.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "import", str(good_tar), str(dest),
+         "--content-type", "archive", "--progress", "none"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (dest / "etc" / "motd").read_text() == "hello\n"

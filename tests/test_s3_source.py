@@ -226,3 +226,27 @@ def test_wrong_region_is_final_and_names_the_region(faults: FaultServer, tmp_pat
 def test_throttling_is_retried(faults: FaultServer, images: Images, tmp_path: Path) -> None:
     token, s3 = fault_s3(faults, status=503, s3_error="SlowDown", times=2)
     assert_same_content(s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3), images.raw)
+
+
+def test_s3_from_the_cli(moto: str, images: Images, tmp_path: Path) -> None:
+    dest = tmp_path / "disk.img"
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "import", f"s3://{BUCKET}/golden/disk.qcow2.gz",
+         str(dest), "--s3-endpoint", moto, "--s3-region", "us-east-1", "--s3-addressing", "path",
+         "--connections", "2", "--progress", "json", "--scratch-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_content(dest, images.raw)
+    assert "s3cr3t" not in done.stdout + done.stderr
+
+
+def test_cdi_s3_url_from_the_cli(moto: str, images: Images, tmp_path: Path) -> None:
+    dest = tmp_path / "disk.img"
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "import", f"{moto}/{BUCKET}/golden/disk.raw.zst",
+         str(dest), "--s3", "--progress", "none"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_content(dest, images.raw)
