@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
 
+from importer.buffers import AlignedBuffer
 from importer.errors import FinalError
 from importer.streams import Chunk, ChunkReader
 
@@ -73,6 +74,9 @@ def extract(
                 archive.extractall(staging, filter=check)
         except tarfile.TarError as exc:
             raise FinalError("InvalidArchive", f"the tar archive is corrupt: {exc}") from None
+        for rest in chunks:  # what follows tar's end marker still counts for the checksum
+            if isinstance(rest, AlignedBuffer):
+                rest.release()
         verify()
         _move_into_place(staging, directory)
     except BaseException:

@@ -163,3 +163,16 @@ def test_archive_from_the_cli(good_tar: Path, tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (dest / "etc" / "motd").read_text() == "hello\n"
+
+
+def test_checksum_covers_what_follows_the_end_of_the_archive(
+    good_tar: Path, tmp_path: Path
+) -> None:
+    padded = tmp_path / "padded.tar"
+    padded.write_bytes(good_tar.read_bytes() + bytes(50_000) + b"trailer")
+    dest = tmp_path / "volume"
+    dest.mkdir()
+    digest = hashlib.sha256(padded.read_bytes()).hexdigest()
+    options = ImportOptions(content_type=ContentType.ARCHIVE, checksum=Checksum("sha256", digest))
+    import_image(str(padded), str(dest), options=options)
+    assert (dest / "etc" / "motd").read_text() == "hello\n"

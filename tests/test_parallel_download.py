@@ -101,3 +101,25 @@ def test_nginx_results_are_the_same_either_way(
 ) -> None:
     fmt = name.split(".")[1]
     assert_same_content(fetch(f"{nginx}/{name}", tmp_path), images.reference(fmt, tmp_path))
+
+
+def test_closing_while_the_reader_waits_for_a_part(faults: FaultServer, images: Images) -> None:
+    # Parts trickle in at 64 KiB/s: the reader is left waiting, and close() must free it.
+    import threading
+
+    url = faults.url(uuid.uuid4().hex, "disk.raw", rate=64 << 10)
+    source = ParallelSource(HttpSource(url, FAST), connections=2, probe_bytes=0)
+    failure: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            source.read(MiB)
+        except BaseException as exc:
+            failure.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    source.close()
+    reader.join(timeout=10)
+    assert not reader.is_alive()
+    assert failure and isinstance(failure[0], ImportFailure)

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 
+from importer.errors import FinalError
 from importer.sources.resumable import ResumableSource
 
 log = logging.getLogger("diskflow.importer")
@@ -70,10 +71,18 @@ class ParallelSource:
             if self._next_to_read >= self._parts:
                 return b""
             with self._lock:
-                while self._next_to_read not in self._fetched and self._error is None:
+                while (
+                    self._next_to_read not in self._fetched
+                    and self._error is None
+                    and not self._closed
+                ):
                     self._lock.wait()
                 if self._error is not None:
                     raise self._error
+                if self._closed:
+                    raise FinalError(
+                        "Cancelled", f"the transfer from {self.description} was stopped"
+                    )
                 self._pending = memoryview(self._fetched.pop(self._next_to_read))
                 self._next_to_read += 1
                 self._lock.notify_all()

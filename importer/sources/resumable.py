@@ -51,6 +51,7 @@ class ResumableSource:
         self._response: urllib3.BaseHTTPResponse | None = None
         self._offset = 0
         self._secrets: set[str] = set()  # never printed: query strings, passwords, keys
+        self._ranged: set[urllib3.BaseHTTPResponse] = set()  # parts being read, for close()
         self.size = None
 
     def _open(self, offset: int) -> urllib3.BaseHTTPResponse:
@@ -70,7 +71,10 @@ class ResumableSource:
         self._drop_response()
 
     def _read_exactly(self, response: urllib3.BaseHTTPResponse, count: int, start: int) -> bytes:
+        self._ranged.add(response)
         try:
+            if self._closed.is_set():  # closed before close() could see this response
+                raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
             data = response.read(count)
         except self._stream_errors as exc:
             raise TransientError(
@@ -78,6 +82,7 @@ class ResumableSource:
                 f"ranged read of {self.description} at byte {start} failed: {self._describe(exc)}",
             ) from None
         finally:
+            self._ranged.discard(response)
             response.close()
         if len(data) != count:
             raise TransientError(
@@ -97,15 +102,9 @@ class ResumableSource:
     def close(self) -> None:
         """Stop the transfer; safe to call from another thread while `read` blocks."""
         self._closed.set()  # also cuts a retry's backoff sleep short
-        response = self._response
-        if response is not None:
-            # Closing a socket does not wake a thread blocked in recv() on it; shutting it
-            # down does.
-            sock = getattr(getattr(response, "_connection", None), "sock", None)
-            with contextlib.suppress(OSError):
-                if sock is not None:
-                    sock.shutdown(socket.SHUT_RDWR)
-            response.close()
+        for response in [self._response, *list(self._ranged)]:
+            if response is not None:
+                _shutdown(response)
 
     def _read_once(self, n: int) -> bytes:
         if self._closed.is_set():
@@ -184,3 +183,12 @@ class ResumableSource:
 def _retryable(exc: BaseException) -> bool:
     # A changed object cannot be resumed; a new import (a new pod) starts it over.
     return isinstance(exc, TransientError) and exc.reason != "SourceChanged"
+
+
+def _shutdown(response: urllib3.BaseHTTPResponse) -> None:
+    # Closing a socket does not wake a thread blocked in recv() on it; shutting it down does.
+    sock = getattr(getattr(response, "_connection", None), "sock", None)
+    with contextlib.suppress(OSError):
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    response.close()
