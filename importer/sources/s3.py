@@ -34,6 +34,8 @@ _RETRIED = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
 class S3Source(ResumableSource):
     """Stream an S3 object, resuming after failures."""
 
+    ranges = True  # every S3 store serves byte ranges
+
     def __init__(self, location: str, s3: S3Options, http: HttpOptions) -> None:
         super().__init__(retries=http.retries, backoff=http.backoff)
         self._bucket, self._key, endpoint = parse_location(location, s3)
@@ -65,8 +67,6 @@ class S3Source(ResumableSource):
         self._etag: str | None = None
         self._start()
 
-    ranges = True
-
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self._read_exactly(self._get(start, end), end - start, start)
 
@@ -95,7 +95,7 @@ class S3Source(ResumableSource):
             raise TransientError(
                 "ConnectionFailed", f"{self.description}: {self._describe(exc)}"
             ) from None
-        if offset == 0:
+        if self.size is None:  # the first response: what later ones are pinned to
             self.size = response["ContentLength"]
             self._etag = response.get("ETag")
         # The urllib3 response under botocore's StreamingBody: read1, and shutdown on close.
