@@ -7,8 +7,6 @@ only after the whole archive was read and its checksum verified; a failed import
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
 import tarfile
@@ -18,8 +16,8 @@ from collections.abc import Callable, Iterator
 from importer.buffers import AlignedBuffer
 from importer.errors import FinalError
 from importer.streams import Chunk, ChunkReader
+from importer.target import syncfs
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _REFUSALS = {
     tarfile.AbsolutePathError: "has an absolute path",
     tarfile.OutsideDestinationError: "would land outside the destination",
@@ -92,8 +90,4 @@ def _move_into_place(staging: str, directory: str) -> None:
     for name in os.listdir(staging):
         os.replace(os.path.join(staging, name), os.path.join(directory, name))
     os.rmdir(staging)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        _libc.syncfs(fd)  # every extracted file durable, in one call
-    finally:
-        os.close(fd)
+    syncfs(directory)  # every extracted file durable, in one call

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -230,11 +229,16 @@ def _refuse_early(
         raise FinalError("InvalidImage", f"{stream.description} is empty")
     raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
     # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
-    if capacity is not None and raw_size is not None and raw_size > capacity + VHD_FOOTER_SIZE:
+    if raw_size is not None:
+        _check_fits("size", raw_size, capacity, slack=VHD_FOOTER_SIZE)
+
+
+def _check_fits(what: str, size: int, capacity: int | None, *, slack: int = 0) -> None:
+    """Refuse an image whose `what` passes the usable capacity (by more than `slack`)."""
+    if capacity is not None and size > capacity + slack:
         raise FinalError(
             "ImageTooLarge",
-            f"the image's size {raw_size} bytes is larger than the usable capacity "
-            f"{capacity} bytes",
+            f"the image's {what} {size} bytes is larger than the usable capacity {capacity} bytes",
         )
 
 
@@ -265,15 +269,10 @@ def _write_raw(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> tuple[int
         try:
             size = writer.write_all(chunks)
             job.verify()
-            disk_size = _fixed_vhd_size(path, size)
+            disk_size = _fixed_vhd_size(path, size, block=target.is_block)
             if disk_size is not None:
                 fmt, size = DiskFormat.VPC, disk_size
-            if capacity is not None and size > capacity:
-                raise FinalError(
-                    "ImageTooLarge",
-                    f"the image's size {size} bytes is larger than the usable capacity "
-                    f"{capacity} bytes",
-                )
+            _check_fits("size", size, capacity)
             if target.is_block:
                 writer.commit()
             else:
@@ -303,12 +302,7 @@ def _write_converted(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> int
             writer.close()
         job.verify()
         virtual_size = qemu.validate(qemu.info(scratch, fmt), fmt, scratch)
-        if capacity is not None and virtual_size > capacity:
-            raise FinalError(
-                "ImageTooLarge",
-                f"the image's virtual size {virtual_size} bytes is larger than the usable "
-                f"capacity {capacity} bytes",
-            )
+        _check_fits("virtual size", virtual_size, capacity)
         with _published(target) as path:
             progress.stage("convert", virtual_size)
             direct = _supports_direct(path)
@@ -382,7 +376,7 @@ def _finish_file(path: str, size: int, job: _Job) -> int:
     return final
 
 
-def _fixed_vhd_size(path: str, size: int) -> int | None:
+def _fixed_vhd_size(path: str, size: int, *, block: bool) -> int | None:
     """The disk size if the raw stream was a fixed VHD (disk + 512-byte footer)."""
     if size <= VHD_FOOTER_SIZE:
         return None
@@ -394,17 +388,13 @@ def _fixed_vhd_size(path: str, size: int) -> int | None:
         return None
     fd = os.open(path, os.O_WRONLY)
     try:  # drop the footer: cut it off a file, zero it on a device
-        if _is_block_fd(fd):
+        if block:
             os.pwrite(fd, bytes(VHD_FOOTER_SIZE), disk_size)
         else:
             os.ftruncate(fd, disk_size)
     finally:
         os.close(fd)
     return disk_size
-
-
-def _is_block_fd(fd: int) -> bool:
-    return stat.S_ISBLK(os.fstat(fd).st_mode)
 
 
 def _supports_direct(path: str) -> bool:

@@ -248,6 +248,15 @@ def zero_range(fd: int, offset: int, length: int, *, block: bool, write_only: bo
         offset += size
 
 
+def syncfs(directory: str) -> None:
+    """Make everything written to the filesystem holding `directory` durable, in one call."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        _libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
 def wipe_head(path: str) -> None:
     """Zero the first MiB of a block device, so a failed import does not look like an image."""
     fd = os.open(path, os.O_WRONLY)

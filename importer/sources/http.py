@@ -69,7 +69,8 @@ def redact_url(url: str) -> str:
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    port = parts.netloc.rpartition(":")[2] if parts.netloc.rpartition(":")[2].isdigit() else ""
+    port = parts.netloc.rpartition(":")[2]
+    port = port if port.isdigit() else ""
     netloc = f"{host}:{port}" if port else host
     query = "<redacted>" if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
