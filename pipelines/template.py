@@ -1,0 +1,159 @@
+"""A template: a kickstart file and the metadata next to it that says how to install it.
+
+`kickstarts/NAME.ks` is built with the settings in `kickstarts/NAME.toml`:
+
+    [template]
+    version = "RHEL9"             # pykickstart syntax version of the kickstart
+    os_variant = "centos-stream9" # virt-install --osinfo
+    disk_size = "20Gi"
+    memory = "2Gi"
+    vcpus = 2
+
+    [install]                     # exactly one of: location, iso, kernel + initrd
+    location = "https://mirror.stream.centos.org/9-stream/BaseOS/x86_64/os/"
+    kernel_args = "inst.text"     # optional, appended to the installer's command line
+
+Relative `iso`, `kernel` and `initrd` paths are relative to the metadata file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from importer.errors import FinalError
+from importer.quantity import parse_quantity
+
+TEMPLATE_KEYS = {"version", "os_variant", "disk_size", "memory", "vcpus"}
+INSTALL_KEYS = {"location", "iso", "kernel", "initrd", "kernel_args"}
+
+
+@dataclass(frozen=True)
+class InstallSource:
+    """Where the installer comes from: a tree URL, an ISO, or an explicit kernel and initrd."""
+
+    location: str | None = None
+    iso: Path | None = None
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_args: str = ""
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    kickstart: Path
+    metadata: Path
+    version: str
+    os_variant: str
+    disk_size: int  # bytes
+    memory: int  # bytes
+    vcpus: int
+    install: InstallSource
+
+
+def metadata_path(kickstart: Path) -> Path:
+    """The metadata file that belongs to a kickstart: same name, `.toml`."""
+    return kickstart.with_suffix(".toml")
+
+
+def load_template(kickstart: Path) -> Template:
+    """Read a kickstart's metadata; every error names the file and the key."""
+    kickstart = Path(kickstart)
+    if not kickstart.is_file():
+        raise FinalError("InvalidTemplate", f"{kickstart}: no such kickstart file")
+    meta = metadata_path(kickstart)
+    try:
+        data = tomllib.loads(meta.read_text())
+    except FileNotFoundError:
+        raise FinalError(
+            "InvalidTemplate", f"{kickstart}: its metadata file {meta} is missing"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise FinalError("InvalidTemplate", f"{meta}: not valid TOML: {e}") from None
+
+    template = _table(data, "template", TEMPLATE_KEYS, meta)
+    install = _table(data, "install", INSTALL_KEYS, meta)
+    return Template(
+        name=kickstart.stem,
+        kickstart=kickstart,
+        metadata=meta,
+        version=_string(template, "version", meta, section="template"),
+        os_variant=_string(template, "os_variant", meta, section="template"),
+        disk_size=_quantity(template, "disk_size", meta),
+        memory=_quantity(template, "memory", meta),
+        vcpus=_positive_int(template, "vcpus", meta, default=2),
+        install=_install_source(install, meta),
+    )
+
+
+def _table(data: dict, section: str, keys: set[str], meta: Path) -> dict:
+    table = data.get(section)
+    if not isinstance(table, dict):
+        raise FinalError("InvalidTemplate", f"{meta}: missing the [{section}] table")
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise FinalError(
+            "InvalidTemplate",
+            f"{meta}: unknown key(s) in [{section}]: {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(keys))})",
+        )
+    return table
+
+
+def _string(table: dict, key: str, meta: Path, *, section: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise FinalError("InvalidTemplate", f"{meta}: [{section}] {key} must be a non-empty string")
+    return value.strip()
+
+
+def _quantity(table: dict, key: str, meta: Path) -> int:
+    value = table.get(key)
+    try:
+        size = parse_quantity(str(value)) if isinstance(value, str | int) else 0
+    except FinalError as e:
+        raise FinalError("InvalidTemplate", f"{meta}: [template] {key}: {e.message}") from None
+    if size <= 0:
+        raise FinalError(
+            "InvalidTemplate", f"{meta}: [template] {key} must be a size such as \"20Gi\""
+        )
+    return size
+
+
+def _positive_int(table: dict, key: str, meta: Path, *, default: int) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FinalError("InvalidTemplate", f"{meta}: [template] {key} must be a positive integer")
+    return value
+
+
+def _install_source(table: dict, meta: Path) -> InstallSource:
+    kinds = [k for k in ("location", "iso", "kernel") if k in table]
+    if len(kinds) != 1:
+        raise FinalError(
+            "InvalidTemplate",
+            f"{meta}: [install] needs exactly one of location, iso, or kernel + initrd "
+            f"(found: {', '.join(kinds) or 'none'})",
+        )
+    if ("kernel" in table) != ("initrd" in table):
+        raise FinalError("InvalidTemplate", f"{meta}: [install] kernel and initrd go together")
+    kernel_args = table.get("kernel_args", "")
+    if not isinstance(kernel_args, str):
+        raise FinalError("InvalidTemplate", f"{meta}: [install] kernel_args must be a string")
+    if "location" in table:
+        return InstallSource(
+            location=_string(table, "location", meta, section="install"), kernel_args=kernel_args
+        )
+    paths = {
+        key: _existing_file(table, key, meta) for key in ("iso", "kernel", "initrd") if key in table
+    }
+    return InstallSource(**paths, kernel_args=kernel_args)
+
+
+def _existing_file(table: dict, key: str, meta: Path) -> Path:
+    path = meta.parent / _string(table, key, meta, section="install")
+    if not path.is_file():
+        raise FinalError("InvalidTemplate", f"{meta}: [install] {key}: no such file {path}")
+    return path
