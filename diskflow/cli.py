@@ -12,10 +12,19 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
+from diskflow.options import (
+    S3Addressing,
+    S3AddressingOption,
+    S3CredentialsFile,
+    S3Endpoint,
+    S3Profile,
+    S3Region,
+    s3_options,
+)
 from importer import (
     Checksum,
     ContentType,
@@ -24,7 +33,6 @@ from importer import (
     ImportOptions,
     ImportResult,
     Progress,
-    S3Options,
     import_image,
 )
 from importer.errors import FinalError, TransientError
@@ -48,13 +56,8 @@ app = typer.Typer(
 
 EXIT_FINAL = 1
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: trying again later may work
+T = TypeVar("T")
 USER_ENV, PASSWORD_ENV = "DISKFLOW_HTTP_USER", "DISKFLOW_HTTP_PASSWORD"
-
-
-class S3Addressing(StrEnum):
-    AUTO = "auto"
-    PATH = "path"
-    VIRTUAL = "virtual"
 
 
 class ProgressMode(StrEnum):
@@ -140,21 +143,11 @@ def import_command(
             "(under 100 MB/s over the first 8 MiB); 1: always one stream.",
         ),
     ] = 4,
-    s3_endpoint: Annotated[
-        str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
-    ] = None,
-    s3_region: Annotated[
-        str | None, typer.Option(help="S3 region; default: from an AWS host name, else us-east-1.")
-    ] = None,
-    s3_addressing: Annotated[
-        S3Addressing,
-        typer.Option(help="Bucket in the path or the host name; auto: path with --s3-endpoint."),
-    ] = S3Addressing.AUTO,
-    s3_profile: Annotated[str | None, typer.Option(help="AWS profile for the credentials.")] = None,
-    s3_credentials_file: Annotated[
-        Path | None,
-        typer.Option(exists=True, dir_okay=False, help="AWS shared-credentials file (INI)."),
-    ] = None,
+    s3_endpoint: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
+    s3_profile: S3Profile = None,
+    s3_credentials_file: S3CredentialsFile = None,
     s3: Annotated[
         bool,
         typer.Option(
@@ -213,13 +206,8 @@ def import_command(
                 backoff=retry_backoff,
                 stall_timeout=stall_timeout,
             ),
-            s3=S3Options(
-                endpoint=s3_endpoint,
-                region=s3_region,
-                addressing=s3_addressing.value,
-                profile=s3_profile,
-                credentials_file=str(s3_credentials_file) if s3_credentials_file else None,
-                cdi_url=s3,
+            s3=s3_options(
+                s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file, cdi_url=s3
             ),
             connections=connections,
             preallocate=preallocate,
@@ -260,36 +248,43 @@ def _run(
 ) -> None:
     """Run an import with progress shown as asked; report the outcome; exit 0, 1 or 75."""
     mode = _resolve(progress)
+    state = Progress()
+
+    def job_with_progress() -> ImportResult:
+        with _reporting(state, mode, metrics_port):
+            return job(state)
+
+    result = guarded(job_with_progress, lambda record: _finish(record, mode, termination_log))
+    _finish({"ok": True, **asdict(result)}, mode, termination_log)
+
+
+def guarded(job: Callable[[], T], finish: Callable[[dict], None]) -> T:
+    """Run `job`; on failure hand `finish` the failure record and exit 1 (final) or 75."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     # Kubernetes stops a pod with SIGTERM: unwind like an error, so that partial and scratch
-    # files are removed and the termination log says what happened.
+    # files (and a build's domain) are removed and the termination log says what happened.
     signal.signal(signal.SIGTERM, _terminated)
-    state = Progress()
     try:
-        with _reporting(state, mode, metrics_port):
-            result = job(state)
+        return job()
     except ImportFailure as failure:
-        record = {"reason": failure.reason, "message": failure.message, "final": failure.final}
-        _finish({"ok": False, **record}, mode, termination_log)
+        finish({"ok": False, "reason": failure.reason, "message": failure.message,
+                "final": failure.final})  # fmt: skip
         raise typer.Exit(EXIT_FINAL if failure.final else EXIT_TRANSIENT) from None
     except OSError as exc:
         # Disk full, permission denied on the destination, ...: the message names the file.
-        record = {"reason": "IOError", "message": str(exc), "final": True}
-        _finish({"ok": False, **record}, mode, termination_log)
+        finish({"ok": False, "reason": "IOError", "message": str(exc), "final": True})
         raise typer.Exit(EXIT_FINAL) from None
     except Exception as exc:
         # A bug of ours: say so without repeating a message that might quote an input.
         if os.environ.get("DISKFLOW_DEBUG"):
             logging.getLogger("diskflow").exception("internal error")
         message = f"internal error ({type(exc).__name__}); set DISKFLOW_DEBUG=1 for a traceback"
-        record = {"reason": "InternalError", "message": message, "final": True}
-        _finish({"ok": False, **record}, mode, termination_log)
+        finish({"ok": False, "reason": "InternalError", "message": message, "final": True})
         raise typer.Exit(EXIT_FINAL) from None
-    _finish({"ok": True, **asdict(result)}, mode, termination_log)
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise TransientError("Terminated", "the import was stopped (SIGTERM); it can be run again")
+    raise TransientError("Terminated", "stopped by SIGTERM; it can be run again")
 
 
 def _resolve(mode: ProgressMode) -> ProgressMode:
@@ -370,3 +365,12 @@ def _read_secret_file(path: Path) -> str:
         return path.read_text()
     except OSError as exc:
         raise FinalError("InvalidArgument", f"cannot read {path}: {exc.strerror}") from None
+
+
+# The template half's commands live in their own module; registered here so there is one app.
+from diskflow import templates_cli  # noqa: E402
+
+app.command()(templates_cli.validate)
+app.command()(templates_cli.build)
+app.command()(templates_cli.worker)
+app.add_typer(templates_cli.ci_app, name="ci")

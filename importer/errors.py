@@ -13,9 +13,13 @@ class ImportFailure(Exception):
     final: bool = True
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        # Both in args, so the exception survives pickling and Celery's JSON round trip.
+        super().__init__(reason, message)
         self.reason = reason
         self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class FinalError(ImportFailure):

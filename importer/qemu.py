@@ -32,7 +32,8 @@ class Limits:
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
 
 
-def _qemu_img() -> sh.Command:
+def qemu_img() -> sh.Command:
+    """The qemu-img command, or a clear error naming the package to install."""
     try:
         return sh.Command("qemu-img")
     except sh.CommandNotFound:
@@ -41,9 +42,9 @@ def _qemu_img() -> sh.Command:
 
 def info(path: str, fmt: DiskFormat, limits: Limits = Limits()) -> dict:
     """`qemu-img info` of `path` read as `fmt`, under resource limits."""
-    qemu_img = _qemu_img()
+    command = qemu_img()
     limited = sh.Command("prlimit").bake(
-        f"--as={limits.address_space}", f"--cpu={limits.cpu_seconds}", "--", qemu_img._path
+        f"--as={limits.address_space}", f"--cpu={limits.cpu_seconds}", "--", command._path
     )
     try:
         out = limited("info", "-f", fmt.value, "--output=json", path, _timeout=limits.timeout)
@@ -109,7 +110,11 @@ def convert(
     if existing:
         args.append("-n")
     args += [source, destination]
+    run_with_progress(args, on_progress)
 
+
+def run_with_progress(args: list[str], on_progress: Callable[[float], None]) -> None:
+    """Run `qemu-img ARGS` (which must include -p), reporting its percent done."""
     pending = ""
 
     def progress(chunk: str) -> None:
@@ -122,9 +127,9 @@ def convert(
                 on_progress(float(match.group(1)))
 
     try:
-        _qemu_img()(*args, _out=progress, _out_bufsize=0, _decode_errors="replace")
+        qemu_img()(*args, _out=progress, _out_bufsize=0, _decode_errors="replace")
     except sh.ErrorReturnCode as exc:
         detail = exc.stderr.decode(errors="replace").strip().splitlines()
         raise FinalError(
-            "ConversionFailed", f"qemu-img convert failed: {detail[-1] if detail else exc}"
+            "ConversionFailed", f"qemu-img {args[0]} failed: {detail[-1] if detail else exc}"
         ) from None

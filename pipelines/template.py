@@ -52,14 +52,35 @@ class Template:
     vcpus: int
     install: InstallSource
 
+    def to_json(self) -> dict:
+        """The template as JSON-ready data (paths as strings), for a queued build's state."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()} | {
+            "install": {
+                k: str(v) if isinstance(v, Path) else v for k, v in vars(self.install).items()
+            }
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Template:
+        install = {
+            k: Path(v) if k in ("iso", "kernel", "initrd") and v else v
+            for k, v in data["install"].items()
+        }
+        paths = {k: Path(data[k]) for k in ("kickstart", "metadata")}
+        return cls(**(data | paths | {"install": InstallSource(**install)}))
+
 
 def metadata_path(kickstart: Path) -> Path:
     """The metadata file that belongs to a kickstart: same name, `.toml`."""
     return kickstart.with_suffix(".toml")
 
 
-def load_template(kickstart: Path) -> Template:
-    """Read a kickstart's metadata; every error names the file and the key."""
+def load_template(kickstart: Path, media_base: Path | None = None) -> Template:
+    """Read a kickstart's metadata; every error names the file and the key.
+
+    Relative iso/kernel/initrd paths are relative to `media_base` (default: the metadata's
+    directory).
+    """
     kickstart = Path(kickstart)
     if not kickstart.is_file():
         raise FinalError("InvalidTemplate", f"{kickstart}: no such kickstart file")
@@ -84,7 +105,7 @@ def load_template(kickstart: Path) -> Template:
         disk_size=_quantity(template, "disk_size", meta),
         memory=_quantity(template, "memory", meta),
         vcpus=_positive_int(template, "vcpus", meta, default=2),
-        install=_install_source(install, meta),
+        install=_install_source(install, meta, media_base or meta.parent),
     )
 
 
@@ -117,7 +138,7 @@ def _quantity(table: dict, key: str, meta: Path) -> int:
         raise FinalError("InvalidTemplate", f"{meta}: [template] {key}: {e.message}") from None
     if size <= 0:
         raise FinalError(
-            "InvalidTemplate", f"{meta}: [template] {key} must be a size such as \"20Gi\""
+            "InvalidTemplate", f'{meta}: [template] {key} must be a size such as "20Gi"'
         )
     return size
 
@@ -129,7 +150,7 @@ def _positive_int(table: dict, key: str, meta: Path, *, default: int) -> int:
     return value
 
 
-def _install_source(table: dict, meta: Path) -> InstallSource:
+def _install_source(table: dict, meta: Path, base: Path) -> InstallSource:
     kinds = [k for k in ("location", "iso", "kernel") if k in table]
     if len(kinds) != 1:
         raise FinalError(
@@ -147,13 +168,15 @@ def _install_source(table: dict, meta: Path) -> InstallSource:
             location=_string(table, "location", meta, section="install"), kernel_args=kernel_args
         )
     paths = {
-        key: _existing_file(table, key, meta) for key in ("iso", "kernel", "initrd") if key in table
+        key: _existing_file(table, key, meta, base)
+        for key in ("iso", "kernel", "initrd")
+        if key in table
     }
     return InstallSource(**paths, kernel_args=kernel_args)
 
 
-def _existing_file(table: dict, key: str, meta: Path) -> Path:
-    path = meta.parent / _string(table, key, meta, section="install")
+def _existing_file(table: dict, key: str, meta: Path, base: Path) -> Path:
+    path = base / _string(table, key, meta, section="install")
     if not path.is_file():
         raise FinalError("InvalidTemplate", f"{meta}: [install] {key}: no such file {path}")
     return path

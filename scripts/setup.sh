@@ -5,11 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(python3 python3-venv qemu-utils util-linux mount)
+# The importer needs qemu-img; template builds need virt-install (which needs cpio for
+# --initrd-inject), libvirt and QEMU, and git for `diskflow ci`.
+packages=(python3 python3-venv qemu-utils util-linux mount
+          qemu-system-x86 libvirt-daemon-system libvirt-clients virtinst cpio git)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
-    # Real servers and tools the tests drive: nginx (Range/ETag), compressors, openssl (TLS).
-    packages+=(nginx-light curl gzip xz-utils zstd bzip2 openssl)
+    # Real servers and tools the tests drive: nginx (Range/ETag; WebDAV for publishing),
+    # compressors, openssl (TLS), Redis (the Celery broker), busybox (the tests' installer).
+    packages+=(nginx-light libnginx-mod-http-dav-ext curl gzip xz-utils zstd bzip2 openssl
+               redis-server busybox-static)
     extras="[test]"
 fi
 

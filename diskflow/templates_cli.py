@@ -1,0 +1,345 @@
+"""The template half of the `diskflow` command: validate, build, publish, worker, ci."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from diskflow.options import (
+    S3Addressing,
+    S3AddressingOption,
+    S3CredentialsFile,
+    S3Endpoint,
+    S3Profile,
+    S3Region,
+    s3_options,
+)
+from importer.errors import ImportFailure
+from pipelines import ci, kickstart
+from pipelines.accel import Accel
+from pipelines.build import BuildOptions
+from pipelines.events import Emit, discard, json_lines, log_lines
+from pipelines.finalize import Compression, FinalizeOptions
+from pipelines.steps import BuildRequest, BuildState, PublishOptions, build_template
+from pipelines.template import load_template
+
+ci_app = typer.Typer(
+    help="Build what a git change affects (Jenkins and other CI).", no_args_is_help=True
+)
+
+
+class EventMode(StrEnum):
+    AUTO = "auto"
+    LOG = "log"
+    JSON = "json"
+    NONE = "none"
+
+
+Kickstarts = Annotated[
+    Path, typer.Option("--kickstarts", help="The directory of templates (NAME.ks + NAME.toml).")
+]
+Output = Annotated[Path, typer.Option(help="The template's files land in OUTPUT/NAME/.")]
+PublishTo = Annotated[
+    str | None,
+    typer.Option(help="s3://bucket/prefix, http(s)://artifact-store/path, or a local directory."),
+]
+Force = Annotated[bool, typer.Option(help="Build even when the same build id is published.")]
+AccelOption = Annotated[
+    Accel, typer.Option(help="kvm, tcg, or auto (KVM if it can run the guest, said aloud).")
+]
+Connect = Annotated[str, typer.Option(help="libvirt URI.")]
+Timeout = Annotated[float, typer.Option(min=1, help="Seconds the whole install may take.")]
+SilenceTimeout = Annotated[
+    float,
+    typer.Option(min=1, help="Seconds without console or installer output before giving up."),
+]
+Network = Annotated[
+    str, typer.Option(help="virt-install --network: user (no bridge needed), none, bridge=br0...")
+]
+Seal = Annotated[bool, typer.Option(help="virt-sysprep the disk before compressing it.")]
+CompressionOption = Annotated[Compression, typer.Option(help="qcow2 compression: zstd or zlib.")]
+Workdir = Annotated[
+    Path | None, typer.Option(help="Where the install disk lives meanwhile (default: $TMPDIR).")
+]
+Progress = Annotated[
+    EventMode, typer.Option("--progress", help="auto: log lines on a terminal, JSON otherwise.")
+]
+AuthFile = Annotated[
+    Path | None,
+    typer.Option(
+        exists=True,
+        dir_okay=False,
+        help="user:password for an http(s) store (or DISKFLOW_PUBLISH_USER/_PASSWORD, or "
+        "DISKFLOW_PUBLISH_TOKEN).",
+    ),
+]
+PublicUrl = Annotated[
+    str | None, typer.Option(help="The HTTP URL serving a local directory store, for DataVolumes.")
+]
+Namespace = Annotated[str | None, typer.Option(help="Namespace of the DataVolume manifest.")]
+StorageClass = Annotated[str | None, typer.Option(help="storageClassName of the DataVolume.")]
+
+
+def validate(
+    files: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Kickstart files (default: every template in --kickstarts)."),
+    ] = None,
+    kickstarts: Kickstarts = Path("kickstarts"),
+) -> None:
+    """Check kickstarts with pykickstart for their metadata's version, %includes resolved."""
+    paths = files or ci.template_files(kickstarts)
+    failed = 0
+    for path in paths:
+        try:
+            template = load_template(path)
+            checked = kickstart.validate(path, template.version)
+        except ImportFailure as failure:
+            failed += 1
+            typer.echo(f"error: {failure.message} [{failure.reason}]", err=True)
+            continue
+        for warning in checked.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        typer.echo(f"ok {path} ({template.version}, {len(checked.files)} file(s))")
+    if failed:
+        raise typer.Exit(1)
+
+
+def build(
+    kickstart_file: Annotated[Path, typer.Argument(help="kickstarts/NAME.ks", metavar="KICKSTART")],
+    output: Output = Path("build"),
+    publish_to: PublishTo = None,
+    force: Force = False,
+    accel: AccelOption = Accel.AUTO,
+    connect: Connect = "qemu:///system",
+    timeout: Timeout = BuildOptions.timeout,
+    no_output_timeout: SilenceTimeout = BuildOptions.no_output_timeout,
+    network: Network = BuildOptions.network,
+    seal: Seal = False,
+    compression: CompressionOption = Compression.ZSTD,
+    workdir: Workdir = None,
+    progress: Progress = EventMode.AUTO,
+    queue: Annotated[
+        bool,
+        typer.Option(help="Submit to the Celery broker (DISKFLOW_BROKER_URL) and follow it."),
+    ] = False,
+    s3_endpoint: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
+    s3_profile: S3Profile = None,
+    s3_credentials_file: S3CredentialsFile = None,
+    auth_file: AuthFile = None,
+    public_url: PublicUrl = None,
+    namespace: Namespace = None,
+    storage_class: StorageClass = None,
+) -> None:
+    """Build a template: validate, install with virt-install, compress, publish.
+
+    Exit status: 0 built (or already published), 1 failed for good, 75 failed for now.
+    """
+    request = _request(kickstart_file, **_shared(locals()))
+    mode = _resolve(progress)
+    emit = _emitter(mode)
+    run = _queued if queue else build_template
+    _report(lambda: run(request, emit), mode)
+
+
+def worker(
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Builds at once (one per KVM host's capacity).")
+    ] = 1,
+    hostname: Annotated[
+        str | None, typer.Option(help="Worker node name (default: celery@HOST).")
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker for template builds (broker: DISKFLOW_BROKER_URL)."""
+    from pipelines.tasks import app as celery_app
+
+    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    celery_app.worker_main(argv)
+
+
+@ci_app.command("changed")
+def ci_changed(
+    since: Annotated[str, typer.Option(help="The git ref to compare HEAD with.")],
+    kickstarts: Kickstarts = Path("kickstarts"),
+) -> None:
+    """Print the templates (one kickstart path per line) a change since REF affects."""
+    from diskflow.cli import guarded
+
+    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
+    for path in changed:
+        typer.echo(path)
+
+
+@ci_app.command("build")
+def ci_build(
+    since: Annotated[str, typer.Option(help="The git ref to compare HEAD with.")],
+    junit: Annotated[Path, typer.Option(help="Where to write the JUnit XML report.")] = Path(
+        "diskflow-junit.xml"
+    ),
+    kickstarts: Kickstarts = Path("kickstarts"),
+    output: Output = Path("build"),
+    publish_to: PublishTo = None,
+    force: Force = False,
+    accel: AccelOption = Accel.AUTO,
+    connect: Connect = "qemu:///system",
+    timeout: Timeout = BuildOptions.timeout,
+    no_output_timeout: SilenceTimeout = BuildOptions.no_output_timeout,
+    network: Network = BuildOptions.network,
+    seal: Seal = False,
+    compression: CompressionOption = Compression.ZSTD,
+    workdir: Workdir = None,
+    progress: Progress = EventMode.AUTO,
+    s3_endpoint: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
+    s3_profile: S3Profile = None,
+    s3_credentials_file: S3CredentialsFile = None,
+    auth_file: AuthFile = None,
+    public_url: PublicUrl = None,
+    namespace: Namespace = None,
+    storage_class: StorageClass = None,
+) -> None:
+    """Build and publish every template a change since REF affects; exit 1 if any failed."""
+    from diskflow.cli import guarded
+
+    shared = _shared(locals())
+    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
+    mode = _resolve(progress)
+    emit = _emitter(mode)
+    cases = []
+    for path in changed:
+        request = _request(path, **shared)
+        started = time.monotonic()
+        try:
+            state = build_template(request, emit)
+        except ImportFailure as failure:
+            cases.append(ci.Case(path.stem, time.monotonic() - started,
+                                 failure=f"{failure.message} [{failure.reason}]"))  # fmt: skip
+            typer.echo(f"error: {path}: {failure.message} [{failure.reason}]", err=True)
+            continue
+        skipped = "already published" if state.skipped else None
+        cases.append(ci.Case(path.stem, time.monotonic() - started, skipped=skipped,
+                             output=json.dumps(state.manifest, indent=2)))  # fmt: skip
+    ci.write_junit(junit, "diskflow templates", cases)
+    failures = sum(1 for case in cases if case.failure)
+    typer.echo(f"{len(cases)} template(s), {failures} failed; report in {junit}")
+    if failures:
+        raise typer.Exit(1)
+
+
+SHARED = (
+    "output", "publish_to", "force", "accel", "connect", "timeout", "no_output_timeout",
+    "network", "seal", "compression", "workdir", "s3_endpoint", "s3_region", "s3_addressing",
+    "s3_profile", "s3_credentials_file", "auth_file", "public_url", "namespace", "storage_class",
+)  # fmt: skip
+
+
+def _shared(options: dict[str, Any]) -> dict[str, Any]:
+    """The options `build` and `ci build` share, picked from a command's locals()."""
+    return {name: options[name] for name in SHARED}
+
+
+def _request(
+    kickstart_file: Path,
+    *,
+    output: Path,
+    publish_to: str | None,
+    force: bool,
+    accel: Accel,
+    connect: str,
+    timeout: float,
+    no_output_timeout: float,
+    network: str,
+    seal: bool,
+    compression: Compression,
+    workdir: Path | None,
+    s3_endpoint: str | None,
+    s3_region: str | None,
+    s3_addressing: S3Addressing,
+    s3_profile: str | None,
+    s3_credentials_file: Path | None,
+    auth_file: Path | None,
+    public_url: str | None,
+    namespace: str | None,
+    storage_class: str | None,
+) -> BuildRequest:
+    return BuildRequest(
+        kickstart=str(kickstart_file),
+        output=str(output),
+        publish_to=publish_to,
+        force=force,
+        workdir=str(workdir) if workdir else None,
+        build=BuildOptions(connect, accel, timeout, no_output_timeout, network),
+        finalize=FinalizeOptions(seal, compression),
+        publish=PublishOptions(
+            s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
+            str(auth_file) if auth_file else None,
+            public_url,
+            namespace,
+            storage_class,
+        ),
+    )
+
+
+def _queued(request: BuildRequest, emit: Emit) -> BuildState:
+    from pipelines.tasks import follow, submit
+
+    results = submit(request)
+    emit("queue", "info", f"queued as {results[-1].id} (tasks: {', '.join(r.id for r in results)})")
+    return follow(results, emit)
+
+
+def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
+    from diskflow.cli import guarded
+
+    def finish(record: dict[str, Any]) -> None:
+        if mode is EventMode.JSON:
+            print(json.dumps({"kind": "failed", **record}), flush=True)
+        _print_failure(record)
+
+    state = guarded(job, finish)
+    summary = {
+        "template": state.template.name,
+        "build_id": state.build_id,
+        "skipped": state.skipped,
+        "image": state.image,
+        "manifest": state.manifest,
+    }
+    if mode is EventMode.JSON:
+        print(json.dumps({"kind": "result", **summary}), flush=True)
+    else:
+        output = state.manifest.get("output", {})
+        typer.echo(
+            f"{state.template.name}: build {state.build_id} "
+            + ("already published" if state.skipped else f"sha256 {output.get('sha256')}")
+        )
+
+
+def _print_failure(record: dict[str, Any]) -> None:
+    typer.echo(f"error: {record['message']} [{record['reason']}]", err=True)
+
+
+def _resolve(mode: EventMode) -> EventMode:
+    if mode is EventMode.AUTO:
+        return EventMode.LOG if sys.stderr.isatty() else EventMode.JSON
+    return mode
+
+
+def _emitter(mode: EventMode) -> Emit:
+    if mode is EventMode.JSON:
+        return json_lines()
+    if mode is EventMode.LOG:
+        return log_lines()
+    return discard

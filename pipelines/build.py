@@ -1,0 +1,380 @@
+"""Running the unattended install: virt-install with the kickstart injected, watched closely.
+
+The kickstart is injected into the installer's initrd (`--initrd-inject`, `inst.ks=file:/`),
+so the guest needs no HTTP server it can reach. The console and Anaconda's log channel are
+files that are read as they grow and passed on as events, and three watchdogs end a build
+early: an overall timeout, silence on every channel, and a failure pattern in what the
+installer printed. Whatever happens, the domain is destroyed and undefined (virt-install
+leaves it running when it gives up waiting).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from importer.errors import FinalError, TransientError
+from importer.qemu import qemu_img
+from pipelines.accel import Accel, AccelChoice, choose_accel
+from pipelines.console import Line, LogTail, failure_in
+from pipelines.events import Emit, discard
+from pipelines.template import Template
+
+ANACONDA_LOG_CHANNEL = "org.fedoraproject.anaconda.log.0"
+KICKSTART_NAME = "ks.cfg"
+POLL_SECONDS = 0.25
+FAILURE_CONTEXT_SECONDS = 2.0  # what follows a failure line (a traceback's body) is wanted too
+FAILURE_CONTEXT_LINES = 15
+STOP_GRACE_SECONDS = 15.0
+# Where virt-install, run as root against the local libvirtd, keeps its kernel/initrd copies.
+VIRTINST_SCRATCH = (
+    Path("/var/lib/libvirt/boot")
+    if os.geteuid() == 0
+    else (Path.home() / ".cache/virt-manager/boot")
+)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to run the install; the defaults suit a KVM worker with the system libvirtd."""
+
+    connect: str = "qemu:///system"
+    accel: Accel = Accel.AUTO
+    timeout: float = 3 * 3600.0
+    no_output_timeout: float = 600.0
+    network: str = "user"  # virt-install --network; user-mode needs no bridge in a pod
+
+
+@dataclass(frozen=True)
+class Installed:
+    disk: Path  # qcow2, as the installer left it
+    console_log: Path
+    installer_log: Path
+    accel: AccelChoice
+    seconds: float
+
+
+@dataclass
+class _Failure:
+    pattern: str
+    first: Line
+    until: float
+    context: list[Line] = field(default_factory=list)
+
+
+def install(
+    template: Template,
+    kickstart: str,
+    workdir: Path,
+    options: BuildOptions = BuildOptions(),
+    emit: Emit = discard,
+) -> Installed:
+    """Install `template` with the (flattened) `kickstart` text onto a new disk in `workdir`."""
+    virt_install = _require_tool("virt-install", "virtinst")
+    check_libvirt(options.connect)
+    choice = choose_accel(options.accel)
+    emit("install", "warning" if choice.accel is Accel.TCG else "info", choice.reason)
+
+    workdir.chmod(0o755)  # qemu runs as its own user and must reach the disk and log files
+    kickstart_file = workdir / KICKSTART_NAME
+    kickstart_file.write_text(kickstart)
+    disk = workdir / "disk.qcow2"
+    qemu_img()("create", "-q", "-f", "qcow2", str(disk), str(template.disk_size))
+    console, installer = workdir / "console.log", workdir / "installer.log"
+    domain = f"diskflow-{template.name}-{secrets.token_hex(4)}"
+    template = _with_private_media(template, workdir, domain)
+    os_variant = known_os_variant(virt_install, template.os_variant, emit)
+    command = virt_install_command(
+        virt_install, template, os_variant, options, choice, domain, disk, kickstart_file,
+        console, installer,
+    )  # fmt: skip
+    emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
+    started = time.monotonic()
+    log = workdir / "virt-install.log"
+    before = _virtinst_files()
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        _watch(process, [LogTail(console, "console"), LogTail(installer, "installer")], log,
+               options, choice, emit)  # fmt: skip
+    finally:
+        _stop(process)
+        destroy_domain(options.connect, domain, emit)
+        _remove_virtinst_leftovers(before, domain if template.install.kernel else None)
+        kickstart_file.unlink(missing_ok=True)
+    if process.returncode != 0:
+        raise _virt_install_failure(log)
+    if not _has_data(disk):
+        raise FinalError(
+            "InstallFailed",
+            f"the installer powered off without writing to the disk; last console lines:\n"
+            f"{_tail(console)}",
+        )
+    seconds = time.monotonic() - started
+    emit("install", "done", f"installed in {seconds:.1f}s", seconds=round(seconds, 3))
+    return Installed(disk, console, installer, choice, seconds)
+
+
+def virt_install_command(
+    virt_install: str,
+    template: Template,
+    os_variant: str,
+    options: BuildOptions,
+    choice: AccelChoice,
+    domain: str,
+    disk: Path,
+    kickstart: Path,
+    console: Path,
+    installer: Path,
+) -> list[str]:
+    """The virt-install argv: no secrets in it, every path escaped for virt-install's parser."""
+    source = template.install
+    boot_args = f"console=ttyS0,115200 inst.ks=file:/{KICKSTART_NAME} inst.text"
+    if source.kernel_args:
+        boot_args += f" {source.kernel_args}"
+    command = [
+        virt_install,
+        f"--connect={options.connect}",
+        f"--name={domain}",
+        f"--virt-type={choice.virt_type}",
+        f"--osinfo={os_variant}",
+        f"--memory={template.memory // 2**20}",
+        f"--vcpus={template.vcpus}",
+        f"--disk=path={_escape(disk)},format=qcow2,bus=virtio,cache=unsafe",
+        f"--network={options.network}",
+        f"--initrd-inject={kickstart}",
+        f"--serial=file,path={_escape(console)}",
+        f"--channel=file,path={_escape(installer)},target.type=virtio,"
+        f"target.name={ANACONDA_LOG_CHANNEL}",
+        "--graphics=none",
+        "--noautoconsole",
+        "--wait=-1",  # diskflow's own watchdogs decide when to give up
+        "--noreboot",
+        "--transient",
+    ]
+    if source.kernel:
+        command.append(
+            f"--install=kernel={_escape(source.kernel)},initrd={_escape(source.initrd)},"
+            f'kernel_args="{boot_args}",kernel_args_overwrite=yes'
+        )
+    else:
+        command += [f"--location={source.location or source.iso}", f"--extra-args={boot_args}"]
+    return command
+
+
+def known_os_variant(virt_install: str, wanted: str, emit: Emit = discard) -> str:
+    """`wanted` if this host's osinfo database knows it, else the closest generic entry.
+
+    A distribution newer than the host's osinfo-db (fedora44 on Debian 12) would make
+    virt-install refuse to start; its family's "-unknown" entry gives the same devices.
+    """
+    listing = subprocess.run(
+        [virt_install, "--osinfo", "list"], capture_output=True, text=True, timeout=60
+    ).stdout
+    known = {name.strip() for line in listing.splitlines() for name in line.split(",")}
+    if wanted in known:
+        return wanted
+    family = wanted.rstrip("0123456789.").rstrip("-")
+    fallback = next(
+        (
+            name
+            for name in (f"{family}-unknown", f"{family}9-unknown", "linux2022")
+            if name in known
+        ),
+        "linux2022",
+    )
+    emit("install", "warning", f"this host's osinfo database does not know os_variant "
+         f"{wanted!r}: using {fallback!r} (a newer osinfo-db knows it)")  # fmt: skip
+    return fallback
+
+
+def check_libvirt(connect: str) -> None:
+    """Raise a clear error unless libvirt answers at `connect`."""
+    virsh = _require_tool("virsh", "libvirt-clients")
+    try:
+        subprocess.run(
+            [virsh, "--connect", connect, "uri"], capture_output=True, text=True,
+            check=True, timeout=30,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise TransientError(
+            "LibvirtUnreachable", f"libvirt at {connect} did not answer within 30s"
+        ) from None
+    except subprocess.CalledProcessError as e:
+        detail = _last_error(e.stderr) or f"virsh exited with {e.returncode}"
+        raise TransientError(
+            "LibvirtUnreachable",
+            f"cannot reach libvirt at {connect}: {detail} (is libvirtd running, with virtlogd? "
+            "--connect picks another URI)",
+        ) from None
+
+
+def destroy_domain(connect: str, domain: str, emit: Emit = discard) -> None:
+    """Destroy and undefine `domain` if it exists; a domain that stays is reported loudly."""
+    virsh = shutil.which("virsh") or "virsh"
+    for action in ("destroy", "undefine"):
+        subprocess.run(
+            [virsh, "--connect", connect, action, domain], capture_output=True, timeout=60
+        )
+    left = subprocess.run(
+        [virsh, "--connect", connect, "domstate", domain], capture_output=True, timeout=60
+    )
+    if left.returncode == 0:
+        emit("install", "warning", f"domain {domain} could not be removed: remove it by hand")
+
+
+def _watch(
+    process: subprocess.Popen,
+    tails: list[LogTail],
+    log: Path,
+    options: BuildOptions,
+    choice: AccelChoice,
+    emit: Emit,
+) -> None:
+    virt_install_log = LogTail(log, "virt-install")
+    started = time.monotonic()
+    last_output: float | None = None  # when the guest last said something
+    recent: deque[Line] = deque(maxlen=FAILURE_CONTEXT_LINES)
+    failure: _Failure | None = None
+    while True:
+        exited = process.poll() is not None
+        now = time.monotonic()
+        for line in virt_install_log.read(final=exited):
+            emit("install", "info", line.text)
+        lines = [line for tail in tails for line in tail.read(final=exited)]
+        # The silence clock starts with the guest: virt-install may spend minutes before it
+        # (fetching an install tree's kernel, libvirt probing QEMU's capabilities).
+        if lines or (last_output is None and tails[0].path.exists()):
+            last_output = now
+        for line in lines:
+            emit("install", line.source, line.text, line=line.number)
+            recent.append(line)
+            if failure:
+                if len(failure.context) < FAILURE_CONTEXT_LINES:
+                    failure.context.append(line)
+            elif pattern := failure_in(line):
+                failure = _Failure(pattern, line, now + FAILURE_CONTEXT_SECONDS, [line])
+        if failure and (exited or now >= failure.until):
+            raise FinalError(
+                "InstallFailed",
+                f"{failure.pattern} in the {failure.first.source} output (line "
+                f"{failure.first.number}):\n{_format(failure.context)}",
+            )
+        if exited:
+            return
+        if now - started > options.timeout:
+            raise FinalError(
+                "Timeout",
+                f"the install did not finish within {options.timeout:.0f}s; last lines:\n"
+                f"{_format(recent)}",
+            )
+        if last_output is not None and now - last_output > options.no_output_timeout:
+            hint = (
+                " With KVM, a host whose KVM cannot run this guest looks exactly like this;"
+                " try --accel tcg to check."
+                if choice.accel is Accel.KVM
+                else ""
+            )
+            raise FinalError(
+                "NoConsoleOutput",
+                f"no console or installer output for {options.no_output_timeout:.0f}s: the guest "
+                f"looks hung.{hint} Last lines:\n{_format(recent) or '(none at all)'}",
+            )
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(POLL_SECONDS)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop virt-install: SIGINT lets it remove its own temporary files, SIGKILL if it hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _with_private_media(template: Template, workdir: Path, domain: str) -> Template:
+    """The template with its kernel and initrd linked under names unique to this build.
+
+    virt-install copies them into its scratch directory as virtinst-XXXX-NAME and removes
+    the copies only when it finishes normally; unique names tell this build's copies apart
+    from a concurrent build's.
+    """
+    source = template.install
+    if not source.kernel or not source.initrd:
+        return template
+    links = {}
+    for key, path in (("kernel", source.kernel), ("initrd", source.initrd)):
+        links[key] = workdir / f"{domain}-{key}"
+        links[key].symlink_to(path.resolve())
+    return replace(template, install=replace(source, **links))
+
+
+def _virtinst_files() -> set[Path]:
+    return set(VIRTINST_SCRATCH.glob("virtinst-*"))
+
+
+def _remove_virtinst_leftovers(before: set[Path], marker: str | None) -> None:
+    """Remove the kernel/initrd copies an interrupted virt-install left in its scratch dir.
+
+    With a marker (kernel installs) only files naming it go; for an install tree the files
+    are told apart only by being new, which a concurrent tree install on the host shares.
+    """
+    for path in _virtinst_files() - before:
+        if marker is None or marker in path.name:
+            path.unlink(missing_ok=True)
+
+
+def _has_data(disk: Path) -> bool:
+    extents = json.loads(qemu_img()("map", "--output=json", "-f", "qcow2", str(disk)))
+    return any(extent.get("data") for extent in extents)
+
+
+def _virt_install_failure(log: Path) -> FinalError | TransientError:
+    text = log.read_text(errors="replace")
+    detail = _last_error(text) or "no output"
+    if "virtlogd-sock" in text or "Failed to connect socket" in text:
+        return TransientError("LibvirtUnreachable", f"virt-install: {detail}")
+    return FinalError("VirtInstallFailed", f"virt-install failed: {detail}")
+
+
+def _last_error(text: str) -> str:
+    errors = [line.split("ERROR", 1)[-1].strip() for line in text.splitlines() if "ERROR" in line]
+    if errors:
+        return errors[-1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _tail(path: Path, count: int = FAILURE_CONTEXT_LINES) -> str:
+    tail = LogTail(path, "console")
+    return _format(deque(tail.read(final=True), maxlen=count)) or "(none at all)"
+
+
+def _format(lines: list[Line] | deque[Line]) -> str:
+    return "\n".join(f"  {line.source}:{line.number}: {line.text}" for line in lines)
+
+
+def _escape(path: Path | None) -> str:
+    return str(path).replace(",", ",,")  # virt-install's option parser splits on single commas
+
+
+def _require_tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise FinalError("MissingTool", f"{name} is not installed (Debian package {package})")
+    return path

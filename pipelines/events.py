@@ -1,0 +1,47 @@
+"""Build progress as events: one shape for the terminal, JSON lines and Celery task state.
+
+An event is a stage ("validate", "install", "finalize", "publish"), a kind ("start",
+"console", "installer", "info", "warning", "done") and a message, plus optional fields.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+Emit = Callable[..., None]  # emit(stage, kind, message, **fields)
+
+
+def discard(stage: str, kind: str, message: str, **fields: Any) -> None:
+    """An Emit that drops everything (library callers that do not want progress)."""
+
+
+def event(stage: str, kind: str, message: str, **fields: Any) -> dict[str, Any]:
+    """The event as a JSON-ready dict with a timestamp."""
+    return {"time": round(time.time(), 3), "stage": stage, "kind": kind, "message": message} | {
+        k: v for k, v in fields.items() if v is not None
+    }
+
+
+def json_lines(stream: TextIO = sys.stdout) -> Emit:
+    """Write each event as one JSON line (for CI logs and machines)."""
+
+    def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
+        stream.write(json.dumps(event(stage, kind, message, **fields)) + "\n")
+        stream.flush()
+
+    return emit
+
+
+def log_lines(stream: TextIO = sys.stderr) -> Emit:
+    """Write each event as a readable log line (for a terminal)."""
+
+    def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
+        marker = {"warning": "!", "console": "|", "installer": ":"}.get(kind, "-")
+        stream.write(f"{time.strftime('%H:%M:%S')} {stage:<8} {marker} {message}\n")
+        stream.flush()
+
+    return emit

@@ -1,0 +1,92 @@
+"""What a build is made from: inputs, tool versions, and the content address derived from them.
+
+Two builds with the same kickstart text, install media, settings and tool versions produce
+the same template, so the build id (a hash of all of these) names the published artifacts
+and an existing manifest under that id means the build can be skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from importlib import metadata
+from typing import Any
+
+import requests
+
+from pipelines.finalize import FinalizeOptions, sha256_of
+from pipelines.template import Template
+
+TREEINFO_TIMEOUT = 15.0
+
+
+def inputs(template: Template) -> dict[str, Any]:
+    """The install media, identified by content where diskflow can see it."""
+    source = template.install
+    found: dict[str, Any] = {}
+    for key in ("iso", "kernel", "initrd"):
+        path = getattr(source, key)
+        if path:
+            found[key] = {"file": path.name, "sha256": sha256_of(path)}
+    if source.location:
+        # A tree's .treeinfo changes with every compose, so a new compose means a new build.
+        found["location"] = {"url": source.location, "treeinfo_sha256": _treeinfo(source.location)}
+    if source.kernel_args:
+        found["kernel_args"] = source.kernel_args
+    return found
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of everything that shapes the image: diskflow, virt-install, qemu, libvirt."""
+    versions = {"diskflow": metadata.version("diskflow")}
+    # `virsh version` would name the daemon's QEMU, but costs libvirt a capabilities probe
+    # (seconds); the local binaries are what a worker pod runs.
+    for tool in ("virt-install", "qemu-img", "qemu-system-x86_64", "virsh"):
+        versions[tool] = _first_line(tool, ["--version"])
+    return versions
+
+
+def build_id(
+    kickstart_sha256: str,
+    template: Template,
+    media: dict[str, Any],
+    tools: dict[str, str],
+    finalize: FinalizeOptions,
+) -> str:
+    """The content address of a build: 20 hex digits of a hash over everything it depends on."""
+    recipe = {
+        "kickstart": kickstart_sha256,
+        "version": template.version,
+        "os_variant": template.os_variant,
+        "disk_size": template.disk_size,
+        "memory": template.memory,
+        "vcpus": template.vcpus,
+        "inputs": media,
+        "tools": tools,
+        "seal": finalize.seal,
+        "compression": str(finalize.compression),
+    }
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:20]
+
+
+def _treeinfo(location: str) -> str | None:
+    try:
+        response = requests.get(location.rstrip("/") + "/.treeinfo", timeout=TREEINFO_TIMEOUT)
+    except requests.RequestException:
+        return None
+    return hashlib.sha256(response.content).hexdigest() if response.ok else None
+
+
+def _first_line(tool: str, args: list[str]) -> str:
+    lines = _output([tool, *args]).splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def _output(command: list[str]) -> str:
+    if not shutil.which(command[0]):
+        return ""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    return done.stdout if done.returncode == 0 else ""

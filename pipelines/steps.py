@@ -1,0 +1,256 @@
+"""The four steps of a template build, as plain functions over a JSON-ready state.
+
+validate → install → finalize → publish. The CLI runs them one after the other in-process;
+Celery runs each as a task of a chain and passes the state along as JSON. Every step takes
+the state the previous one returned, so both engines share every line of build logic.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from importer.errors import FinalError
+from importer.sources.s3_options import S3Options
+from pipelines import kickstart, provenance
+from pipelines.accel import Accel
+from pipelines.build import BuildOptions, install
+from pipelines.bundle import Bundle, pack, unpacked
+from pipelines.events import Emit, discard
+from pipelines.finalize import Compression, FinalizeOptions, finalize
+from pipelines.publish import Store, find_published, open_store, publish_build
+from pipelines.template import Template, load_template
+
+MANIFEST_SCHEMA = "diskflow.io/template-build/v1"
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """How to reach the store; secrets come from the environment or files, never from here."""
+
+    s3: S3Options = field(default_factory=S3Options)
+    auth_file: str | None = None  # user:password for an http(s) store
+    public_url: str | None = None  # the HTTP base that serves a local directory store
+    namespace: str | None = None  # for the DataVolume manifest
+    storage_class: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PublishOptions:
+        return cls(**(data | {"s3": S3Options(**data["s3"])}))
+
+    def store(self, url: str) -> Store:
+        """The store at `url`, reached with these options."""
+        return open_store(url, s3=self.s3, auth_file=self.auth_file, public_url=self.public_url)
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build and where its results go."""
+
+    kickstart: str
+    output: str = "build"  # the template's files land in OUTPUT/NAME/
+    publish_to: str | None = None
+    force: bool = False  # build even when the same build id is already published
+    workdir: str | None = None  # where the install disk lives meanwhile (default: $TMPDIR)
+    build: BuildOptions = field(default_factory=BuildOptions)
+    finalize: FinalizeOptions = field(default_factory=FinalizeOptions)
+    publish: PublishOptions = field(default_factory=PublishOptions)
+    bundle: Bundle | None = None  # the files themselves, for a build queued elsewhere
+
+    def packed(self) -> BuildRequest:
+        """This request carrying its kickstart's files, ready to run on another machine."""
+        return replace(self, bundle=pack(Path(self.kickstart)))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildRequest:
+        build = dict(data["build"], accel=Accel(data["build"]["accel"]))
+        fin = dict(data["finalize"], compression=Compression(data["finalize"]["compression"]))
+        bundle = Bundle(**data["bundle"]) if data.get("bundle") else None
+        return cls(
+            **(data | {"build": BuildOptions(**build), "finalize": FinalizeOptions(**fin),
+                       "publish": PublishOptions.from_json(data["publish"]), "bundle": bundle}),
+        )  # fmt: skip
+
+
+@dataclass
+class BuildState:
+    """What the steps have found and made so far; JSON-ready so Celery can carry it."""
+
+    request: BuildRequest
+    template: Template
+    kickstart: str  # the flattened text the installer gets
+    build_id: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # the same build is already published
+    workdir: str | None = None
+    disk: str | None = None
+    image: str | None = None
+    published: dict[str, Any] | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.request.output) / self.template.name
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "request": self.request.to_json(),
+            "template": self.template.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildState:
+        return cls(
+            **(data | {"request": BuildRequest.from_json(data["request"]),
+                       "template": Template.from_json(data["template"])}),
+        )  # fmt: skip
+
+
+def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
+    """Check the template and its kickstart; work out the build id; skip if published."""
+    started = time.monotonic()
+    with _kickstart_files(request) as (path, media_base):
+        template = load_template(path, media_base)
+        emit("validate", "start", f"validating {request.kickstart} as {template.version}")
+        checked = kickstart.validate(template.kickstart, template.version)
+    for warning in checked.warnings:
+        emit("validate", "warning", str(warning))
+    media = provenance.inputs(template)
+    tools = provenance.tool_versions()
+    build_id = provenance.build_id(checked.digest, template, media, tools, request.finalize)
+    manifest = {
+        "schema": MANIFEST_SCHEMA,
+        "template": template.name,
+        "build_id": build_id,
+        "kickstart": {
+            "file": template.kickstart.name,
+            "version": template.version,
+            "sha256": checked.digest,
+        },
+        "inputs": media,
+        "settings": {
+            "os_variant": template.os_variant,
+            "disk_size": template.disk_size,
+            "memory": template.memory,
+            "vcpus": template.vcpus,
+        },
+        "tools": tools,
+        "durations": {"validate": round(time.monotonic() - started, 3)},
+    }
+    state = BuildState(request, template, checked.text, build_id, manifest)
+    if request.publish_to and not request.force:
+        store = request.publish.store(request.publish_to)
+        existing = find_published(store, template.name, build_id)
+        if existing:
+            emit("validate", "done", f"build {build_id} is already published: skipping "
+                 "(--force rebuilds)", build_id=build_id)  # fmt: skip
+            return replace(state, skipped=True, manifest=existing, published=existing)
+    emit("validate", "done", f"{template.name}: build {build_id}", build_id=build_id)
+    return state
+
+
+def install_step(state: BuildState, emit: Emit = discard) -> BuildState:
+    """Run the unattended install onto a fresh disk in a new work directory."""
+    if state.skipped:
+        return state
+    request, template = state.request, state.template
+    workdir = Path(tempfile.mkdtemp(prefix=f"diskflow-{template.name}-", dir=request.workdir))
+    try:
+        installed = install(template, state.kickstart, workdir, request.build, emit)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    output = state.output_dir
+    output.mkdir(parents=True, exist_ok=True)
+    for log in (installed.console_log, installed.installer_log):
+        if log.exists():
+            shutil.copyfile(log, output / log.name)
+    manifest = state.manifest | {
+        "accel": {"used": installed.accel.accel.value, "reason": installed.accel.reason},
+        "builder": socket.gethostname(),
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    manifest["durations"] = manifest["durations"] | {"install": round(installed.seconds, 3)}
+    return replace(state, workdir=str(workdir), disk=str(installed.disk), manifest=manifest)
+
+
+def finalize_step(state: BuildState, emit: Emit = discard) -> BuildState:
+    """Compress (and seal) the installed disk into OUTPUT/NAME/NAME.qcow2; write the manifest."""
+    if state.skipped:
+        return state
+    if not state.disk or not Path(state.disk).is_file():
+        raise FinalError(
+            "BuildOutputMissing",
+            f"the installed disk {state.disk} is not on this machine: the build must run again",
+        )
+    accel = Accel(state.manifest["accel"]["used"])
+    image = state.output_dir / f"{state.template.name}.qcow2"
+    try:
+        done = finalize(Path(state.disk), image, state.request.finalize, accel, emit)
+    finally:
+        if state.workdir:
+            shutil.rmtree(state.workdir, ignore_errors=True)
+    manifest = state.manifest | {
+        "output": {
+            "file": image.name,
+            "format": "qcow2",
+            "compression": done.compression.value,
+            "sealed": done.sealed,
+            "size": done.size,
+            "virtual_size": done.virtual_size,
+            "sha256": done.sha256,
+        },
+    }
+    manifest["durations"] = manifest["durations"] | {"finalize": round(done.seconds, 3)}
+    (image.parent / f"{image.name}.sha256").write_text(f"{done.sha256}  {image.name}\n")
+    _write_json(state.output_dir / "manifest.json", manifest)
+    return replace(state, workdir=None, disk=None, image=str(image), manifest=manifest)
+
+
+def publish_step(state: BuildState, emit: Emit = discard) -> BuildState:
+    """Upload the image, its .sha256 and (last) the manifest, if a store was named."""
+    request = state.request
+    if state.skipped or not request.publish_to:
+        return state
+    assert state.image, "finalize_step runs before publish_step"
+    store = request.publish.store(request.publish_to)
+    published = publish_build(
+        store, state.template.name, state.build_id, Path(state.image), state.manifest, emit
+    )
+    _write_json(state.output_dir / "manifest.json", published)
+    return replace(state, published=published, manifest=published)
+
+
+def build_template(request: BuildRequest, emit: Emit = discard) -> BuildState:
+    """All four steps in this process: the embedded default, no broker needed."""
+    state = validate_step(request, emit)
+    for step in (install_step, finalize_step, publish_step):
+        state = step(state, emit)
+    return state
+
+
+@contextmanager
+def _kickstart_files(request: BuildRequest) -> Iterator[tuple[Path, Path | None]]:
+    """The kickstart to read: in place, or unpacked from the request's bundle."""
+    if request.bundle is None:
+        yield Path(request.kickstart), None
+    else:
+        with unpacked(request.bundle) as path:
+            yield path, request.bundle.media_base
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    partial.replace(path)

@@ -1,0 +1,161 @@
+"""The Celery app: validate → install → finalize → publish as a chain of tasks.
+
+Each task is a thin shell over the step of the same name in `pipelines.steps`. Settings that
+matter for builds on KVM workers:
+- `acks_late` with `reject_on_worker_lost`: a build whose worker dies is delivered again, to
+  this or another worker, and runs from the start (nothing was published: publishing is the
+  last step and writes the manifest last).
+- one build per worker process and no prefetching: a KVM host runs as many installs as it has
+  worker processes (`--concurrency`, default 1).
+- the broker's visibility timeout is longer than the longest build, or Redis would hand a
+  running build to a second worker.
+- the install disk stays on the worker that installed it, so the install task routes the rest
+  of its chain (finalize, publish) to that worker's own queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from celery import Celery, Task, chain
+from celery.result import AsyncResult
+from celery.utils.nodenames import worker_direct
+
+from pipelines.events import Emit, event
+from pipelines.steps import (
+    BuildRequest,
+    BuildState,
+    finalize_step,
+    install_step,
+    publish_step,
+    validate_step,
+)
+
+BROKER_ENV = "DISKFLOW_BROKER_URL"
+DEFAULT_BROKER = "redis://localhost:6379/0"
+QUEUE = "diskflow-templates"
+KEPT_EVENTS = 200  # per task, in its PROGRESS state: enough to follow a console
+STATE_INTERVAL = 1.0  # seconds between task-state writes for console lines
+CHATTY = {"console", "installer", "progress", "info"}
+POLL_SECONDS = 0.5
+
+log = logging.getLogger("diskflow.tasks")
+
+
+def make_app(broker: str | None = None) -> Celery:
+    """The Celery app, configured from the environment (`DISKFLOW_BROKER_URL`, ...)."""
+    broker = broker or os.environ.get(BROKER_ENV, DEFAULT_BROKER)
+    celery = Celery(
+        "diskflow", broker=broker, backend=os.environ.get("DISKFLOW_RESULT_URL", broker)
+    )
+    celery.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_track_started=True,
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_extended=True,
+        result_expires=7 * 24 * 3600,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=int(os.environ.get("DISKFLOW_WORKER_CONCURRENCY", "1")),
+        worker_direct=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": int(os.environ.get("DISKFLOW_VISIBILITY_TIMEOUT", 4 * 3600))
+        },
+    )
+    return celery
+
+
+app = make_app()
+
+
+class StepTask(Task):
+    """A step of a build: its events become the task's PROGRESS state and worker log lines."""
+
+    def emitter(self) -> Emit:
+        events: list[dict[str, Any]] = []
+        count, last_write = 0, 0.0
+
+        def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
+            nonlocal count, last_write
+            count += 1
+            events.append(event(stage, kind, message, **fields) | {"seq": count})
+            del events[:-KEPT_EVENTS]
+            log.info("%s %s: %s", stage, kind, message)
+            now = time.monotonic()
+            if kind not in CHATTY or now - last_write > STATE_INTERVAL:
+                last_write = now
+                self.update_state(state="PROGRESS", meta={"stage": stage, "events": events})
+
+        return emit
+
+
+@app.task(base=StepTask, bind=True, name="diskflow.validate")
+def validate(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
+    """Validate the kickstart, work out the build id, and skip a published build."""
+    return validate_step(BuildRequest.from_json(request), self.emitter()).to_json()
+
+
+@app.task(base=StepTask, bind=True, name="diskflow.install")
+def install(self: StepTask, state: dict[str, Any]) -> dict[str, Any]:
+    """Run the unattended install; pin the rest of the chain to this worker."""
+    done = install_step(BuildState.from_json(state), self.emitter())
+    queue = worker_direct(self.request.hostname).name
+    for signature in self.request.chain or []:
+        signature.setdefault("options", {})["queue"] = queue
+    return done.to_json()
+
+
+@app.task(base=StepTask, bind=True, name="diskflow.finalize")
+def finalize(self: StepTask, state: dict[str, Any]) -> dict[str, Any]:
+    """Seal, compress and checksum the installed disk."""
+    return finalize_step(BuildState.from_json(state), self.emitter()).to_json()
+
+
+@app.task(base=StepTask, bind=True, name="diskflow.publish")
+def publish(self: StepTask, state: dict[str, Any]) -> dict[str, Any]:
+    """Upload the template, its checksum and its manifest; the manifest goes last."""
+    return publish_step(BuildState.from_json(state), self.emitter()).to_json()
+
+
+STEPS = (validate, install, finalize, publish)
+
+
+def submit(request: BuildRequest) -> list[AsyncResult]:
+    """Queue the build; returns the results of its four tasks, in order."""
+    packed = request.packed().to_json()
+    last = chain(validate.s(packed), install.s(), finalize.s(), publish.s()).apply_async()
+    results = [last]
+    while results[0].parent is not None:
+        results.insert(0, results[0].parent)
+    return results
+
+
+def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
+    """Pass on each task's events as they arrive; return the final state or raise the failure."""
+    for result in results:
+        seen = 0
+        while True:
+            status, info = result.state, result.info
+            if status == "PROGRESS" and isinstance(info, dict):
+                for item in info.get("events", []):
+                    if item["seq"] > seen:
+                        seen = item["seq"]
+                        fields = {k: v for k, v in item.items() if k not in _EVENT_KEYS}
+                        emit(item["stage"], item["kind"], item["message"], **fields)
+            elif status == "SUCCESS":
+                break
+            elif status in ("FAILURE", "REVOKED"):
+                raise info if isinstance(info, BaseException) else RuntimeError(str(info))
+            time.sleep(POLL_SECONDS)  # the result backend has no push notification to wait on
+    return BuildState.from_json(results[-1].result)
+
+
+_EVENT_KEYS = {"time", "stage", "kind", "message", "seq"}

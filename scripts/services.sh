@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Start the services the template tests use, if they are not running yet (as root):
+# virtlogd and libvirtd (virt-install's domains) and Redis (the Celery broker).
+# There is no systemd on CI machines, so each daemon is started directly.
+set -euo pipefail
+
+start() {  # start NAME COMMAND...: unless a process called NAME runs already
+    local name=$1; shift
+    pgrep -x "$name" >/dev/null || "$@"
+}
+
+start virtlogd virtlogd -d
+start libvirtd libvirtd -d
+start redis-server redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no
+
+# Wait until both answer: the tests must not race the daemons' start-up.
+for _ in $(seq 100); do
+    if virsh -c qemu:///system version >/dev/null 2>&1 && redis-cli -p 6379 ping >/dev/null 2>&1; then
+        exit 0
+    fi
+    sleep 0.1
+done
+echo "libvirtd or redis-server did not come up" >&2
+exit 1
