@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -163,6 +164,9 @@ def worker(
     """Run a Celery worker for template builds (broker: DISKFLOW_BROKER_URL)."""
     from pipelines.tasks import app as celery_app
 
+    # Celery logs every task's return value; a build state holds the kickstart text, which
+    # may hold a password hash.
+    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
     argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
     if hostname:
         argv.append(f"--hostname={hostname}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ class LogTail:
         self.path = path
         self.source = source
         self._offset = 0
+        self._inode: int | None = None
         self._partial = b""
         self._count = 0
 
@@ -51,6 +53,10 @@ class LogTail:
         """Lines added since the last call; `final` also returns an unterminated last line."""
         try:
             with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                if inode != self._inode:
+                    # virtlogd rotated the file (at 2 MiB): the new one starts from nothing.
+                    self._inode, self._offset = inode, 0
                 f.seek(self._offset)
                 data = f.read()
         except FileNotFoundError:

@@ -48,6 +48,9 @@ log = logging.getLogger("diskflow.tasks")
 def make_app(broker: str | None = None) -> Celery:
     """The Celery app, configured from the environment (`DISKFLOW_BROKER_URL`, ...)."""
     broker = broker or os.environ.get(BROKER_ENV, DEFAULT_BROKER)
+    # Longer than the longest build (default timeout 3 h), or Redis hands a running build
+    # to a second worker; a dead worker's build is re-run this long after it died.
+    visibility = int(os.environ.get("DISKFLOW_VISIBILITY_TIMEOUT", 4 * 3600))
     celery = Celery(
         "diskflow", broker=broker, backend=os.environ.get("DISKFLOW_RESULT_URL", broker)
     )
@@ -67,7 +70,11 @@ def make_app(broker: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "visibility_timeout": int(os.environ.get("DISKFLOW_VISIBILITY_TIMEOUT", 4 * 3600))
+            "visibility_timeout": visibility,
+            # Sweep for the deliveries of dead workers often enough to notice them soon
+            # after the visibility timeout, whatever its length.
+            "unacked_restore_interval": max(1, min(10, visibility // 10)),
+            "unacked_restore_throttle": 1,
         },
     )
     return celery

@@ -9,6 +9,13 @@ start() {  # start NAME COMMAND...: unless a process called NAME runs already
     pgrep -x "$name" >/dev/null || "$@"
 }
 
+# Without udev (containers, CI machines) /dev/kvm stays root-only. libvirt probes QEMU as
+# root but runs it as libvirt-qemu, sees the two disagree, and re-probes QEMU's capabilities
+# on every call: minutes per domain start. Debian's udev rule would make it root:kvm 0660.
+if [[ -c /dev/kvm ]]; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
 start virtlogd virtlogd -d
 start libvirtd libvirtd -d
 start redis-server redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no

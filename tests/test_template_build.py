@@ -1,0 +1,262 @@
+"""Template builds with real virt-install, libvirtd and QEMU (TCG), using the test installer.
+
+Every failure path must leave no domain, no work files and no image that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# The fixtures come in as a plugin; importing the module first would bypass assert rewriting.
+pytest.register_assert_rewrite("tests.installer")
+pytest_plugins = ["tests.installer"]
+
+from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
+from pipelines.accel import Accel  # noqa: E402
+from pipelines.build import VIRTINST_SCRATCH, BuildOptions  # noqa: E402
+from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
+from tests.conftest import MiB, run, sha256  # noqa: E402
+from tests.installer import (  # noqa: E402
+    ANACONDA_LOG_DIRECTIVE,
+    TAIL_MARKER_OFFSET,
+    Installer,
+    expected_marker,
+    write_template,
+)
+
+FAST = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)
+TRACEBACK = 'echo "Traceback (most recent call last):"; echo "  File x"; echo "Boom: bad"'
+
+
+class Recorder:
+    """An Emit that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, stage: str, kind: str, message: str, **fields: Any) -> None:
+        self.events.append({"stage": stage, "kind": kind, "message": message, **fields})
+
+    def lines(self, kind: str) -> list[str]:
+        return [e["message"] for e in self.events if e["kind"] == kind]
+
+    def stages(self) -> set[str]:
+        return {e["stage"] for e in self.events}
+
+
+def build(
+    kickstart: Path, vm_dir: Path, output: Path, options: BuildOptions = FAST, **request: Any
+) -> tuple[BuildState, Recorder]:
+    recorder = Recorder()
+    state = build_template(
+        BuildRequest(
+            kickstart=str(kickstart), output=str(output), workdir=str(vm_dir), build=options,
+            **request,
+        ),
+        recorder,
+    )  # fmt: skip
+    return state, recorder
+
+
+def domains(prefix: str) -> list[str]:
+    names = run("virsh", "-c", "qemu:///system", "list", "--all", "--name").split()
+    return [name for name in names if name.startswith(prefix)]
+
+
+def assert_nothing_left(name: str, vm_dir: Path, output: Path) -> None:
+    """No domain, no work directory content, no virt-install copies, no image."""
+    assert domains(f"diskflow-{name}-") == []
+    assert list(vm_dir.iterdir()) == []
+    assert [p for p in VIRTINST_SCRATCH.glob("virtinst-*") if f"diskflow-{name}-" in p.name] == []
+    assert list(output.glob(f"{name}/*.qcow2")) == []
+    assert list(output.glob(f"{name}/.*")) == []
+
+
+def failed_build(
+    kickstart: Path, vm_dir: Path, output: Path, options: BuildOptions = FAST
+) -> tuple[ImportFailure, Recorder]:
+    recorder = Recorder()
+    with pytest.raises(ImportFailure) as caught:
+        build_template(
+            BuildRequest(kickstart=str(kickstart), output=str(output), workdir=str(vm_dir),
+                         build=options),
+            recorder,
+        )  # fmt: skip
+    assert_nothing_left(kickstart.stem, vm_dir, output)
+    return caught.value, recorder
+
+
+def test_build_produces_a_compressed_template_with_manifest(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "golden")
+    state, recorder = build(kickstart, vm_dir, tmp_path / "out")
+
+    image = tmp_path / "out/golden/golden.qcow2"
+    assert state.image == str(image)
+    details = json.loads(run("qemu-img", "info", "--output=json", image))
+    assert details["format"] == "qcow2"
+    assert details["format-specific"]["data"]["compression-type"] == "zstd"
+    assert details["virtual-size"] == 64 * MiB
+    # What the installer wrote is in the template, at both ends of the disk.
+    raw = tmp_path / "disk.raw"
+    run("qemu-img", "convert", "-O", "raw", image, raw)
+    marker = expected_marker(kickstart)
+    with open(raw, "rb") as f:
+        assert f.read(len(marker)) == marker
+        f.seek(64 * MiB - TAIL_MARKER_OFFSET)
+        assert f.read(len(marker)) == marker
+
+    manifest = json.loads((tmp_path / "out/golden/manifest.json").read_text())
+    assert manifest == state.manifest
+    assert manifest["output"]["sha256"] == sha256(image)
+    assert manifest["output"]["size"] == image.stat().st_size
+    assert manifest["output"]["virtual_size"] == 64 * MiB
+    assert manifest["kickstart"]["sha256"] == sha256(kickstart)  # no %include: text as is
+    assert manifest["inputs"]["kernel"]["sha256"] == sha256(minimal_installer.kernel)
+    assert manifest["inputs"]["initrd"]["sha256"] == sha256(minimal_installer.initrd)
+    assert manifest["accel"]["used"] == "tcg"
+    assert {"validate", "install", "finalize"} <= set(manifest["durations"])
+    assert {"virt-install", "qemu-img", "qemu-system-x86_64"} <= set(manifest["tools"])
+    assert (tmp_path / "out/golden/golden.qcow2.sha256").read_text() == (
+        f"{sha256(image)}  golden.qcow2\n"
+    )
+    # The console was streamed as events and kept as a file.
+    assert "diskflow-test-installer: done" in recorder.lines("console")
+    assert "diskflow-test-installer: done" in (tmp_path / "out/golden/console.log").read_text()
+    assert domains("diskflow-golden-") == []
+    assert list(vm_dir.iterdir()) == []
+
+
+def test_same_inputs_give_the_same_build_id_and_a_changed_kickstart_another(
+    minimal_installer: Installer, tmp_path: Path
+) -> None:
+    from pipelines.steps import validate_step
+
+    kickstart = write_template(tmp_path, minimal_installer, "ids")
+    first = validate_step(BuildRequest(kickstart=str(kickstart))).build_id
+    assert validate_step(BuildRequest(kickstart=str(kickstart))).build_id == first
+    write_template(tmp_path, minimal_installer, "ids", post="echo changed")
+    assert validate_step(BuildRequest(kickstart=str(kickstart))).build_id != first
+
+
+def test_failure_pattern_ends_the_build_with_the_matching_lines(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(
+        tmp_path, minimal_installer, "pattern", post=f"{TRACEBACK}; sleep 600"
+    )
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out")
+    assert isinstance(failure, FinalError)
+    assert failure.reason == "InstallFailed"
+    assert "traceback in the console output" in failure.message
+    assert "Traceback (most recent call last):" in failure.message
+    assert "Boom: bad" in failure.message  # the lines after the match come along
+
+
+def test_silent_guest_is_stopped_by_the_no_output_watchdog(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "silent", post="sleep 100000")
+    options = BuildOptions(accel=Accel.TCG, network="none", timeout=300, no_output_timeout=8)
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out", options)
+    assert failure.reason == "NoConsoleOutput"
+    assert "no console or installer output for 8s" in failure.message
+    assert "running %post" in failure.message  # the last thing the guest said
+
+
+def test_overall_timeout_stops_a_busy_guest(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(
+        tmp_path, minimal_installer, "busy", post="while :; do echo working; sleep 1; done"
+    )
+    options = BuildOptions(accel=Accel.TCG, network="none", timeout=25, no_output_timeout=20)
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out", options)
+    assert failure.reason == "Timeout"
+    assert "within 25s" in failure.message
+    assert "working" in failure.message
+
+
+def test_installer_that_writes_nothing_is_a_failure(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "empty", post="exit 3")
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out")
+    assert failure.reason == "InstallFailed"
+    assert "without writing to the disk" in failure.message
+    assert "%post failed with status 3" in failure.message
+
+
+def test_invalid_kickstart_is_refused_before_anything_boots(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "invalid", extra="bootloader --bogus")
+    failure, recorder = failed_build(kickstart, vm_dir, tmp_path / "out")
+    assert failure.reason == "InvalidKickstart"
+    assert f"{kickstart}:" in failure.message and "--bogus" in failure.message
+    assert recorder.stages() <= {"validate"}
+
+
+def test_unreachable_libvirt_is_a_clear_transient_error(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "nolibvirt")
+    options = BuildOptions(
+        connect="qemu+unix:///system?socket=/nonexistent/libvirt-sock", accel=Accel.TCG
+    )
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out", options)
+    assert isinstance(failure, TransientError)
+    assert failure.reason == "LibvirtUnreachable"
+    assert "cannot reach libvirt at qemu+unix:///system?socket=/nonexistent" in failure.message
+
+
+def test_installer_log_channel_is_captured(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(
+        tmp_path, minimal_installer, "logged", post="echo anaconda says hello",
+        extra=ANACONDA_LOG_DIRECTIVE,
+    )  # fmt: skip
+    _, recorder = build(kickstart, vm_dir, tmp_path / "out")
+    assert "anaconda says hello" in recorder.lines("installer")
+    assert "anaconda says hello" in (tmp_path / "out/logged/installer.log").read_text()
+
+
+def test_failure_pattern_in_the_installer_log_counts_too(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(
+        tmp_path, minimal_installer, "logfail",
+        post="echo 'insufficient disk space: need 2 GiB'; sleep 600",
+        extra=ANACONDA_LOG_DIRECTIVE,
+    )  # fmt: skip
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out")
+    assert failure.reason == "InstallFailed"
+    assert "no space" in failure.message
+    assert "installer:" in failure.message or "console:" in failure.message
+
+
+def test_cli_build_streams_json_events_and_exits_non_zero_on_failure(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "clifail", post=TRACEBACK)
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "build", str(kickstart), "--output",
+         str(tmp_path / "out"), "--accel", "tcg", "--network", "none", "--workdir", str(vm_dir),
+         "--progress", "json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert any(e["kind"] == "console" and "running %post" in e["message"] for e in events)
+    assert any(e["kind"] == "warning" and "TCG" in e["message"] for e in events)
+    assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "InstallFailed"
+    assert "[InstallFailed]" in done.stderr
+    assert_nothing_left("clifail", vm_dir, tmp_path / "out")
