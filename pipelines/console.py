@@ -54,14 +54,17 @@ class LogTail:
         try:
             with open(self.path, "rb") as f:
                 inode = os.fstat(f.fileno()).st_ino
+                rotated = self._inode is not None and inode != self._inode
                 if inode != self._inode:
-                    # virtlogd rotated the file (at 2 MiB): the new one starts from nothing.
+                    # virtlogd rotates the file at 2 MiB: the new one starts from nothing.
                     self._inode, self._offset = inode, 0
                 f.seek(self._offset)
                 data = f.read()
         except FileNotFoundError:
             return []
         self._offset += len(data)
+        if rotated and self._partial:
+            data = b"\n" + data  # the old file's unfinished last line ends with it
         *complete, self._partial = (self._partial + data).split(b"\n")
         if final and self._partial:
             complete.append(self._partial)
@@ -77,7 +80,7 @@ class LogTail:
 
 def clean(text: str) -> str:
     """A console line without terminal escapes, carriage-return redraws or control bytes."""
-    text = _ESCAPES.sub("", text).rstrip("\r")
+    text = _ESCAPES.sub("", text).rstrip("\r\n")
     text = text.rsplit("\r", 1)[-1]  # a progress redraw: the last state is what was shown
     return _CONTROLS.sub("", text).rstrip()
 
