@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from importer.progress import Snapshot
+
 Emit = Callable[..., None]  # emit(stage, kind, message, **fields)
 
 
@@ -45,3 +47,27 @@ def log_lines(stream: TextIO = sys.stderr) -> Emit:
         stream.flush()
 
     return emit
+
+
+class EventReporter:
+    """Byte progress of an importer `Progress` (an upload, say) as "progress" events."""
+
+    def __init__(self, emit: Emit, stage: str) -> None:
+        self._emit = emit
+        self._stage = stage
+
+    def show(self, snapshot: Snapshot) -> None:
+        if snapshot.stage == "pending":
+            return
+        percent = snapshot.percent
+        self._emit(
+            self._stage, "progress",
+            f"{snapshot.stage} {snapshot.bytes_done >> 20} MiB"
+            + (f" ({percent:.0f}%)" if percent is not None else "")
+            + f" at {snapshot.throughput / 2**20:.0f} MiB/s",
+            bytes_done=snapshot.bytes_done, bytes_total=snapshot.bytes_total,
+            percent=None if percent is None else round(percent, 1),
+        )  # fmt: skip
+
+    def close(self) -> None:
+        pass

@@ -8,6 +8,7 @@ the state the previous one returned, so both engines share every line of build l
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import tempfile
@@ -20,17 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from importer.errors import FinalError
+from importer.progress import Progress, reporting
 from importer.sources.s3_options import S3Options
 from pipelines import kickstart, provenance
 from pipelines.accel import Accel
 from pipelines.build import BuildOptions, install
 from pipelines.bundle import Bundle, pack, unpacked
-from pipelines.events import Emit, discard
+from pipelines.datavolume import datavolume, to_yaml
+from pipelines.events import Emit, EventReporter, discard
 from pipelines.finalize import Compression, FinalizeOptions, finalize
-from pipelines.publish import Store, find_published, open_store, publish_build
+from pipelines.publish import Published, Store, find_published, open_store, publish_build
 from pipelines.template import Template, load_template
 
 MANIFEST_SCHEMA = "diskflow.io/template-build/v1"
+PROGRESS_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,11 @@ def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
         if existing:
             emit("validate", "done", f"build {build_id} is already published: skipping "
                  "(--force rebuilds)", build_id=build_id)  # fmt: skip
-            return replace(state, skipped=True, manifest=existing, published=existing)
+            state.output_dir.mkdir(parents=True, exist_ok=True)
+            write_datavolume(
+                state.output_dir, Published.from_manifest(existing), request.publish, emit
+            )
+            return replace(state, skipped=True, manifest=existing, published=existing["published"])
     emit("validate", "done", f"{template.name}: build {build_id}", build_id=build_id)
     return state
 
@@ -224,12 +232,56 @@ def publish_step(state: BuildState, emit: Emit = discard) -> BuildState:
     if state.skipped or not request.publish_to:
         return state
     assert state.image, "finalize_step runs before publish_step"
-    store = request.publish.store(request.publish_to)
-    published = publish_build(
-        store, state.template.name, state.build_id, Path(state.image), state.manifest, emit
+    published = publish_image(
+        Path(state.image), state.manifest, request.publish_to, request.publish, emit
     )
-    _write_json(state.output_dir / "manifest.json", published)
-    return replace(state, published=published, manifest=published)
+    _write_json(state.output_dir / "manifest.json", published.manifest)
+    return replace(state, published=published.manifest["published"], manifest=published.manifest)
+
+
+def publish_image(
+    image: Path,
+    manifest: dict[str, Any],
+    publish_to: str,
+    options: PublishOptions,
+    emit: Emit = discard,
+) -> Published:
+    """Publish a finished build (its image and manifest) to the store at `publish_to`.
+
+    A DataVolume manifest importing it is written next to the image.
+    """
+    template, build_id = manifest["template"], manifest["build_id"]
+    store = options.store(publish_to)
+    emit("publish", "start", f"publishing {image.name} to {store.description}")
+    started = time.monotonic()
+    progress = Progress()
+    with reporting(progress, [EventReporter(emit, "publish")], interval=PROGRESS_SECONDS):
+        published = publish_build(
+            store, template, build_id, image, manifest, progress,
+            sha256=manifest["output"]["sha256"],
+        )  # fmt: skip
+    emit("publish", "done", f"published {published.image_url} in "
+         f"{time.monotonic() - started:.1f}s", url=published.image_url)  # fmt: skip
+    write_datavolume(image.parent, published, options, emit)
+    return published
+
+
+def write_datavolume(
+    directory: Path, published: Published, options: PublishOptions, emit: Emit = discard
+) -> Path | None:
+    """DIRECTORY/datavolume.yaml importing the published image, if a cluster can reach it."""
+    name = re.sub(r"[^a-z0-9-]+", "-", published.template.lower()).strip("-") or "template"
+    try:
+        manifest = datavolume(
+            name, published, namespace=options.namespace, storage_class=options.storage_class
+        )
+    except FinalError as e:
+        emit("publish", "warning", f"no DataVolume manifest: {e.message}")
+        return None
+    path = directory / "datavolume.yaml"
+    path.write_text(to_yaml(manifest))
+    emit("publish", "info", f"DataVolume manifest: {path}", datavolume=str(path))
+    return path
 
 
 def build_template(request: BuildRequest, emit: Emit = discard) -> BuildState:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task, chain
@@ -84,11 +86,20 @@ app = make_app()
 
 
 class StepTask(Task):
-    """A step of a build: its events become the task's PROGRESS state and worker log lines."""
+    """A step of a build: its events become the task's PROGRESS state and worker log lines.
 
-    def emitter(self) -> Emit:
+    A task returns {"state": ..., "run": ..., "events": [...]}: the next task reads the state,
+    a follower the events it has not seen yet (a step may end between two of its polls).
+    """
+
+    def run_step(
+        self, step: Callable[[Any, Emit], BuildState], given: Any
+    ) -> tuple[BuildState, dict[str, Any]]:
         events: list[dict[str, Any]] = []
         count, last_write = 0, 0.0
+        # A task delivered again (its worker died) starts its events afresh: followers tell
+        # the runs apart by this id.
+        run = f"{self.request.hostname}/{uuid.uuid4().hex[:8]}"
 
         def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
             nonlocal count, last_write
@@ -99,37 +110,38 @@ class StepTask(Task):
             now = time.monotonic()
             if kind not in CHATTY or now - last_write > STATE_INTERVAL:
                 last_write = now
-                self.update_state(state="PROGRESS", meta={"stage": stage, "events": events})
+                self.update_state(state="PROGRESS", meta={"run": run, "events": events})
 
-        return emit
+        state = step(given, emit)
+        return state, {"state": state.to_json(), "run": run, "events": events}
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.validate")
 def validate(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     """Validate the kickstart, work out the build id, and skip a published build."""
-    return validate_step(BuildRequest.from_json(request), self.emitter()).to_json()
+    return self.run_step(validate_step, BuildRequest.from_json(request))[1]
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.install")
-def install(self: StepTask, state: dict[str, Any]) -> dict[str, Any]:
+def install(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
     """Run the unattended install; pin the rest of the chain to this worker."""
-    done = install_step(BuildState.from_json(state), self.emitter())
+    result = self.run_step(install_step, BuildState.from_json(previous["state"]))[1]
     queue = worker_direct(self.request.hostname).name
     for signature in self.request.chain or []:
         signature.setdefault("options", {})["queue"] = queue
-    return done.to_json()
+    return result
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.finalize")
-def finalize(self: StepTask, state: dict[str, Any]) -> dict[str, Any]:
+def finalize(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
     """Seal, compress and checksum the installed disk."""
-    return finalize_step(BuildState.from_json(state), self.emitter()).to_json()
+    return self.run_step(finalize_step, BuildState.from_json(previous["state"]))[1]
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.publish")
-def publish(self: StepTask, state: dict[str, Any]) -> dict[str, Any]:
+def publish(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
     """Upload the template, its checksum and its manifest; the manifest goes last."""
-    return publish_step(BuildState.from_json(state), self.emitter()).to_json()
+    return self.run_step(publish_step, BuildState.from_json(previous["state"]))[1]
 
 
 STEPS = (validate, install, finalize, publish)
@@ -148,21 +160,26 @@ def submit(request: BuildRequest) -> list[AsyncResult]:
 def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
     """Pass on each task's events as they arrive; return the final state or raise the failure."""
     for result in results:
-        seen = 0
+        seen, run = 0, None
         while True:
             status, info = result.state, result.info
-            if status == "PROGRESS" and isinstance(info, dict):
+            if status in ("PROGRESS", "SUCCESS") and isinstance(info, dict):
+                if info.get("run") != run:
+                    if run is not None:
+                        emit("queue", "warning", f"{result.name or 'task'} runs again on "
+                             f"{info['run'].split('/')[0]}: its first worker was lost")  # fmt: skip
+                    seen, run = 0, info.get("run")
                 for item in info.get("events", []):
                     if item["seq"] > seen:
                         seen = item["seq"]
                         fields = {k: v for k, v in item.items() if k not in _EVENT_KEYS}
                         emit(item["stage"], item["kind"], item["message"], **fields)
-            elif status == "SUCCESS":
+            if status == "SUCCESS":
                 break
-            elif status in ("FAILURE", "REVOKED"):
+            if status in ("FAILURE", "REVOKED"):
                 raise info if isinstance(info, BaseException) else RuntimeError(str(info))
             time.sleep(POLL_SECONDS)  # the result backend has no push notification to wait on
-    return BuildState.from_json(results[-1].result)
+    return BuildState.from_json(results[-1].result["state"])
 
 
 _EVENT_KEYS = {"time", "stage", "kind", "message", "seq"}

@@ -24,7 +24,7 @@ log = logging.getLogger("diskflow.importer")
 
 MAX_REDIRECTS = 10
 _REDIRECT_STATUSES = {301, 302, 303, 307, 308}
-_FINAL_STATUSES = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Gone"}
+FINAL_STATUSES = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Gone"}
 _MAX_RETRY_AFTER = 60.0
 _SKIP_CHUNK = 1 << 20
 
@@ -254,15 +254,15 @@ class HttpSource(ResumableSource):
             return
         response.close()
         where = redact_url(url)
-        if status in _FINAL_STATUSES:
+        if status in FINAL_STATUSES:
             raise FinalError(
-                _FINAL_STATUSES[status], f"{where} answered HTTP {status} {response.reason}"
+                FINAL_STATUSES[status], f"{where} answered HTTP {status} {response.reason}"
             )
         if status in (408, 429) or status >= 500:
             error = TransientError(
                 "ServerError", f"{where} answered HTTP {status} {response.reason}"
             )
-            error.retry_after = _retry_after(response)  # type: ignore[attr-defined]
+            error.retry_after = retry_after(response)  # type: ignore[attr-defined]
             raise error
         raise FinalError("HttpError", f"{where} answered HTTP {status} {response.reason}")
 
@@ -275,7 +275,7 @@ class HttpSource(ResumableSource):
         self._secrets.update(s for s in (parts.query, parts.password) if s)
 
 
-def _retry_after(response: requests.Response) -> float:
+def retry_after(response: requests.Response) -> float:
     try:
         return min(float(response.headers.get("Retry-After", 0)), _MAX_RETRY_AFTER)
     except ValueError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import threading
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from tenacity import (
 )
 
 from importer.errors import FinalError, TransientError
+from importer.redaction import describe
 
 log = logging.getLogger("diskflow.importer")
 T = TypeVar("T")
@@ -144,11 +144,7 @@ class ResumableSource:
 
     def _describe(self, exc: BaseException) -> str:
         """The exception's text with every known secret, and any query string, removed."""
-        text = str(exc)
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            text = text.replace(secret, "<redacted>")
-        # Library messages quote request paths; anything after a '?' is suspect.
-        return re.sub(r"\?\S+", "?<redacted>", text) or type(exc).__name__
+        return describe(exc, self._secrets)
 
     # --- retries ----------------------------------------------------------------------
 

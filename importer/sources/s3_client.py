@@ -1,0 +1,138 @@
+"""An S3 client made from S3Options, and what S3's errors mean.
+
+Shared by the S3 source (import) and the S3 artifact store (publish), so that both find
+credentials the same way and fail with the same reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import urllib3
+
+from importer.errors import FinalError, ImportFailure, TransientError
+from importer.sources.http import HttpOptions
+from importer.sources.s3_options import S3Options, region_of
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_FORBIDDEN = {"AccessDenied", "403", "AllAccessDisabled", "AccountProblem"}
+_UNAUTHORIZED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+_WRONG_REGION = {
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+    "301",
+    "IllegalLocationConstraintException",
+}
+_CHANGED = {"PreconditionFailed", "412"}
+_RETRIED = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+
+# What a call on an S3 client raises; `failure` says what each means.
+S3_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.ClientError,
+    botocore.exceptions.BotoCoreError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class S3Connection:
+    client: Any  # botocore's S3 client (its class is generated at run time)
+    region: str
+    secrets: frozenset[str]
+    """The secret key and session token: never printed."""
+
+
+def connect(
+    s3: S3Options,
+    endpoint: str | None,
+    http: HttpOptions,
+    *,
+    attempts: int,
+    sign_payload: bool | None = None,
+) -> S3Connection:
+    """A client for the store at `endpoint` (None: AWS) with credentials from boto3's chain or
+    `s3.credentials_file`, making `attempts` tries per request (1: the caller retries).
+    `sign_payload=False` spares the sha256 of each body that SigV4 takes over plain http; only
+    for a caller whose every body carries its own (signed) x-amz-checksum header."""
+    try:
+        session = boto3.session.Session(profile_name=s3.profile)
+    except botocore.exceptions.ProfileNotFound:
+        raise FinalError("InvalidArgument", f"there is no AWS profile {s3.profile!r}") from None
+    if s3.credentials_file:
+        # boto3 has no public knob for this; botocore's session has.
+        session._session.set_config_variable("credentials_file", s3.credentials_file)
+    credentials = session.get_credentials()
+    if credentials is None:
+        raise FinalError(
+            "NoCredentials",
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, "
+            "a web identity token, or --s3-credentials-file",
+        )
+    frozen = credentials.get_frozen_credentials()
+    region = s3.region or region_of(endpoint) or session.region_name or "us-east-1"
+    addressing = s3.addressing if s3.addressing != "auto" or not endpoint else "path"
+    s3_config: dict[str, object] = {"addressing_style": addressing}
+    if sign_payload is not None:  # None: botocore's default, or the profile's setting
+        s3_config["payload_signing_enabled"] = sign_payload
+    config = botocore.config.Config(
+        region_name=region,
+        s3=s3_config,
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        connect_timeout=http.connect_timeout,
+        read_timeout=http.stall_timeout,
+    )
+    client = session.client(
+        "s3", endpoint_url=endpoint, verify=http.ca_bundle or not http.insecure, config=config
+    )
+    secrets = frozenset(s for s in (frozen.secret_key, frozen.token) if s)
+    return S3Connection(client, region, secrets)
+
+
+def failure(
+    exc: BaseException, *, what: str, describe: Callable[[BaseException], str]
+) -> ImportFailure:
+    """What one of S3_ERRORS means for the transfer of `what`; `describe` keeps secrets out."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return _client_failure(exc, what=what, describe=describe)
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return FinalError("NoCredentials", "no S3 credentials were found")
+    if isinstance(exc, botocore.exceptions.SSLError):
+        return FinalError("TLSError", f"TLS with the S3 endpoint failed: {describe(exc)}")
+    if isinstance(exc, botocore.exceptions.ParamValidationError):
+        return FinalError("InvalidURL", f"{what}: {describe(exc)}")
+    return TransientError("ConnectionFailed", f"{what}: {describe(exc)}")
+
+
+def _client_failure(
+    exc: botocore.exceptions.ClientError, *, what: str, describe: Callable[[BaseException], str]
+) -> ImportFailure:
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    said = f"{what}: {code} {describe(Exception(error.get('Message', '')))}"
+    if code in _NOT_FOUND:
+        return FinalError("NotFound", said)
+    if code in _FORBIDDEN:
+        return FinalError("Forbidden", said)
+    if code in _UNAUTHORIZED:
+        return FinalError("Unauthorized", said)
+    if code in _WRONG_REGION:
+        headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        where = headers.get("x-amz-bucket-region")
+        hint = f"it is in {where}: " if where else ""
+        return FinalError(
+            "WrongRegion", f"{said}; the bucket is in another region ({hint}set --s3-region)"
+        )
+    if code in _CHANGED:
+        return TransientError(
+            "SourceChanged", f"{what} changed during the download; start the import again"
+        )
+    if code in _RETRIED or (isinstance(status, int) and status >= 500):
+        return TransientError("ServerError", said)
+    return FinalError("S3Error", said)

@@ -1,0 +1,188 @@
+"""Queued builds: a real Redis broker, real `diskflow worker` processes, real installs.
+
+A worker killed in the middle of an install must lead to the build running again on another
+worker, with nothing published in between.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.installer")
+pytest_plugins = ["tests.installer"]
+
+from tests.conftest import free_port, run, sha256  # noqa: E402
+from tests.installer import Installer, write_template  # noqa: E402
+
+VISIBILITY_TIMEOUT = 20  # seconds: longer than one test build, short enough to wait for
+
+
+def wait_until(check: Callable[[], object], deadline: float, what: str) -> object:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server of the test's own on a free port."""
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_until(
+        lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                               text=True).stdout.strip() == "PONG",
+        10, "redis-server",
+    )  # fmt: skip
+    yield url
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture
+def environment(broker: str) -> dict[str, str]:
+    return dict(
+        os.environ, DISKFLOW_BROKER_URL=broker, DISKFLOW_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT)
+    )
+
+
+class Workers:
+    """`diskflow worker` processes, each in its own process group so it can be killed whole."""
+
+    def __init__(self, environment: dict[str, str], logs: Path) -> None:
+        self.environment = environment
+        self.logs = logs
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "diskflow", "worker", "--hostname", f"{name}@%h"],
+            env=self.environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.started.append(worker)
+        return worker
+
+    def kill(self, worker: subprocess.Popen) -> None:
+        """SIGKILL the worker and its pool processes: a pod that dies, no clean-up at all."""
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGTERM)
+                try:
+                    worker.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+
+
+@pytest.fixture
+def workers(environment: dict[str, str], tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(environment, tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+def queued_build(
+    kickstart: Path, tmp_path: Path, vm_dir: Path, environment: dict[str, str], *extra: str
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "build", str(kickstart), "--queue", "--output",
+         str(tmp_path / "out"), "--workdir", str(vm_dir), "--accel", "tcg", "--network", "none",
+         "--progress", "json", *extra],
+        env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def domains(prefix: str) -> list[str]:
+    names = run("virsh", "-c", "qemu:///system", "list", "--all", "--name").split()
+    return [name for name in names if name.startswith(prefix)]
+
+
+def test_queued_build_runs_on_a_worker_and_streams_its_progress(
+    minimal_installer: Installer,
+    vm_dir: Path,
+    tmp_path: Path,
+    environment: dict[str, str],
+    workers: Workers,
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "queued", post="echo queued build")
+    workers.start("one")
+    client = queued_build(kickstart, tmp_path, vm_dir, environment)
+    out, err = client.communicate(timeout=300)
+    assert client.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    stages = [e["stage"] for e in events[:-1]]
+    assert stages.index("validate") < stages.index("install") < stages.index("finalize")
+    assert any(e["kind"] == "console" for e in events)  # the guest's console, via Redis
+    result = events[-1]
+    assert result["kind"] == "result" and not result["skipped"]
+    image = tmp_path / "out/queued/queued.qcow2"
+    assert result["manifest"]["output"]["sha256"] == sha256(image)
+    # The worker logs no task results: a build state holds the kickstart text.
+    assert "rootpw" not in (tmp_path / "one.log").read_text()
+
+
+def test_a_killed_worker_build_runs_again_with_nothing_published_before(
+    minimal_installer: Installer,
+    vm_dir: Path,
+    tmp_path: Path,
+    environment: dict[str, str],
+    workers: Workers,
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    kickstart = write_template(
+        tmp_path, minimal_installer, "rerun", post="echo started; sleep 5; echo finishing"
+    )
+    first = workers.start("first")
+    client = queued_build(kickstart, tmp_path, vm_dir, environment, "--publish-to", str(store))
+
+    # Kill the worker once its guest runs: the install task is in flight, unacknowledged.
+    def first_install() -> list[str]:
+        assert client.poll() is None, client.communicate()
+        return domains("diskflow-rerun-")
+
+    (killed_domain,) = wait_until(first_install, 120, "the first install")
+    workers.kill(first)
+    assert list(store.iterdir()) == []
+
+    workers.start("second")
+    out, err = client.communicate(timeout=300)
+    assert client.returncode == 0, err
+    result = json.loads(out.splitlines()[-1])
+    published = result["manifest"]
+    build_id = result["build_id"]
+    image = store / "rerun" / build_id / "rerun.qcow2"
+    assert sha256(image) == published["output"]["sha256"]
+    assert (store / "rerun" / build_id / "manifest.json").is_file()
+    # It was a second install, on the second worker, in a domain of its own.
+    log = (tmp_path / "second.log").read_text()
+    assert "install" in log
+    started = [
+        json.loads(line)["domain"]
+        for line in out.splitlines()
+        if json.loads(line).get("kind") == "start" and json.loads(line)["stage"] == "install"
+    ]
+    assert started and killed_domain not in started[-1:]
+    wait_until(lambda: not domains("diskflow-rerun-"), 120, "the killed worker's guest to stop")
