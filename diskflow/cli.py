@@ -372,5 +372,6 @@ from diskflow import templates_cli  # noqa: E402
 
 app.command()(templates_cli.validate)
 app.command()(templates_cli.build)
+app.command()(templates_cli.publish)
 app.command()(templates_cli.worker)
 app.add_typer(templates_cli.ci_app, name="ci")

@@ -28,7 +28,13 @@ from pipelines.accel import Accel
 from pipelines.build import BuildOptions
 from pipelines.events import Emit, discard, json_lines, log_lines
 from pipelines.finalize import Compression, FinalizeOptions
-from pipelines.steps import BuildRequest, BuildState, PublishOptions, build_template
+from pipelines.steps import (
+    BuildRequest,
+    BuildState,
+    PublishOptions,
+    build_template,
+    publish_directory,
+)
 from pipelines.template import load_template
 
 ci_app = typer.Typer(
@@ -150,6 +156,46 @@ def build(
     emit = _emitter(mode)
     run = _queued if queue else build_template
     _report(lambda: run(request, emit), mode)
+
+
+def publish(
+    directory: Annotated[
+        Path,
+        typer.Argument(help="A finished build, OUTPUT/NAME: its manifest.json and NAME.qcow2."),
+    ],
+    publish_to: Annotated[
+        str,
+        typer.Option(
+            help="s3://bucket/prefix, http(s)://artifact-store/path, or a local directory."
+        ),
+    ],
+    s3_endpoint: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
+    s3_profile: S3Profile = None,
+    s3_credentials_file: S3CredentialsFile = None,
+    auth_file: AuthFile = None,
+    public_url: PublicUrl = None,
+    namespace: Namespace = None,
+    storage_class: StorageClass = None,
+    progress: Progress = EventMode.AUTO,
+) -> None:
+    """Publish a build made earlier: image and .sha256 first, manifest last; a DataVolume."""
+    from diskflow.cli import guarded
+
+    given = locals()
+    options = _publish_options(**{name: given[name] for name in PUBLISH_OPTIONS})
+    mode = _resolve(progress)
+    published = guarded(
+        lambda: publish_directory(directory, publish_to, options, _emitter(mode)),
+        _failure_reporter(mode),
+    )
+    summary = {"image": published.image_url, "sha256": published.sha256,
+               "manifest": published.manifest_url}  # fmt: skip
+    if mode is EventMode.JSON:
+        print(json.dumps({"kind": "result", **summary}), flush=True)
+    else:
+        typer.echo(f"published {published.image_url} (sha256 {published.sha256})")
 
 
 def worker(
@@ -287,13 +333,43 @@ def _request(
         workdir=str(workdir) if workdir else None,
         build=BuildOptions(connect, accel, timeout, no_output_timeout, network),
         finalize=FinalizeOptions(seal, compression),
-        publish=PublishOptions(
-            s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
-            str(auth_file) if auth_file else None,
+        publish=_publish_options(
+            s3_endpoint,
+            s3_region,
+            s3_addressing,
+            s3_profile,
+            s3_credentials_file,
+            auth_file,
             public_url,
             namespace,
             storage_class,
         ),
+    )
+
+
+PUBLISH_OPTIONS = (
+    "s3_endpoint", "s3_region", "s3_addressing", "s3_profile", "s3_credentials_file",
+    "auth_file", "public_url", "namespace", "storage_class",
+)  # fmt: skip
+
+
+def _publish_options(
+    s3_endpoint: str | None,
+    s3_region: str | None,
+    s3_addressing: S3Addressing,
+    s3_profile: str | None,
+    s3_credentials_file: Path | None,
+    auth_file: Path | None,
+    public_url: str | None,
+    namespace: str | None,
+    storage_class: str | None,
+) -> PublishOptions:
+    return PublishOptions(
+        s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
+        str(auth_file) if auth_file else None,
+        public_url,
+        namespace,
+        storage_class,
     )
 
 
@@ -305,15 +381,19 @@ def _queued(request: BuildRequest, emit: Emit) -> BuildState:
     return follow(results, emit)
 
 
-def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
-    from diskflow.cli import guarded
-
+def _failure_reporter(mode: EventMode) -> Callable[[dict[str, Any]], None]:
     def finish(record: dict[str, Any]) -> None:
         if mode is EventMode.JSON:
             print(json.dumps({"kind": "failed", **record}), flush=True)
         _print_failure(record)
 
-    state = guarded(job, finish)
+    return finish
+
+
+def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
+    from diskflow.cli import guarded
+
+    state = guarded(job, _failure_reporter(mode))
     summary = {
         "template": state.template.name,
         "build_id": state.build_id,

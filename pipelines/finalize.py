@@ -82,10 +82,11 @@ def seal(disk: Path, accel: Accel, emit: Emit = discard) -> None:
         raise FinalError(
             "MissingTool", "virt-sysprep is not installed (Debian package libguestfs-tools)"
         )
-    env = dict(os.environ, LIBGUESTFS_BACKEND="direct")
+    env = dict(os.environ)
+    env.setdefault("LIBGUESTFS_BACKEND", "direct")  # no libvirtd needed for the appliance
     if accel is Accel.TCG:
         # The libguestfs appliance would try KVM and hang where the build itself needed TCG.
-        env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+        env.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
     emit("finalize", "start", "sealing with virt-sysprep")
     try:
         done = subprocess.run(

@@ -231,12 +231,28 @@ def publish_step(state: BuildState, emit: Emit = discard) -> BuildState:
     request = state.request
     if state.skipped or not request.publish_to:
         return state
-    assert state.image, "finalize_step runs before publish_step"
-    published = publish_image(
-        Path(state.image), state.manifest, request.publish_to, request.publish, emit
-    )
-    _write_json(state.output_dir / "manifest.json", published.manifest)
+    published = publish_directory(state.output_dir, request.publish_to, request.publish, emit)
     return replace(state, published=published.manifest["published"], manifest=published.manifest)
+
+
+def publish_directory(
+    directory: Path, publish_to: str, options: PublishOptions, emit: Emit = discard
+) -> Published:
+    """Publish the finished build in DIRECTORY (OUTPUT/NAME); its manifest.json records where."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        image = directory / manifest["output"]["file"]
+    except FileNotFoundError:
+        raise FinalError(
+            "InvalidArgument", f"{directory} holds no manifest.json: is it a finished build?"
+        ) from None
+    except (ValueError, KeyError, TypeError):
+        raise FinalError(
+            "InvalidManifest", f"{directory}/manifest.json is not a finished build's manifest"
+        ) from None
+    published = publish_image(image, manifest, publish_to, options, emit)
+    _write_json(directory / "manifest.json", published.manifest)
+    return published
 
 
 def publish_image(

@@ -1,0 +1,144 @@
+"""The template commands as CI and people run them: validate, ci changed/build, publish."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.register_assert_rewrite("tests.installer")
+pytest_plugins = ["tests.installer"]
+
+from tests.conftest import sha256  # noqa: E402
+from tests.installer import Installer, write_template  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TRACEBACK = 'echo "Traceback (most recent call last):"; echo "Boom"'
+
+
+def diskflow(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "diskflow", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_every_shipped_kickstart_passes_validate() -> None:
+    done = diskflow("validate", "--kickstarts", REPO / "kickstarts")
+    assert done.returncode == 0, done.stderr
+    shipped = sorted((REPO / "kickstarts").glob("*.ks"))
+    assert len(shipped) >= 3
+    assert [line.split()[1] for line in done.stdout.splitlines()] == [str(p) for p in shipped]
+
+
+def test_validate_names_file_and_line_and_fails(
+    tmp_path: Path, minimal_installer: Installer
+) -> None:
+    good = write_template(tmp_path, minimal_installer, "good")
+    bad = write_template(tmp_path, minimal_installer, "bad", extra="part / --size=lots")
+    done = diskflow("validate", good, bad)
+    assert done.returncode == 1
+    assert f"ok {good}" in done.stdout
+    assert f"error: {bad}:11:" in done.stderr and "[InvalidKickstart]" in done.stderr
+
+
+@pytest.fixture
+def repo(tmp_path: Path, minimal_installer: Installer, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A git repository with two templates built by the test installer."""
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "diskflow tests")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "tests@diskflow.invalid")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    repo = tmp_path / "repo"
+    (repo / "kickstarts").mkdir(parents=True)
+    for name in ("alpha", "beta"):
+        write_template(repo / "kickstarts", minimal_installer, name)
+    git(repo, "init", "-q")
+    commit(repo)
+    return repo
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+
+
+def commit(repo: Path) -> str:
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "change")
+    return git(repo, "rev-parse", "HEAD")
+
+
+def test_ci_build_builds_what_changed_and_reports_junit(
+    repo: Path, minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    base = git(repo, "rev-parse", "HEAD")
+    write_template(repo / "kickstarts", minimal_installer, "alpha", post="echo alpha v2")
+    write_template(repo / "kickstarts", minimal_installer, "beta", post=TRACEBACK)
+    commit(repo)
+    changed = diskflow("ci", "changed", "--since", base, cwd=repo)
+    assert changed.stdout.split() == ["kickstarts/alpha.ks", "kickstarts/beta.ks"]
+
+    store = tmp_path / "store"
+    store.mkdir()
+    junit = tmp_path / "results/templates.xml"
+    done = diskflow(
+        "ci", "build", "--since", base, "--junit", junit, "--publish-to", store, "--accel",
+        "tcg", "--network", "none", "--workdir", vm_dir, "--progress", "none", cwd=repo,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "2 template(s), 1 failed" in done.stdout
+    cases = {case.get("name"): case for case in ET.parse(junit).getroot().iter("testcase")}
+    assert set(cases) == {"alpha", "beta"}
+    assert cases["alpha"].find("failure") is None
+    failure = cases["beta"].find("failure")
+    assert failure is not None and "Traceback" in (failure.text or "")
+    (image,) = store.glob("alpha/*/alpha.qcow2")
+    manifest = json.loads((image.parent / "manifest.json").read_text())
+    assert manifest["output"]["sha256"] == sha256(image)
+    assert not list(store.glob("beta/**/*"))  # a failed build publishes nothing
+
+    nothing = diskflow("ci", "build", "--since", "HEAD", "--junit", junit, cwd=repo)
+    assert nothing.returncode == 0 and "0 template(s), 0 failed" in nothing.stdout
+
+
+def test_ci_changed_with_a_bad_ref_is_a_clear_error(repo: Path) -> None:
+    done = diskflow("ci", "changed", "--since", "no-such-ref", cwd=repo)
+    assert done.returncode == 1
+    assert "no-such-ref" in done.stderr and "[InvalidArgument]" in done.stderr
+
+
+def test_publish_a_finished_build_to_a_served_directory(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "later")
+    built = diskflow("build", kickstart, "--output", tmp_path / "out", "--accel", "tcg",
+                     "--network", "none", "--workdir", vm_dir, "--progress", "none")  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    store = tmp_path / "store"
+    store.mkdir()
+    done = diskflow("publish", tmp_path / "out/later", "--publish-to", store, "--public-url",
+                    "https://images.example/golden", "--progress", "json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    (image,) = store.glob("later/*/later.qcow2")
+    assert result["sha256"] == sha256(image)
+    datavolume = yaml.safe_load((tmp_path / "out/later/datavolume.yaml").read_text())
+    build_id = image.parent.name
+    assert datavolume["spec"]["source"]["http"] == {
+        "url": f"https://images.example/golden/later/{build_id}/later.qcow2",
+        "checksum": f"sha256:{sha256(image)}",
+    }
+    local = json.loads((tmp_path / "out/later/manifest.json").read_text())
+    assert local["published"]["image"]["sha256"] == sha256(image)
+
+
+def test_publish_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None:
+    done = diskflow("publish", tmp_path, "--publish-to", tmp_path)
+    assert done.returncode == 1
+    assert "holds no manifest.json" in done.stderr and "[InvalidArgument]" in done.stderr
