@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
 
-from importer.errors import FinalError, TransientError
+from importer.errors import FinalError, ImportFailure, TransientError
 from importer.sources.resumable import STREAM_ERRORS, ResumableSource
 
 log = logging.getLogger("diskflow.importer")
@@ -61,6 +62,22 @@ def parse_header(line: str, *, where: str = "a header") -> tuple[str, str]:
             "InvalidArgument", f"the value of header {name} ({where}) has control characters"
         )
     return name, value.strip()
+
+
+def request_failure(
+    exc: requests.RequestException,
+    url: str,
+    describe: Callable[[BaseException], str],
+    *,
+    method: str = "",
+) -> ImportFailure:
+    """What a request that got no response means: TLS and URL errors are final, others not."""
+    where = f"{method} {redact_url(url)}".lstrip()
+    if isinstance(exc, requests.exceptions.SSLError):
+        return FinalError("TLSError", f"TLS with {redact_url(url)} failed: {describe(exc)}")
+    if isinstance(exc, requests.exceptions.InvalidURL):
+        return FinalError("InvalidURL", f"{redact_url(url)}: {describe(exc)}")
+    return TransientError("ConnectionFailed", f"{where}: {describe(exc)}")
 
 
 def redact_url(url: str) -> str:
@@ -237,16 +254,8 @@ class HttpSource(ResumableSource):
                 allow_redirects=False,
                 timeout=(self._options.connect_timeout, self._options.stall_timeout),
             )
-        except requests.exceptions.SSLError as exc:
-            raise FinalError(
-                "TLSError", f"TLS with {redact_url(url)} failed: {self._describe(exc)}"
-            ) from None
-        except requests.exceptions.InvalidURL as exc:
-            raise FinalError("InvalidURL", f"{redact_url(url)}: {self._describe(exc)}") from None
         except requests.RequestException as exc:
-            raise TransientError(
-                "ConnectionFailed", f"{redact_url(url)}: {self._describe(exc)}"
-            ) from None
+            raise request_failure(exc, url, self._describe) from None
 
     def _check_status(self, response: requests.Response, url: str) -> None:
         status = response.status_code

@@ -38,7 +38,13 @@ from tenacity import (
 from importer.errors import FinalError, TransientError
 from importer.progress import Progress
 from importer.redaction import describe
-from importer.sources.http import FINAL_STATUSES, HttpOptions, redact_url, retry_after
+from importer.sources.http import (
+    FINAL_STATUSES,
+    HttpOptions,
+    redact_url,
+    request_failure,
+    retry_after,
+)
 from pipelines.publish.base import CHUNK, HashingReader, ImportSource, Stored
 
 log = logging.getLogger("diskflow.publish")
@@ -212,16 +218,8 @@ class HttpStore:
                 allow_redirects=method in ("GET", "HEAD"),
                 timeout=(self._options.connect_timeout, self._options.stall_timeout),
             )
-        except requests.exceptions.SSLError as exc:
-            raise FinalError(
-                "TLSError", f"TLS with {redact_url(url)} failed: {self._describe(exc)}"
-            ) from None
-        except requests.exceptions.InvalidURL as exc:
-            raise FinalError("InvalidURL", f"{redact_url(url)}: {self._describe(exc)}") from None
         except requests.RequestException as exc:
-            raise TransientError(
-                "ConnectionFailed", f"{method} {redact_url(url)}: {self._describe(exc)}"
-            ) from None
+            raise request_failure(exc, url, self._describe, method=method) from None
 
     def _checked(self, response: requests.Response) -> requests.Response:
         """`response` if it is a success, else the error it means."""
