@@ -6,8 +6,11 @@ Every failure path must leave no domain, no work files and no image that looks c
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +263,39 @@ def test_cli_build_streams_json_events_and_exits_non_zero_on_failure(
     assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "InstallFailed"
     assert "[InstallFailed]" in done.stderr
     assert_nothing_left("clifail", vm_dir, tmp_path / "out")
+
+
+def test_missing_virt_install_is_named_with_its_package(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PATH holding every tool a build uses except virt-install.
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("virsh", "qemu-img", "qemu-system-x86_64", "prlimit"):
+        (tools / tool).symlink_to(shutil.which(tool) or tool)
+    monkeypatch.setenv("PATH", str(tools))
+    kickstart = write_template(tmp_path, minimal_installer, "notool")
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out")
+    assert failure.reason == "MissingTool"
+    assert "virt-install is not installed (Debian package virtinst)" in failure.message
+
+
+def test_sigterm_stops_the_build_and_removes_the_domain(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "stopped", post="sleep 100000")
+    build = subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "build", str(kickstart), "--output",
+         str(tmp_path / "out"), "--accel", "tcg", "--network", "none", "--workdir", str(vm_dir),
+         "--progress", "json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    end = time.monotonic() + 120
+    while not domains("diskflow-stopped-"):
+        assert build.poll() is None and time.monotonic() < end, build.communicate()
+        time.sleep(0.2)
+    build.send_signal(signal.SIGTERM)
+    out, err = build.communicate(timeout=60)
+    assert build.returncode == 75, err
+    assert json.loads(out.splitlines()[-1])["reason"] == "Terminated"
+    assert_nothing_left("stopped", vm_dir, tmp_path / "out")
