@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -23,19 +23,16 @@ from diskflow.options import (
     s3_options,
 )
 from importer.errors import ImportFailure
-from pipelines import ci, kickstart
 from pipelines.accel import Accel
 from pipelines.build import BuildOptions
 from pipelines.events import Emit, discard, json_lines, log_lines
 from pipelines.finalize import Compression, FinalizeOptions
-from pipelines.steps import (
-    BuildRequest,
-    BuildState,
-    PublishOptions,
-    build_template,
-    publish_directory,
-)
-from pipelines.template import load_template
+
+if TYPE_CHECKING:
+    from pipelines.steps import BuildRequest, BuildState, PublishOptions
+
+# The build machinery (pykickstart, the stores, YAML) is imported by the commands that use it:
+# `diskflow import` in an importer pod should not pay for it at start-up.
 
 ci_app = typer.Typer(
     help="Build what a git change affects (Jenkins and other CI).", no_args_is_help=True
@@ -102,6 +99,9 @@ def validate(
     kickstarts: Kickstarts = Path("kickstarts"),
 ) -> None:
     """Check kickstarts with pykickstart for their metadata's version, %includes resolved."""
+    from pipelines import ci, kickstart
+    from pipelines.template import load_template
+
     paths = files or ci.template_files(kickstarts)
     failed = 0
     for path in paths:
@@ -152,6 +152,8 @@ def build(
     Exit status: 0 built (or already published), 1 failed for good, 75 failed for now.
     """
     request = _request(kickstart_file, **_shared(locals()))
+    from pipelines.steps import build_template
+
     mode = _resolve(progress)
     emit = _emitter(mode)
     run = _queued if queue else build_template
@@ -182,6 +184,7 @@ def publish(
 ) -> None:
     """Publish a build made earlier: image and .sha256 first, manifest last; a DataVolume."""
     from diskflow.cli import guarded
+    from pipelines.steps import publish_directory
 
     given = locals()
     options = _publish_options(**{name: given[name] for name in PUBLISH_OPTIONS})
@@ -226,6 +229,7 @@ def ci_changed(
 ) -> None:
     """Print the templates (one kickstart path per line) a change since REF affects."""
     from diskflow.cli import guarded
+    from pipelines import ci
 
     changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
     for path in changed:
@@ -263,6 +267,8 @@ def ci_build(
 ) -> None:
     """Build and publish every template a change since REF affects; exit 1 if any failed."""
     from diskflow.cli import guarded
+    from pipelines import ci
+    from pipelines.steps import build_template
 
     shared = _shared(locals())
     changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
@@ -325,6 +331,8 @@ def _request(
     namespace: str | None,
     storage_class: str | None,
 ) -> BuildRequest:
+    from pipelines.steps import BuildRequest
+
     return BuildRequest(
         kickstart=str(kickstart_file),
         output=str(output),
@@ -364,6 +372,8 @@ def _publish_options(
     namespace: str | None,
     storage_class: str | None,
 ) -> PublishOptions:
+    from pipelines.steps import PublishOptions
+
     return PublishOptions(
         s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
         str(auth_file) if auth_file else None,
