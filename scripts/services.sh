@@ -13,7 +13,11 @@ start() {  # start NAME COMMAND...: unless a process called NAME runs already
 # root but runs it as libvirt-qemu, sees the two disagree, and re-probes QEMU's capabilities
 # on every call: minutes per domain start. Debian's udev rule would make it root:kvm 0660.
 if [[ -c /dev/kvm ]]; then
-    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+    if getent group kvm >/dev/null; then
+        chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+    else
+        chmod 0666 /dev/kvm  # no kvm group to give it to (libvirt-qemu is in kvm normally)
+    fi
 fi
 
 start virtlogd virtlogd -d
