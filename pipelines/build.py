@@ -84,9 +84,12 @@ def install(
     choice = choose_accel(options.accel)
     emit("install", "warning" if choice.accel is Accel.TCG else "info", choice.reason)
 
-    workdir.chmod(0o755)  # qemu runs as its own user and must reach the disk and log files
+    # QEMU runs as its own user and must reach the disk by path (search, not listing); the
+    # kickstart may hold a password hash: only root (virt-install) reads it.
+    workdir.chmod(0o711)
     kickstart_file = workdir / KICKSTART_NAME
-    kickstart_file.write_text(kickstart)
+    with open(os.open(kickstart_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(kickstart)
     disk = workdir / "disk.qcow2"
     qemu_img()("create", "-q", "-f", "qcow2", str(disk), str(template.disk_size))
     console, installer = workdir / "console.log", workdir / "installer.log"
