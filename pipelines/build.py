@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,6 +36,7 @@ POLL_SECONDS = 0.25
 FAILURE_CONTEXT_SECONDS = 2.0  # what follows a failure line (a traceback's body) is wanted too
 FAILURE_CONTEXT_LINES = 15
 STOP_GRACE_SECONDS = 15.0
+STALE_COPY_SECONDS = 3600.0
 # Where virt-install, run as root against the local libvirtd, keeps its kernel/initrd copies.
 VIRTINST_SCRATCH = (
     Path("/var/lib/libvirt/boot")
@@ -103,6 +105,7 @@ def install(
     emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
     started = time.monotonic()
     log = workdir / "virt-install.log"
+    sweep_stale_copies(options.connect)
     before = _virtinst_files()
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -230,10 +233,7 @@ def destroy_domain(connect: str, domain: str, emit: Emit = discard) -> None:
         subprocess.run(
             [virsh, "--connect", connect, action, domain], capture_output=True, timeout=60
         )
-    left = subprocess.run(
-        [virsh, "--connect", connect, "domstate", domain], capture_output=True, timeout=60
-    )
-    if left.returncode == 0:
+    if domain_exists(connect, domain):
         emit("install", "warning", f"domain {domain} could not be removed: remove it by hand")
 
 
@@ -340,6 +340,33 @@ def _remove_virtinst_leftovers(before: set[Path], marker: str | None) -> None:
     for path in _virtinst_files() - before:
         if marker is None or marker in path.name:
             path.unlink(missing_ok=True)
+
+
+def sweep_stale_copies(connect: str, older_than: float = STALE_COPY_SECONDS) -> list[Path]:
+    """Remove kernel/initrd copies that builds killed outright (a worker's SIGKILL) left.
+
+    A copy names its build's domain; it is stale when that domain is gone and the copy is
+    old enough that no build can still be between copying it and starting its domain.
+    """
+    removed = []
+    now = time.time()
+    for path in _virtinst_files():
+        match = re.search(r"(diskflow-.+-[0-9a-f]{8})-(?:kernel|initrd)$", path.name)
+        if not match or now - path.stat().st_mtime < older_than:
+            continue
+        if not domain_exists(connect, match.group(1)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def domain_exists(connect: str, domain: str) -> bool:
+    """Whether libvirt at `connect` has a domain of that name."""
+    virsh = shutil.which("virsh") or "virsh"
+    done = subprocess.run(
+        [virsh, "--connect", connect, "domstate", domain], capture_output=True, timeout=60
+    )
+    return done.returncode == 0
 
 
 def _has_data(disk: Path) -> bool:

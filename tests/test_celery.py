@@ -20,6 +20,7 @@ import pytest
 pytest.register_assert_rewrite("tests.installer")
 pytest_plugins = ["tests.installer"]
 
+from pipelines.build import sweep_stale_copies  # noqa: E402
 from tests.conftest import free_port, run, sha256  # noqa: E402
 from tests.installer import Installer, write_template  # noqa: E402
 
@@ -186,3 +187,9 @@ def test_a_killed_worker_build_runs_again_with_nothing_published_before(
     ]
     assert started and killed_domain not in started[-1:]
     wait_until(lambda: not domains("diskflow-rerun-"), 120, "the killed worker's guest to stop")
+    # A build killed outright cannot remove virt-install's kernel/initrd copies (in a pod they
+    # go with its filesystem); on a host the next build sweeps them once they are stale.
+    swept = sweep_stale_copies("qemu:///system", older_than=0)
+    assert sorted(p.name.rsplit("-", 1)[1] for p in swept if killed_domain in p.name) == [
+        "initrd", "kernel",
+    ]  # fmt: skip

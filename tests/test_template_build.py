@@ -6,6 +6,7 @@ Every failure path must leave no domain, no work files and no image that looks c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +23,7 @@ pytest_plugins = ["tests.installer"]
 
 from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
-from pipelines.build import VIRTINST_SCRATCH, BuildOptions  # noqa: E402
+from pipelines.build import VIRTINST_SCRATCH, BuildOptions, sweep_stale_copies  # noqa: E402
 from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
 from tests.conftest import MiB, run, sha256  # noqa: E402
 from tests.installer import (  # noqa: E402
@@ -299,3 +300,20 @@ def test_sigterm_stops_the_build_and_removes_the_domain(
     assert build.returncode == 75, err
     assert json.loads(out.splitlines()[-1])["reason"] == "Terminated"
     assert_nothing_left("stopped", vm_dir, tmp_path / "out")
+
+
+def test_stale_copies_of_killed_builds_are_swept_and_fresh_ones_kept() -> None:
+    stale = VIRTINST_SCRATCH / "virtinst-aaaa1111-diskflow-gone-0123abcd-kernel"
+    fresh = VIRTINST_SCRATCH / "virtinst-bbbb2222-diskflow-gone-89abcdef-initrd"
+    other = VIRTINST_SCRATCH / "virtinst-cccc3333-vmlinuz"  # not diskflow's: never touched
+    for path in (stale, fresh, other):
+        path.write_bytes(b"kernel")
+    two_hours_ago = time.time() - 7200
+    for path in (stale, other):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    try:
+        assert sweep_stale_copies("qemu:///system") == [stale]
+        assert fresh.exists() and other.exists()
+    finally:
+        for path in (stale, fresh, other):
+            path.unlink(missing_ok=True)
