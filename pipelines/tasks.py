@@ -25,7 +25,10 @@ from typing import Any
 from celery import Celery, Task, chain
 from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
+from kombu.exceptions import OperationalError
 
+from importer.errors import TransientError
+from importer.sources.http import redact_url
 from pipelines.events import Emit, event
 from pipelines.steps import (
     BuildRequest,
@@ -43,6 +46,7 @@ KEPT_EVENTS = 200  # per task, in its PROGRESS state: enough to follow a console
 STATE_INTERVAL = 1.0  # seconds between task-state writes for console lines
 CHATTY = {"console", "installer", "progress", "info"}
 POLL_SECONDS = 0.5
+NO_WORKER_WARNING_SECONDS = 30.0
 
 log = logging.getLogger("diskflow.tasks")
 
@@ -150,6 +154,7 @@ STEPS = (validate, install, finalize, publish)
 def submit(request: BuildRequest) -> list[AsyncResult]:
     """Queue the build; returns the results of its four tasks, in order."""
     packed = request.packed().to_json()
+    check_broker()
     last = chain(validate.s(packed), install.s(), finalize.s(), publish.s()).apply_async()
     results = [last]
     while results[0].parent is not None:
@@ -157,12 +162,30 @@ def submit(request: BuildRequest) -> list[AsyncResult]:
     return results
 
 
+def check_broker() -> None:
+    """Raise a clear transient error unless the broker answers (Celery would retry for long)."""
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.5)
+    except OperationalError as e:
+        raise TransientError(
+            "BrokerUnreachable",
+            f"cannot reach the broker at {redact_url(app.conf.broker_url)}: {e} (set {BROKER_ENV})",
+        ) from None
+
+
 def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
     """Pass on each task's events as they arrive; return the final state or raise the failure."""
+    waiting_since = time.monotonic()
     for result in results:
         seen, run = 0, None
         while True:
             status, info = result.state, result.info
+            unclaimed = time.monotonic() - (waiting_since or time.monotonic())
+            if status == "PENDING" and unclaimed > NO_WORKER_WARNING_SECONDS:
+                emit("queue", "warning", f"no worker has taken the build yet (queue {QUEUE}); "
+                     "start one with `diskflow worker`")  # fmt: skip
+                waiting_since = None  # said once
             if status in ("PROGRESS", "SUCCESS") and isinstance(info, dict):
                 if info.get("run") != run:
                     if run is not None:

@@ -193,3 +193,16 @@ def test_a_killed_worker_build_runs_again_with_nothing_published_before(
     assert sorted(p.name.rsplit("-", 1)[1] for p in swept if killed_domain in p.name) == [
         "initrd", "kernel",
     ]  # fmt: skip
+
+
+def test_unreachable_broker_is_a_transient_error_without_the_password(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "nobroker")
+    environment = dict(os.environ, DISKFLOW_BROKER_URL=f"redis://:s3cr3t@127.0.0.1:{free_port()}/0")
+    client = queued_build(kickstart, tmp_path, vm_dir, environment)
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 75
+    assert "cannot reach the broker at redis://127.0.0.1:" in err
+    assert "[BrokerUnreachable]" in err
+    assert "s3cr3t" not in out + err
