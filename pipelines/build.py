@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections import deque
@@ -37,6 +38,7 @@ FAILURE_CONTEXT_SECONDS = 2.0  # what follows a failure line (a traceback's body
 FAILURE_CONTEXT_LINES = 15
 STOP_GRACE_SECONDS = 15.0
 STALE_COPY_SECONDS = 3600.0
+OWNER_FILE = "owner"
 # Where virt-install, run as root against the local libvirtd, keeps its kernel/initrd copies.
 VIRTINST_SCRATCH = (
     Path("/var/lib/libvirt/boot")
@@ -96,6 +98,7 @@ def install(
     qemu_img()("create", "-q", "-f", "qcow2", str(disk), str(template.disk_size))
     console, installer = workdir / "console.log", workdir / "installer.log"
     domain = f"diskflow-{template.name}-{secrets.token_hex(4)}"
+    (workdir / OWNER_FILE).write_text(_owner())
     template = _with_private_media(template, workdir, domain)
     os_variant = known_os_variant(virt_install, template.os_variant, emit)
     command = virt_install_command(
@@ -105,7 +108,7 @@ def install(
     emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
     started = time.monotonic()
     log = workdir / "virt-install.log"
-    sweep_stale_copies(options.connect)
+    sweep_orphans(options.connect, workdir.parent, emit)
     before = _virtinst_files()
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -115,10 +118,18 @@ def install(
         _watch(process, [LogTail(console, "console"), LogTail(installer, "installer")], log,
                options, choice, emit)  # fmt: skip
     finally:
-        _stop(process)
-        destroy_domain(options.connect, domain, emit)
-        _remove_virtinst_leftovers(before, domain if template.install.kernel else None)
-        kickstart_file.unlink(missing_ok=True)
+        # Each step on its own: one that fails (a hung libvirtd) must not skip the others,
+        # nor replace the error the build failed with.
+        for cleanup in (
+            lambda: _stop(process),
+            lambda: destroy_domain(options.connect, domain, emit),
+            lambda: _remove_virtinst_leftovers(before, domain if template.install.kernel else None),
+            lambda: kickstart_file.unlink(missing_ok=True),
+        ):
+            try:
+                cleanup()
+            except Exception as e:
+                emit("install", "warning", f"clean-up of {domain} incomplete: {e!r}")
     if process.returncode != 0:
         raise _virt_install_failure(log)
     if not _has_data(disk):
@@ -168,6 +179,7 @@ def virt_install_command(
         "--wait=-1",  # diskflow's own watchdogs decide when to give up
         "--noreboot",
         "--transient",
+        f"--metadata=description={_owner()}",
     ]
     if source.kernel:
         command.append(
@@ -183,23 +195,34 @@ def known_os_variant(virt_install: str, wanted: str, emit: Emit = discard) -> st
     """`wanted` if this host's osinfo database knows it, else the closest generic entry.
 
     A distribution newer than the host's osinfo-db (fedora44 on Debian 12) would make
-    virt-install refuse to start; its family's "-unknown" entry gives the same devices.
+    virt-install refuse to start. Tried instead, in order: the major version's "-unknown"
+    entry (rhel9.6 → rhel9-unknown), the family's (fedora44 → fedora-unknown), then the
+    newest generic "linuxYYYY" entry the database has.
     """
-    listing = subprocess.run(
-        [virt_install, "--osinfo", "list"], capture_output=True, text=True, timeout=60
-    ).stdout
+    try:
+        listing = subprocess.run(
+            [virt_install, "--osinfo", "list"], capture_output=True, text=True, timeout=60,
+            check=True,
+        ).stdout  # fmt: skip
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        emit("install", "warning", "virt-install --osinfo list failed: passing "
+             f"os_variant {wanted!r} as it is")  # fmt: skip
+        return wanted
     known = {name.strip() for line in listing.splitlines() for name in line.split(",")}
     if wanted in known:
         return wanted
+    major = re.match(r"(.*?\d+)(?:\.\d+)*$", wanted)
     family = wanted.rstrip("0123456789.").rstrip("-")
-    fallback = next(
-        (
-            name
-            for name in (f"{family}-unknown", f"{family}9-unknown", "linux2022")
-            if name in known
-        ),
-        "linux2022",
-    )
+    generic = sorted(name for name in known if re.fullmatch(r"linux\d{4}", name))
+    candidates = [f"{major.group(1)}-unknown" if major else None, f"{family}-unknown",
+                  *reversed(generic)]  # fmt: skip
+    fallback = next((name for name in candidates if name in known), None)
+    if fallback is None:
+        raise FinalError(
+            "InvalidTemplate",
+            f"os_variant {wanted!r} is unknown to this host's osinfo database, and so is every "
+            "generic fallback (virt-install --osinfo list shows what it knows)",
+        )
     emit("install", "warning", f"this host's osinfo database does not know os_variant "
          f"{wanted!r}: using {fallback!r} (a newer osinfo-db knows it)")  # fmt: skip
     return fallback
@@ -340,6 +363,51 @@ def _remove_virtinst_leftovers(before: set[Path], marker: str | None) -> None:
     for path in _virtinst_files() - before:
         if marker is None or marker in path.name:
             path.unlink(missing_ok=True)
+
+
+def sweep_orphans(connect: str, workroot: Path, emit: Emit = discard) -> None:
+    """Remove what builds killed outright on this host left: domains, work dirs, copies.
+
+    A worker that is SIGKILLed cleans up nothing: its transient domain goes on installing
+    into its work dir. Each build records its host and process in its domain's description
+    and its work dir; when that process is gone, they are removed.
+    """
+    virsh = shutil.which("virsh") or "virsh"
+    names = subprocess.run(
+        [virsh, "--connect", connect, "list", "--name"], capture_output=True, text=True,
+        timeout=60,
+    ).stdout.split()  # fmt: skip
+    for name in (n for n in names if n.startswith("diskflow-")):
+        description = subprocess.run(
+            [virsh, "--connect", connect, "desc", name], capture_output=True, text=True,
+            timeout=60,
+        ).stdout  # fmt: skip
+        if _orphaned(description):
+            emit("install", "warning", f"removing domain {name}, left by a killed build")
+            destroy_domain(connect, name, emit)
+    for owner in workroot.glob(f"diskflow-*/{OWNER_FILE}"):
+        if _orphaned(owner.read_text()):
+            shutil.rmtree(owner.parent, ignore_errors=True)
+    sweep_stale_copies(connect)
+
+
+def _owner() -> str:
+    # Asked per build: a Celery pool process is not the process that imported this module.
+    return f"diskflow build host={socket.gethostname()} pid={os.getpid()}"
+
+
+def _orphaned(description: str) -> bool:
+    """Whether an owner record names this host and a process that no longer runs."""
+    match = re.fullmatch(r"diskflow build host=(\S+) pid=(\d+)", description.strip())
+    if not match or match.group(1) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match.group(2)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def sweep_stale_copies(connect: str, older_than: float = STALE_COPY_SECONDS) -> list[Path]:

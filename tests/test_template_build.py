@@ -23,7 +23,12 @@ pytest_plugins = ["tests.installer"]
 
 from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
-from pipelines.build import VIRTINST_SCRATCH, BuildOptions, sweep_stale_copies  # noqa: E402
+from pipelines.build import (  # noqa: E402
+    VIRTINST_SCRATCH,
+    BuildOptions,
+    sweep_orphans,
+    sweep_stale_copies,
+)
 from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
 from tests.conftest import MiB, run, sha256  # noqa: E402
 from tests.installer import (  # noqa: E402
@@ -317,3 +322,28 @@ def test_stale_copies_of_killed_builds_are_swept_and_fresh_ones_kept() -> None:
     finally:
         for path in (stale, fresh, other):
             path.unlink(missing_ok=True)
+
+
+def test_what_a_killed_build_left_is_swept_by_the_next(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "orphan", post="sleep 100000")
+    build = subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "build", str(kickstart), "--output",
+         str(tmp_path / "out"), "--accel", "tcg", "--network", "none", "--workdir", str(vm_dir),
+         "--progress", "none"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    end = time.monotonic() + 120
+    while not domains("diskflow-orphan-"):
+        assert build.poll() is None and time.monotonic() < end
+        time.sleep(0.2)
+    build.kill()  # SIGKILL: no clean-up at all, like a worker whose pod died
+    build.wait()
+    assert domains("diskflow-orphan-") and list(vm_dir.iterdir())
+
+    sweep_orphans("qemu:///system", vm_dir)
+    assert domains("diskflow-orphan-") == []
+    assert list(vm_dir.iterdir()) == []
+    sweep_stale_copies("qemu:///system", older_than=0)
+    assert not [p for p in VIRTINST_SCRATCH.glob("virtinst-*") if "diskflow-orphan-" in p.name]
