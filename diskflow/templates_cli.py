@@ -89,6 +89,20 @@ PublicUrl = Annotated[
 ]
 Namespace = Annotated[str | None, typer.Option(help="Namespace of the DataVolume manifest.")]
 StorageClass = Annotated[str | None, typer.Option(help="storageClassName of the DataVolume.")]
+SecretRef = Annotated[
+    str | None,
+    typer.Option(help="Secret with the store's credentials, named in the DataVolume's source."),
+]
+
+
+class VolumeMode(StrEnum):
+    FILESYSTEM = "Filesystem"
+    BLOCK = "Block"
+
+
+VolumeModeOption = Annotated[
+    VolumeMode | None, typer.Option(help="volumeMode of the DataVolume (sizes it to match).")
+]
 
 
 def validate(
@@ -146,6 +160,8 @@ def build(
     public_url: PublicUrl = None,
     namespace: Namespace = None,
     storage_class: StorageClass = None,
+    secret_ref: SecretRef = None,
+    volume_mode: VolumeModeOption = None,
 ) -> None:
     """Build a template: validate, install with virt-install, compress, publish.
 
@@ -180,6 +196,8 @@ def publish(
     public_url: PublicUrl = None,
     namespace: Namespace = None,
     storage_class: StorageClass = None,
+    secret_ref: SecretRef = None,
+    volume_mode: VolumeModeOption = None,
     progress: Progress = EventMode.AUTO,
 ) -> None:
     """Publish a build made earlier: image and .sha256 first, manifest last; a DataVolume."""
@@ -203,8 +221,13 @@ def publish(
 
 def worker(
     concurrency: Annotated[
-        int, typer.Option(min=1, help="Builds at once (one per KVM host's capacity).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Builds at once (default: DISKFLOW_WORKER_CONCURRENCY, else 1: a KVM host's "
+            "capacity).",
+        ),
+    ] = None,
     hostname: Annotated[
         str | None, typer.Option(help="Worker node name (default: celery@HOST).")
     ] = None,
@@ -216,7 +239,9 @@ def worker(
     # Celery logs every task's return value; a build state holds the kickstart text, which
     # may hold a password hash.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
-    argv = ["worker", f"--concurrency={concurrency}", f"--loglevel={loglevel}"]
+    argv = ["worker", f"--loglevel={loglevel}"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
     if hostname:
         argv.append(f"--hostname={hostname}")
     celery_app.worker_main(argv)
@@ -264,6 +289,8 @@ def ci_build(
     public_url: PublicUrl = None,
     namespace: Namespace = None,
     storage_class: StorageClass = None,
+    secret_ref: SecretRef = None,
+    volume_mode: VolumeModeOption = None,
 ) -> None:
     """Build and publish every template a change since REF affects; exit 1 if any failed."""
     from diskflow.cli import guarded
@@ -274,31 +301,47 @@ def ci_build(
     changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
     mode = _resolve(progress)
     emit = _emitter(mode)
-    cases = []
-    for path in changed:
-        request = _request(path, **shared)
-        started = time.monotonic()
+
+    def build_all() -> list[ci.Case]:
+        cases: list[ci.Case] = []
         try:
-            state = build_template(request, emit)
-        except ImportFailure as failure:
-            cases.append(ci.Case(path.stem, time.monotonic() - started,
-                                 failure=f"{failure.message} [{failure.reason}]"))  # fmt: skip
-            typer.echo(f"error: {path}: {failure.message} [{failure.reason}]", err=True)
-            continue
-        skipped = "already published" if state.skipped else None
-        cases.append(ci.Case(path.stem, time.monotonic() - started, skipped=skipped,
-                             output=json.dumps(state.manifest, indent=2)))  # fmt: skip
-    ci.write_junit(junit, "diskflow templates", cases)
+            for path in changed:
+                started = time.monotonic()
+                try:
+                    state = build_template(_request(path, **shared), emit)
+                except ImportFailure as failure:
+                    text = f"{failure.message} [{failure.reason}]"
+                    cases.append(ci.Case(path.stem, time.monotonic() - started, failure=text))
+                    typer.echo(f"error: {path}: {text}", err=True)
+                    if failure.reason == "Terminated":
+                        raise  # the job was stopped: build nothing more
+                    continue
+                except Exception as exc:  # a bug of ours: this template fails, the rest build
+                    message = f"internal error ({type(exc).__name__})"
+                    cases.append(ci.Case(path.stem, time.monotonic() - started, failure=message))
+                    typer.echo(f"error: {path}: {message} [InternalError]", err=True)
+                    continue
+                skipped = "already published" if state.skipped else None
+                cases.append(ci.Case(path.stem, time.monotonic() - started, skipped=skipped,
+                                     output=json.dumps(state.manifest, indent=2)))  # fmt: skip
+        finally:
+            ci.write_junit(junit, "diskflow templates", cases)  # whatever happened
+        return cases
+
+    cases = guarded(build_all, _print_failure)
     failures = sum(1 for case in cases if case.failure)
     typer.echo(f"{len(cases)} template(s), {failures} failed; report in {junit}")
     if failures:
         raise typer.Exit(1)
 
 
+PUBLISH_OPTIONS = (
+    "s3_endpoint", "s3_region", "s3_addressing", "s3_profile", "s3_credentials_file",
+    "auth_file", "public_url", "namespace", "storage_class", "secret_ref", "volume_mode",
+)  # fmt: skip
 SHARED = (
     "output", "publish_to", "force", "accel", "connect", "timeout", "no_output_timeout",
-    "network", "seal", "compression", "workdir", "s3_endpoint", "s3_region", "s3_addressing",
-    "s3_profile", "s3_credentials_file", "auth_file", "public_url", "namespace", "storage_class",
+    "network", "seal", "compression", "workdir", *PUBLISH_OPTIONS,
 )  # fmt: skip
 
 
@@ -321,15 +364,7 @@ def _request(
     seal: bool,
     compression: Compression,
     workdir: Path | None,
-    s3_endpoint: str | None,
-    s3_region: str | None,
-    s3_addressing: S3Addressing,
-    s3_profile: str | None,
-    s3_credentials_file: Path | None,
-    auth_file: Path | None,
-    public_url: str | None,
-    namespace: str | None,
-    storage_class: str | None,
+    **publish: Any,
 ) -> BuildRequest:
     from pipelines.steps import BuildRequest
 
@@ -341,27 +376,12 @@ def _request(
         workdir=str(workdir) if workdir else None,
         build=BuildOptions(connect, accel, timeout, no_output_timeout, network),
         finalize=FinalizeOptions(seal, compression),
-        publish=_publish_options(
-            s3_endpoint,
-            s3_region,
-            s3_addressing,
-            s3_profile,
-            s3_credentials_file,
-            auth_file,
-            public_url,
-            namespace,
-            storage_class,
-        ),
+        publish=_publish_options(**publish),
     )
 
 
-PUBLISH_OPTIONS = (
-    "s3_endpoint", "s3_region", "s3_addressing", "s3_profile", "s3_credentials_file",
-    "auth_file", "public_url", "namespace", "storage_class",
-)  # fmt: skip
-
-
 def _publish_options(
+    *,
     s3_endpoint: str | None,
     s3_region: str | None,
     s3_addressing: S3Addressing,
@@ -371,15 +391,19 @@ def _publish_options(
     public_url: str | None,
     namespace: str | None,
     storage_class: str | None,
+    secret_ref: str | None,
+    volume_mode: VolumeMode | None,
 ) -> PublishOptions:
     from pipelines.steps import PublishOptions
 
     return PublishOptions(
-        s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
-        str(auth_file) if auth_file else None,
-        public_url,
-        namespace,
-        storage_class,
+        s3=s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
+        auth_file=str(auth_file) if auth_file else None,
+        public_url=public_url,
+        namespace=namespace,
+        storage_class=storage_class,
+        secret_ref=secret_ref,
+        volume_mode=volume_mode.value if volume_mode else None,
     )
 
 

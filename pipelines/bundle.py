@@ -4,6 +4,10 @@ A worker pod has no checkout of the git repository the kickstart lives in, so a 
 build carries the kickstart, its metadata and every file it %includes, keyed by their paths
 relative to a common root. The worker writes them into a scratch directory and works from
 there; error messages are mapped back to the submitter's paths.
+
+A bundle is data from elsewhere: every name in it must land inside the scratch directory,
+and the kickstart is read confined to it (`kickstart.confined`), so no %include can make the
+worker read its own files.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from importer.errors import FinalError, ImportFailure
-from pipelines.kickstart import included_files
+from pipelines.kickstart import confined, included_files
 from pipelines.template import metadata_path
 
 
@@ -50,21 +54,53 @@ def pack(kickstart: Path) -> Bundle:
 def unpacked(bundle: Bundle) -> Iterator[Path]:
     """The bundle written into a scratch directory; yields the kickstart's path there.
 
+    Kickstarts flattened or validated inside read no file outside the scratch directory.
     Failures raised inside name the submitter's paths, not the scratch directory.
     """
-    scratch = Path(tempfile.mkdtemp(prefix="diskflow-bundle-"))
+    # Resolved: $TMPDIR may be behind a symlink, and names are checked against real paths.
+    scratch = Path(tempfile.mkdtemp(prefix="diskflow-bundle-")).resolve()
     try:
+        written: set[Path] = set()
         for name, text in bundle.files.items():
-            target = (scratch / name).resolve()
-            if not target.is_relative_to(scratch):
-                raise FinalError("InvalidTemplate", f"bundle path {name!r} leaves its root")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+            target = _inside(scratch, name, bundle.origin)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            except (OSError, TypeError, UnicodeError) as e:  # "a" and "a/b"; not text
+                why = e.strerror if isinstance(e, OSError) else "not text"
+                raise FinalError(
+                    "InvalidTemplate",
+                    f"bundle from {bundle.origin}: cannot write file {name!r}: {why}",
+                ) from None
+            written.add(target)
+        kickstart = _inside(scratch, bundle.kickstart, bundle.origin)
+        if kickstart not in written:
+            raise FinalError(
+                "InvalidTemplate",
+                f"bundle from {bundle.origin}: its kickstart {bundle.kickstart!r} is not "
+                "among its files",
+            )
         try:
-            yield scratch / bundle.kickstart
+            with confined(scratch):
+                yield kickstart
         except ImportFailure as e:
             e.message = e.message.replace(str(scratch), bundle.origin)
             e.args = (e.reason, e.message)
             raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _inside(scratch: Path, name: str, origin: str) -> Path:
+    """Where a bundle's file `name` goes in `scratch` (resolved); FinalError if not a file there."""
+    try:
+        target = (scratch / name).resolve() if isinstance(name, str) and name else scratch
+    except ValueError:  # a NUL in it
+        target = scratch
+    if target == scratch:  # "", ".", "a/..", not a string
+        raise FinalError("InvalidTemplate", f"bundle from {origin}: {name!r} is not a file name")
+    if not target.is_relative_to(scratch):
+        raise FinalError(
+            "InvalidTemplate", f"bundle from {origin}: file name {name!r} leaves its root"
+        )
+    return target

@@ -10,6 +10,10 @@ installed, and every problem is reported at the file and line it came from.
 An absolute path or a URL in %include names a file the installer reads itself (typically one a
 %pre script writes to /tmp); it stays in the flattened text, with a warning that diskflow cannot
 check it.
+
+A kickstart from somewhere else (a queued build's bundle, unpacked into a scratch directory)
+is read *confined* to a root: a local %include that resolves outside it is refused rather
+than read, so a kickstart cannot make a worker read its own files into a build or an error.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import re
 import shlex
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +41,24 @@ from importer.errors import FinalError
 # pykickstart puts its own line numbers (counted in the flattened text) into some messages;
 # diskflow reports the original file and line instead.
 _LINE_PHRASE = re.compile(r"\s+(?:on|at) line \d+")
+
+# The root set by `confined()`, for flatten/validate calls that pass none themselves.
+_ROOT: ContextVar[Path | None] = ContextVar("diskflow_kickstart_root", default=None)
+
+
+@contextmanager
+def confined(root: Path) -> Iterator[None]:
+    """Within the block, flatten() and validate() read no file outside `root`.
+
+    For callers that do not pass `root` themselves: the validate step reads an unpacked
+    bundle through code that knows nothing of bundles. A context variable, so it holds for
+    this thread (or task) only.
+    """
+    token = _ROOT.set(Path(root).resolve())
+    try:
+        yield
+    finally:
+        _ROOT.reset(token)
 
 
 @dataclass(frozen=True)
@@ -90,10 +115,18 @@ class Validation:
         return kickstart_digest(self.text)
 
 
-def flatten(path: Path) -> Flattened:
-    """Inline every local %include of `path`, transitively; FinalError names file and line."""
-    flattener = _Flattener()
-    flattener.expand(Path(path), (), None)
+def flatten(path: Path, root: Path | None = None) -> Flattened:
+    """Inline every local %include of `path`, transitively; FinalError names file and line.
+
+    With a `root` (or inside `confined(root)`), a file outside it is refused, not read.
+    """
+    if root is None:
+        root = _ROOT.get()
+    flattener = _Flattener(Path(root).resolve() if root is not None else None)
+    path = Path(path)
+    if flattener.root is not None and not path.resolve().is_relative_to(flattener.root):
+        raise FinalError("InvalidKickstart", f"{path}: the kickstart is outside {flattener.root}")
+    flattener.expand(path, (), None)
     return Flattened(
         text="".join(flattener.lines),
         origins=tuple(flattener.origins),
@@ -102,16 +135,17 @@ def flatten(path: Path) -> Flattened:
     )
 
 
-def validate(path: Path, version: str) -> Validation:
+def validate(path: Path, version: str, root: Path | None = None) -> Validation:
     """Flatten and parse `path` with pykickstart's `version` syntax; raise FinalError if invalid.
 
     Raises FinalError("InvalidTemplate") for a version pykickstart does not know, and
     FinalError("InvalidKickstart", "FILE:LINE: problem") for anything wrong in the kickstart or
     the files it includes. pykickstart's warnings come back in `Validation.warnings`.
+    `root` confines the files read, as in flatten().
     Not thread-safe: the warnings filters and pykickstart's parser state are process-wide.
     """
     handler = _handler(version)
-    flat = flatten(path)
+    flat = flatten(path, root)
     parser = _Parser(handler, followIncludes=False, errorsAreFatal=True)
     found = list(flat.notes)
 
@@ -178,7 +212,8 @@ def kickstart_digest(flat_text: str) -> str:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root  # resolved; None: not confined
         self.lines: list[str] = []
         self.origins: list[Location] = []
         self.files: list[Path] = []
@@ -198,7 +233,7 @@ class _Flattener:
                 target = _include_target(line)
             except ValueError as e:
                 raise FinalError("InvalidKickstart", f"{here}: {e}") from None
-            included = _local_include(path, target) if target else None
+            included = _local_include(path, target, self.root, here) if target else None
             if included is not None:
                 self.expand(included, (*stack, real), here)
                 continue
@@ -237,11 +272,23 @@ def _include_target(line: str) -> str | None:
     return args[1]
 
 
-def _local_include(including: Path, target: str) -> Path | None:
-    """The file in the repository an %include names, None if the installer must read it."""
+def _local_include(
+    including: Path, target: str, root: Path | None = None, at: Location | None = None
+) -> Path | None:
+    """The file in the repository an %include names, None if the installer must read it.
+
+    With a (resolved) `root`, a file outside it is refused: FinalError names the line `at`.
+    """
     if "://" in target or os.path.isabs(target):
         return None
-    return including.parent / target
+    included = including.parent / target
+    if root is not None and not included.resolve().is_relative_to(root):
+        where = f"{at}: " if at else ""
+        raise FinalError(
+            "InvalidKickstart",
+            f"{where}%include {target} is outside {root}: only files under it can be included",
+        )
+    return included
 
 
 def _handler(version: str) -> BaseHandler:

@@ -7,6 +7,7 @@ the state the previous one returned, so both engines share every line of build l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -19,9 +20,11 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from importer.errors import FinalError
 from importer.progress import Progress, reporting
+from importer.sources.http import redact_url
 from importer.sources.s3_options import S3Options
 from pipelines import kickstart, provenance
 from pipelines.accel import Accel
@@ -46,6 +49,8 @@ class PublishOptions:
     public_url: str | None = None  # the HTTP base that serves a local directory store
     namespace: str | None = None  # for the DataVolume manifest
     storage_class: str | None = None
+    secret_ref: str | None = None
+    volume_mode: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PublishOptions:
@@ -53,6 +58,14 @@ class PublishOptions:
 
     def store(self, url: str) -> Store:
         """The store at `url`, reached with these options."""
+        parts = urlsplit(url)
+        if parts.username or parts.password:
+            # A build's store URL travels in argv, Celery messages and manifests.
+            raise FinalError(
+                "InvalidArgument",
+                f"the store URL {redact_url(url)} must not carry credentials: use --auth-file, "
+                "or DISKFLOW_PUBLISH_USER/DISKFLOW_PUBLISH_PASSWORD or DISKFLOW_PUBLISH_TOKEN",
+            )
         return open_store(url, s3=self.s3, auth_file=self.auth_file, public_url=self.public_url)
 
 
@@ -152,7 +165,9 @@ def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
         "tools": tools,
         "durations": {"validate": round(time.monotonic() - started, 3)},
     }
-    state = BuildState(request, template, checked.text, build_id, manifest)
+    # The files were read; dropping them keeps them out of every later task's message and
+    # stored result (a kickstart may hold a password hash).
+    state = BuildState(replace(request, bundle=None), template, checked.text, build_id, manifest)
     if request.publish_to and not request.force:
         store = request.publish.store(request.publish_to)
         existing = find_published(store, template.name, build_id)
@@ -173,17 +188,18 @@ def install_step(state: BuildState, emit: Emit = discard) -> BuildState:
     if state.skipped:
         return state
     request, template = state.request, state.template
+    # A previous build's image, manifest or DataVolume must not pass for this one's.
+    output = state.output_dir
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir(parents=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"diskflow-{template.name}-", dir=request.workdir))
     try:
         installed = install(template, state.kickstart, workdir, request.build, emit)
     except BaseException:
+        _keep_logs(workdir, output)  # a failed build's logs are the ones worth reading
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    output = state.output_dir
-    output.mkdir(parents=True, exist_ok=True)
-    for log in (installed.console_log, installed.installer_log):
-        if log.exists():
-            shutil.copyfile(log, output / log.name)
+    _keep_logs(workdir, output)
     manifest = state.manifest | {
         "accel": {"used": installed.accel.accel.value, "reason": installed.accel.reason},
         "builder": socket.gethostname(),
@@ -241,7 +257,11 @@ def publish_directory(
     """Publish the finished build in DIRECTORY (OUTPUT/NAME); its manifest.json records where."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
-        image = directory / manifest["output"]["file"]
+        output = manifest["output"]
+        fields = (manifest["template"], manifest["build_id"], output["file"], output["sha256"])
+        if not all(isinstance(value, str) and value for value in fields):
+            raise TypeError("a manifest field is not a non-empty string")
+        image = directory / output["file"]
     except FileNotFoundError:
         raise FinalError(
             "InvalidArgument", f"{directory} holds no manifest.json: is it a finished build?"
@@ -289,8 +309,9 @@ def write_datavolume(
     name = re.sub(r"[^a-z0-9-]+", "-", published.template.lower()).strip("-") or "template"
     try:
         manifest = datavolume(
-            name, published, namespace=options.namespace, storage_class=options.storage_class
-        )
+            name, published, namespace=options.namespace, storage_class=options.storage_class,
+            volume_mode=options.volume_mode, secret_ref=options.secret_ref,
+        )  # fmt: skip
     except FinalError as e:
         emit("publish", "warning", f"no DataVolume manifest: {e.message}")
         return None
@@ -306,6 +327,12 @@ def build_template(request: BuildRequest, emit: Emit = discard) -> BuildState:
     for step in (install_step, finalize_step, publish_step):
         state = step(state, emit)
     return state
+
+
+def _keep_logs(workdir: Path, output: Path) -> None:
+    for name in ("console.log", "installer.log"):
+        with contextlib.suppress(OSError):  # no log yet (the guest never started)
+            shutil.copyfile(workdir / name, output / name)
 
 
 @contextmanager

@@ -47,6 +47,7 @@ STATE_INTERVAL = 1.0  # seconds between task-state writes for console lines
 CHATTY = {"console", "installer", "progress", "info"}
 POLL_SECONDS = 0.5
 NO_WORKER_WARNING_SECONDS = 30.0
+PING_SECONDS = 30.0  # how often a follower checks that the worker holding the disk lives
 
 log = logging.getLogger("diskflow.tasks")
 
@@ -68,7 +69,6 @@ def make_app(broker: str | None = None) -> Celery:
         task_serializer="json",
         result_serializer="json",
         accept_content=["json"],
-        result_extended=True,
         result_expires=7 * 24 * 3600,
         worker_prefetch_multiplier=1,
         worker_concurrency=int(os.environ.get("DISKFLOW_WORKER_CONCURRENCY", "1")),
@@ -100,20 +100,26 @@ class StepTask(Task):
         self, step: Callable[[Any, Emit], BuildState], given: Any
     ) -> tuple[BuildState, dict[str, Any]]:
         events: list[dict[str, Any]] = []
-        count, last_write = 0, 0.0
+        count, written, last_write = 0, 0, 0.0
         # A task delivered again (its worker died) starts its events afresh: followers tell
         # the runs apart by this id.
         run = f"{self.request.hostname}/{uuid.uuid4().hex[:8]}"
 
         def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
-            nonlocal count, last_write
+            nonlocal count, written, last_write
             count += 1
             events.append(event(stage, kind, message, **fields) | {"seq": count})
             del events[:-KEPT_EVENTS]
             log.info("%s %s: %s", stage, kind, message)
             now = time.monotonic()
-            if kind not in CHATTY or now - last_write > STATE_INTERVAL:
-                last_write = now
+            # Chatty lines are batched, but never so many that the kept window drops some
+            # before a follower could see them (a kernel boots in a burst).
+            if (
+                kind not in CHATTY
+                or now - last_write > STATE_INTERVAL
+                or count - written >= KEPT_EVENTS // 2
+            ):
+                written, last_write = count, now
                 self.update_state(state="PROGRESS", meta={"run": run, "events": events})
 
         state = step(given, emit)
@@ -177,10 +183,20 @@ def check_broker() -> None:
 def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
     """Pass on each task's events as they arrive; return the final state or raise the failure."""
     waiting_since = time.monotonic()
+    holder: str | None = None  # the worker with the installed disk, once there is one
     for result in results:
         seen, run = 0, None
+        checked = time.monotonic()
         while True:
             status, info = result.state, result.info
+            if status == "PENDING" and holder and time.monotonic() - checked > PING_SECONDS:
+                checked = time.monotonic()
+                if not app.control.ping(destination=[holder], timeout=5.0):
+                    raise TransientError(
+                        "WorkerLost",
+                        f"worker {holder}, which holds the installed disk, does not answer: "
+                        "run the build again",
+                    )
             unclaimed = time.monotonic() - (waiting_since or time.monotonic())
             if status == "PENDING" and unclaimed > NO_WORKER_WARNING_SECONDS:
                 emit("queue", "warning", f"no worker has taken the build yet (queue {QUEUE}); "
@@ -198,6 +214,8 @@ def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
                         fields = {k: v for k, v in item.items() if k not in _EVENT_KEYS}
                         emit(item["stage"], item["kind"], item["message"], **fields)
             if status == "SUCCESS":
+                if result.name == install.name:
+                    holder = info["run"].split("/")[0]
                 break
             if status in ("FAILURE", "REVOKED"):
                 raise info if isinstance(info, BaseException) else RuntimeError(str(info))

@@ -13,11 +13,14 @@
     location = "https://mirror.stream.centos.org/9-stream/BaseOS/x86_64/os/"
     kernel_args = "inst.text"     # optional, appended to the installer's command line
 
-Relative `iso`, `kernel` and `initrd` paths are relative to the metadata file.
+Relative `iso`, `kernel` and `initrd` paths are relative to the metadata file. A location
+must not carry credentials (`user:password@`): it is passed on virt-install's command line and
+recorded in the published manifest.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ from importer.quantity import parse_quantity
 
 TEMPLATE_KEYS = {"version", "os_variant", "disk_size", "memory", "vcpus"}
 INSTALL_KEYS = {"location", "iso", "kernel", "initrd", "kernel_args"}
+
+# A URL's authority (what urlsplit calls netloc): userinfo, if any, is what precedes an "@".
+_AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
 
 
 @dataclass(frozen=True)
@@ -164,9 +170,17 @@ def _install_source(table: dict, meta: Path, base: Path) -> InstallSource:
     if not isinstance(kernel_args, str):
         raise FinalError("InvalidTemplate", f"{meta}: [install] kernel_args must be a string")
     if "location" in table:
-        return InstallSource(
-            location=_string(table, "location", meta, section="install"), kernel_args=kernel_args
-        )
+        location = _string(table, "location", meta, section="install")
+        authority = _AUTHORITY.match(location)
+        if authority and "@" in authority.group(1):
+            # The location itself is not repeated: it holds the secret.
+            raise FinalError(
+                "InvalidTemplate",
+                f"{meta}: [install] location must not carry credentials (user:password@); "
+                "it would be visible in virt-install's command line and the published manifest. "
+                "Serve the tree without authentication, or use iso or kernel + initrd",
+            )
+        return InstallSource(location=location, kernel_args=kernel_args)
     paths = {
         key: _existing_file(table, key, meta, base)
         for key in ("iso", "kernel", "initrd")

@@ -11,7 +11,7 @@ from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
 from importer.errors import FinalError
-from pipelines.kickstart import flatten, included_files, kickstart_digest, validate
+from pipelines.kickstart import confined, flatten, included_files, kickstart_digest, validate
 from pipelines.template import load_template
 
 KICKSTARTS = Path(__file__).resolve().parent.parent / "kickstarts"
@@ -224,3 +224,98 @@ def test_digest_follows_included_content(tmp_path: Path) -> None:
     assert validate(ks, "F44").digest == before
     nested.write_text("zerombr\nreqpart\n")
     assert kickstart_digest(flatten(ks).text) != before
+
+
+def test_root_confines_includes_and_names_the_line(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    secret = write(tmp_path / "secret.ks", "worker-secret\n")
+    ks = write(root / "t.ks", minimal("%include sub/ok.ks\n"))
+    write(root / "sub" / "ok.ks", "zerombr\n%include ../../secret.ks\n")
+    with pytest.raises(FinalError) as e:
+        validate(ks, "RHEL9", root=root)
+    assert e.value.reason == "InvalidKickstart"
+    assert e.value.message.startswith(
+        f"{root / 'sub' / 'ok.ks'}:2: %include ../../secret.ks is outside {root}:"
+    )
+    assert "worker-secret" not in e.value.message
+    # Unconfined, the same kickstart reads it (and fails on its content).
+    with pytest.raises(FinalError, match="worker-secret"):
+        validate(ks, "RHEL9")
+    # The submitter's lenient walk (what pack() bundles) stays unconfined.
+    assert secret.resolve() in [p.resolve() for p in included_files(ks)]
+
+
+def test_root_refuses_a_symlink_out_and_the_kickstart_itself(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write(tmp_path / "secret.ks", "zerombr\n")
+    ks = write(root / "t.ks", minimal("%include link.ks\n"))
+    (root / "link.ks").symlink_to(tmp_path / "secret.ks")
+    with pytest.raises(FinalError, match=r"t\.ks:4: %include link\.ks is outside"):
+        flatten(ks, root=root)
+    with pytest.raises(FinalError, match="the kickstart is outside"):
+        flatten(tmp_path / "secret.ks", root=root)
+    # Includes that stay inside, however spelled, are fine.
+    (root / "sub").mkdir()
+    inside = write(root / "u.ks", minimal("%include sub/../t2.ks\n"))
+    write(root / "t2.ks", "zerombr\n")
+    assert flatten(inside, root=root).text.endswith("zerombr\n")
+
+
+def test_confined_applies_to_calls_without_a_root_until_the_block_ends(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write(tmp_path / "shared.ks", "zerombr\n")
+    ks = write(root / "t.ks", minimal("%include ../shared.ks\n"))
+    with confined(root), pytest.raises(FinalError, match="is outside"):
+        validate(ks, "RHEL9")
+    assert validate(ks, "RHEL9").text.endswith("zerombr\n")
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "https://builder:hunter2@mirror.example.com/9-stream/BaseOS/x86_64/os/",
+        "http://token-hunter2@mirror.example.com/os/",
+        "ftp://:hunter2@[::1]:21/os/",
+    ],
+)
+def test_location_with_credentials_is_refused_unechoed(tmp_path: Path, location: str) -> None:
+    ks = write(tmp_path / "t.ks", minimal())
+    write(
+        tmp_path / "t.toml",
+        f"""
+        [template]
+        version = "RHEL9"
+        os_variant = "centos-stream9"
+        disk_size = "4Gi"
+        memory = "2Gi"
+
+        [install]
+        location = "{location}"
+        """,
+    )
+    with pytest.raises(FinalError) as e:
+        load_template(ks)
+    assert e.value.reason == "InvalidTemplate"
+    assert e.value.message.startswith(
+        f"{tmp_path / 't.toml'}: [install] location must not carry credentials (user:password@)"
+    )
+    assert "hunter2" not in str(e.value)
+
+
+def test_location_with_an_at_sign_in_its_path_is_fine(tmp_path: Path) -> None:
+    ks = write(tmp_path / "t.ks", minimal())
+    location = "https://mirror.example.com/os/x86_64@2024/"
+    write(
+        tmp_path / "t.toml",
+        f"""
+        [template]
+        version = "RHEL9"
+        os_variant = "centos-stream9"
+        disk_size = "4Gi"
+        memory = "2Gi"
+
+        [install]
+        location = "{location}"
+        """,
+    )
+    assert load_template(ks).install.location == location

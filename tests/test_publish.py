@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -406,6 +407,22 @@ def test_local_publish(tmp_path: Path, qcow2: Image) -> None:
     # A manifest whose image is gone is no reason to skip the build.
     (folder_ / f"{TEMPLATE}.qcow2").unlink()
     assert find_published(store, TEMPLATE, build) is None
+
+
+def test_local_publish_is_readable_by_a_web_server(tmp_path: Path, qcow2: Image) -> None:
+    # A web server serving the directory (--public-url) runs as another user: mkstemp's 0600
+    # would be a 403 for CDI. Files get 0666 less the umask, as `cp` would give them.
+    build = build_id()
+    old = os.umask(0o022)
+    try:
+        publish(LocalStore(tmp_path, public_url="http://example.invalid/images"), qcow2, build)
+    finally:
+        os.umask(old)
+    folder_ = tmp_path / TEMPLATE / build
+    for name in (f"{TEMPLATE}.qcow2", f"{TEMPLATE}.qcow2.sha256", "manifest.json"):
+        mode = (folder_ / name).stat().st_mode & 0o777
+        assert mode & 0o044 == 0o044, f"{name}: {oct(mode)}"
+        assert mode == 0o644, f"{name}: {oct(mode)}"
 
 
 def test_local_image_that_changed_leaves_nothing(tmp_path: Path, qcow2: Image) -> None:

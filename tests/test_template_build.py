@@ -167,6 +167,7 @@ def test_failure_pattern_ends_the_build_with_the_matching_lines(
     assert "traceback in the console output" in failure.message
     assert "Traceback (most recent call last):" in failure.message
     assert "Boom: bad" in failure.message  # the lines after the match come along
+    assert "Traceback" in (tmp_path / "out/pattern/console.log").read_text()  # kept
 
 
 def test_silent_guest_is_stopped_by_the_no_output_watchdog(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import yaml
 pytest.register_assert_rewrite("tests.installer")
 pytest_plugins = ["tests.installer"]
 
-from tests.conftest import sha256  # noqa: E402
+from tests.conftest import run, sha256  # noqa: E402
 from tests.installer import Installer, write_template  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +125,8 @@ def test_publish_a_finished_build_to_a_served_directory(
     store = tmp_path / "store"
     store.mkdir()
     done = diskflow("publish", tmp_path / "out/later", "--publish-to", store, "--public-url",
-                    "https://images.example/golden", "--progress", "json")  # fmt: skip
+                    "https://images.example/golden", "--progress", "json", "--secret-ref",
+                    "image-store", "--volume-mode", "Block")  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     (image,) = store.glob("later/*/later.qcow2")
@@ -133,7 +136,9 @@ def test_publish_a_finished_build_to_a_served_directory(
     assert datavolume["spec"]["source"]["http"] == {
         "url": f"https://images.example/golden/later/{build_id}/later.qcow2",
         "checksum": f"sha256:{sha256(image)}",
+        "secretRef": "image-store",
     }
+    assert datavolume["spec"]["storage"]["volumeMode"] == "Block"
     local = json.loads((tmp_path / "out/later/manifest.json").read_text())
     assert local["published"]["image"]["sha256"] == sha256(image)
 
@@ -142,3 +147,46 @@ def test_publish_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None
     done = diskflow("publish", tmp_path, "--publish-to", tmp_path)
     assert done.returncode == 1
     assert "holds no manifest.json" in done.stderr and "[InvalidArgument]" in done.stderr
+    (tmp_path / "manifest.json").write_text('{"output": {"file": "x.qcow2"}}')
+    done = diskflow("publish", tmp_path, "--publish-to", tmp_path)
+    assert done.returncode == 1 and "[InvalidManifest]" in done.stderr
+
+
+def test_store_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
+    manifest = {"template": "x", "build_id": "b", "output": {"file": "x.qcow2", "sha256": "0"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    done = diskflow("publish", tmp_path, "--publish-to", "https://ci:s3cr3t@store.example/x")
+    assert done.returncode == 1
+    assert "must not carry credentials" in done.stderr and "[InvalidArgument]" in done.stderr
+    assert "s3cr3t" not in done.stdout + done.stderr
+
+
+def test_ci_build_stopped_by_sigterm_still_writes_its_report(
+    repo: Path, minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    base = git(repo, "rev-parse", "HEAD")
+    write_template(repo / "kickstarts", minimal_installer, "alpha", post="sleep 100000")
+    write_template(repo / "kickstarts", minimal_installer, "beta", post="echo never built")
+    commit(repo)
+    junit = tmp_path / "report.xml"
+    build = subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "ci", "build", "--since", base, "--junit", str(junit),
+         "--accel", "tcg", "--network", "none", "--workdir", str(vm_dir), "--progress", "none"],
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    end = time.monotonic() + 120
+    while not [d for d in domains() if d.startswith("diskflow-alpha-")]:
+        assert build.poll() is None and time.monotonic() < end, build.communicate()
+        time.sleep(0.2)
+    build.send_signal(signal.SIGTERM)
+    _, err = build.communicate(timeout=60)
+    assert build.returncode == 75, err
+    cases = {case.get("name"): case for case in ET.parse(junit).getroot().iter("testcase")}
+    assert set(cases) == {"alpha"}  # beta was not started
+    failure = cases["alpha"].find("failure")
+    assert failure is not None and "[Terminated]" in (failure.text or "")
+    assert not [d for d in domains() if d.startswith("diskflow-alpha-")]
+
+
+def domains() -> list[str]:
+    return run("virsh", "-c", "qemu:///system", "list", "--all", "--name").split()

@@ -2,7 +2,8 @@
 
 Every object is written to a temporary name beside its final one, fsynced, renamed into
 place and its directory fsynced, so a reader sees the whole file or none, even after a
-crash. The copy pass is the checksum pass.
+crash. The copy pass is the checksum pass. Files get the mode a plain `cp` would give them
+(0666 less the umask), not mkstemp's 0600: a web server serving the directory must read them.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class LocalStore:
             with os.fdopen(fd, "wb") as out:
                 yield out
                 out.flush()
+                os.fchmod(out.fileno(), 0o666 & ~_umask())
                 os.fsync(out.fileno())
             os.replace(temp, final)
         except BaseException:
@@ -87,6 +89,29 @@ class LocalStore:
                 os.unlink(temp)
             raise
         _fsync_dir(final.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+def _read_umask_once() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Where /proc is missing: the umask as it was when this module was imported (import is
+# normally done before any threads start).
+_UMASK_AT_IMPORT = _read_umask_once()
 
 
 def _make_dirs(path: Path) -> None:
