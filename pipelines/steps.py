@@ -14,7 +14,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -137,12 +137,12 @@ class BuildState:
 def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
     """Check the template and its kickstart; work out the build id; skip if published."""
     started = time.monotonic()
-    with _kickstart_files(request) as (path, media_base):
+    with _kickstart_files(request) as (path, media_base, shown):
         template = load_template(path, media_base)
         emit("validate", "start", f"validating {request.kickstart} as {template.version}")
         checked = kickstart.validate(template.kickstart, template.version)
-    for warning in checked.warnings:
-        emit("validate", "warning", str(warning))
+        for warning in checked.warnings:
+            emit("validate", "warning", shown(str(warning)))
     media = provenance.inputs(template)
     tools = provenance.tool_versions()
     build_id = provenance.build_id(checked.digest, template, media, tools, request.finalize)
@@ -336,13 +336,19 @@ def _keep_logs(workdir: Path, output: Path) -> None:
 
 
 @contextmanager
-def _kickstart_files(request: BuildRequest) -> Iterator[tuple[Path, Path | None]]:
-    """The kickstart to read: in place, or unpacked from the request's bundle."""
-    if request.bundle is None:
-        yield Path(request.kickstart), None
-    else:
-        with unpacked(request.bundle) as path:
-            yield path, request.bundle.media_base
+def _kickstart_files(
+    request: BuildRequest,
+) -> Iterator[tuple[Path, Path | None, Callable[[str], str]]]:
+    """The kickstart to read, in place or unpacked from the request's bundle; where relative
+    media paths start; and how to show a message about the files (with the submitter's paths).
+    """
+    bundle = request.bundle
+    if bundle is None:
+        yield Path(request.kickstart), None, str
+        return
+    with unpacked(bundle) as path:
+        scratch = str(path.parents[len(Path(bundle.kickstart).parts) - 1])
+        yield path, bundle.media_base, lambda text: text.replace(scratch, bundle.origin)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -239,3 +239,18 @@ def test_errors_inside_name_the_submitters_paths(tmpdir_: Path) -> None:
         "/home/me/repo/kickstarts/t.ks: its metadata file "
         "/home/me/repo/kickstarts/t.toml is missing"
     )
+
+
+def test_warnings_of_a_bundled_kickstart_name_the_submitters_files(
+    repo: Path, tmpdir_: Path
+) -> None:
+    kickstart = repo / "kickstarts" / "web.ks"
+    kickstart.write_text(kickstart.read_text() + "autostep\n")
+    events: list[tuple[str, str]] = []
+    validate_step(
+        BuildRequest(kickstart=str(kickstart)).packed(),
+        lambda stage, kind, message, **fields: events.append((kind, message)),
+    )
+    warnings = [message for kind, message in events if kind == "warning"]
+    assert warnings and all(m.startswith(f"{repo}/kickstarts/web.ks:") for m in warnings)
+    assert not any(str(tmpdir_) in m for m in warnings)
