@@ -13,9 +13,13 @@ import shutil
 import subprocess
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
+from importer.errors import FinalError, TransientError
+from importer.redaction import describe
+from importer.sources.http import FINAL_STATUSES, redact_url
 from pipelines.finalize import FinalizeOptions, sha256_of
 from pipelines.template import Template
 
@@ -73,11 +77,39 @@ def build_id(
 
 
 def _treeinfo(location: str) -> str | None:
-    try:
-        response = requests.get(location.rstrip("/") + "/.treeinfo", timeout=TREEINFO_TIMEOUT)
-    except requests.RequestException:
+    """The sha256 of the tree's .treeinfo; None for a tree without one (404, 410) or one
+    diskflow cannot fetch itself (nfs:, ftp:, which virt-install reads on its own).
+
+    Anything else that keeps the file from being read fails the build rather than giving a
+    None in its place: that would change the build id on a network blip (a needless rebuild)
+    and give two different composes fetched while the mirror was down the same id (a wrong
+    skip).
+    """
+    parts = urlsplit(location)
+    if parts.scheme not in ("http", "https"):
         return None
-    return hashlib.sha256(response.content).hexdigest() if response.ok else None
+    url = location.rstrip("/") + "/.treeinfo"
+    where = redact_url(url)
+    secrets = [s for s in (parts.password, parts.query) if s]
+    try:
+        response = requests.get(url, timeout=TREEINFO_TIMEOUT)
+    except requests.exceptions.SSLError as exc:  # as the importer: retrying will not help
+        raise FinalError("TLSError", f"cannot read {where}: {describe(exc, secrets)}") from None
+    except requests.exceptions.InvalidURL as exc:
+        raise FinalError("InvalidURL", f"cannot read {where}: {describe(exc, secrets)}") from None
+    except requests.RequestException as exc:
+        raise TransientError(
+            "SourceUnreachable", f"cannot read {where}: {describe(exc, secrets)}"
+        ) from None
+    status = response.status_code
+    if 200 <= status < 300:
+        return hashlib.sha256(response.content).hexdigest()
+    if status in (404, 410):
+        return None  # a tree without .treeinfo: the build id records that there was none
+    answer = f"cannot read {where}: HTTP {status} {response.reason}"
+    if status in (408, 429) or status >= 500:
+        raise TransientError("SourceUnreachable", answer)
+    raise FinalError(FINAL_STATUSES.get(status, "HttpError"), answer)
 
 
 def _first_line(tool: str, args: list[str]) -> str:
