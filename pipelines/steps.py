@@ -168,10 +168,10 @@ def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
     # The files were read; dropping them keeps them out of every later task's message and
     # stored result (a kickstart may hold a password hash).
     state = BuildState(replace(request, bundle=None), template, checked.text, build_id, manifest)
-    if request.publish_to and not request.force:
+    if request.publish_to:
         store = request.publish.store(request.publish_to)
         existing = find_published(store, template.name, build_id)
-        if existing:
+        if existing and not request.force:
             emit("validate", "done", f"build {build_id} is already published: skipping "
                  "(--force rebuilds)", build_id=build_id)  # fmt: skip
             state.output_dir.mkdir(parents=True, exist_ok=True)
@@ -179,6 +179,11 @@ def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
                 state.output_dir, Published.from_manifest(existing), request.publish, emit
             )
             return replace(state, skipped=True, manifest=existing, published=existing["published"])
+        if existing:
+            # A rebuild goes to a key of its own: overwriting the published image would leave
+            # its old manifest describing the new image until the new manifest is written.
+            build_id = f"{build_id}.{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+            state = replace(state, build_id=build_id, manifest=manifest | {"build_id": build_id})
     emit("validate", "done", f"{template.name}: build {build_id}", build_id=build_id)
     return state
 

@@ -129,7 +129,16 @@ class StepTask(Task):
 @app.task(base=StepTask, bind=True, name="diskflow.validate")
 def validate(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     """Validate the kickstart, work out the build id, and skip a published build."""
-    return self.run_step(validate_step, BuildRequest.from_json(request))[1]
+
+    def step(request: BuildRequest, emit: Emit) -> BuildState:
+        visibility = app.conf.broker_transport_options["visibility_timeout"]
+        if request.build.timeout >= visibility:
+            emit("validate", "warning", f"the build may take up to {request.build.timeout:.0f}s "
+                 f"but the broker hands an unfinished task to another worker after {visibility}s "
+                 "(DISKFLOW_VISIBILITY_TIMEOUT): it could run twice")  # fmt: skip
+        return validate_step(request, emit)
+
+    return self.run_step(step, BuildRequest.from_json(request))[1]
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.install")

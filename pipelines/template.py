@@ -28,6 +28,7 @@ from pathlib import Path
 from importer.errors import FinalError
 from importer.quantity import parse_quantity
 
+TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMPLATE_KEYS = {"version", "os_variant", "disk_size", "memory", "vcpus"}
 INSTALL_KEYS = {"location", "iso", "kernel", "initrd", "kernel_args"}
 
@@ -100,6 +101,13 @@ def load_template(kickstart: Path, media_base: Path | None = None) -> Template:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise FinalError("InvalidTemplate", f"{meta}: not valid TOML: {e}") from None
 
+    if not TEMPLATE_NAME.fullmatch(kickstart.stem):
+        # The name becomes a store key, a file name and part of a domain name.
+        raise FinalError(
+            "InvalidTemplate",
+            f"{kickstart}: the template name {kickstart.stem!r} (the file's name) must be 1 to "
+            "128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
     template = _table(data, "template", TEMPLATE_KEYS, meta)
     install = _table(data, "install", INSTALL_KEYS, meta)
     return Template(

@@ -319,3 +319,14 @@ def test_location_with_an_at_sign_in_its_path_is_fine(tmp_path: Path) -> None:
         """,
     )
     assert load_template(ks).install.location == location
+
+
+def test_template_name_must_make_a_store_key(tmp_path: Path) -> None:
+    from pipelines.template import load_template
+
+    kickstart = write(tmp_path / "golden image.ks", minimal(""))
+    write(tmp_path / "golden image.toml", '[template]\nversion = "RHEL9"\n')
+    with pytest.raises(FinalError) as caught:
+        load_template(kickstart)
+    assert caught.value.reason == "InvalidTemplate"
+    assert "'golden image'" in caught.value.message

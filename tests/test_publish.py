@@ -23,11 +23,11 @@ from pipelines.publish import (
     LocalStore,
     Store,
     Stored,
-    find_latest,
     find_published,
     open_store,
     publish_build,
 )
+from pipelines.publish.publication import latest_key
 from pipelines.publish.s3 import S3Store
 from tests.conftest import MiB, sha256
 from tests.stores import (
@@ -188,11 +188,11 @@ def test_s3_find_published(moto_s3: str, qcow2: Image) -> None:
     store = s3_store(moto_s3, folder())
     build = build_id()
     assert find_published(store, TEMPLATE, build) is None
-    assert find_latest(store, TEMPLATE) is None
+    assert store.get_bytes(latest_key(TEMPLATE)) is None
     published = publish(store, qcow2, build)
     manifest = find_published(store, TEMPLATE, build)
     assert manifest is not None and manifest["published"]["image"]["url"] == published.image_url
-    assert find_latest(store, TEMPLATE) == manifest
+    assert json.loads(store.get_bytes(latest_key(TEMPLATE)) or b"") == manifest
 
 
 def test_s3_missing_bucket_is_final_and_fails_early(moto_s3: str, qcow2: Image) -> None:

@@ -96,6 +96,12 @@ def test_build_published_to_s3_with_a_datavolume_then_skipped_until_forced(
     forced = build_template(request(kickstart, tmp_path, vm_dir, publish_to=job.publish_to,
                                     publish=publish, force=True), recorder)  # fmt: skip
     assert not forced.skipped and "install" in recorder.stages()
+    # The rebuild has a key of its own; the published build it replaces stays intact.
+    assert forced.build_id.startswith(f"{state.build_id}.")
+    for build_id in (state.build_id, forced.build_id):
+        key = f"{prefix}/s3golden/{build_id}/manifest.json"
+        stored = json.loads(s3_client(moto_s3).get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        assert stored["build_id"] == build_id
 
 
 def test_build_published_to_webdav_with_the_cli(

@@ -18,7 +18,6 @@ from pipelines.publish.base import ImportSource, Store, Stored
 from pipelines.publish.local import LocalStore
 from pipelines.publish.publication import (
     Published,
-    find_latest,
     find_published,
     publish_build,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "Published",
     "Store",
     "Stored",
-    "find_latest",
     "find_published",
     "open_store",
     "publish_build",

@@ -156,11 +156,6 @@ def find_published(store: Store, template_name: str, build_id: str) -> dict[str,
     return manifest
 
 
-def find_latest(store: Store, template_name: str) -> dict[str, Any] | None:
-    """The manifest of the template's most recently published build, or None."""
-    return _read_manifest(store, latest_key(template_name))
-
-
 def _read_manifest(store: Store, key: str) -> dict[str, Any] | None:
     data = store.get_bytes(key)
     if data is None:
