@@ -45,14 +45,13 @@ from import_bench import (
     MIB,
     BenchError,
     default_diskflow,
-    free_port,
     log,
     machine_info,
     parse_size,
     run,
     timed,
 )
-from publish_bench import BUCKET, REPO, check_and_delete, process_cpu, wait_for_port
+from publish_bench import BUCKET, REPO, check_and_delete, process_cpu, start_moto
 
 sys.path.insert(0, str(REPO))
 from pipelines.accel import Accel, choose_accel
@@ -287,25 +286,6 @@ def remove_leftovers(name: str) -> None:
             destroy_domain(OPTIONS.connect, domain, lambda _stage, _kind, message: log(message))
     for copy in VIRTINST_SCRATCH.glob(f"virtinst-*{name}*"):
         copy.unlink(missing_ok=True)
-
-
-def start_moto(bin_dir: Path, aws: str) -> tuple[subprocess.Popen[bytes], str]:
-    """moto's S3 server on a free loopback port, with BUCKET made; the process and its URL."""
-    port = free_port()
-    server = subprocess.Popen(
-        [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_port(port)
-        run([aws, "--endpoint-url", endpoint, "s3", "mb", f"s3://{BUCKET}"])
-    except BaseException:
-        server.terminate()
-        server.wait()
-        raise
-    return server, endpoint
 
 
 def median(values: list[float]) -> float | None:

@@ -52,6 +52,29 @@ publish_build(store, "bench", build, Path(image), {"output": {"format": "qcow2"}
 """
 
 
+def start_moto(bin_dir: Path, aws: str) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's S3 server on a free loopback port, with BUCKET made; the process and its URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_port(port)
+        subprocess.run(
+            [aws, "--endpoint-url", endpoint, "s3", "mb", f"s3://{BUCKET}"],
+            check=True,
+            capture_output=True,
+        )
+    except BaseException:
+        server.terminate()
+        server.wait()
+        raise
+    return server, endpoint
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=parse_size("1G"))
@@ -74,17 +97,9 @@ def main() -> int:
                 out.write(os.urandom(MIB))
         digest = sha256(image)
         print(json.dumps(machine_info(work)))
-        port = free_port()
-        server = subprocess.Popen(
-            [str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        endpoint = f"http://127.0.0.1:{port}"
+        server, endpoint = start_moto(bin_dir, aws)
         s3 = [aws, "--endpoint-url", endpoint, "s3"]
         try:
-            wait_for_port(port)
-            subprocess.run([*s3, "mb", f"s3://{BUCKET}"], check=True, capture_output=True)
             times: dict[str, list[float]] = {"diskflow": [], "aws": []}
             cpu: dict[str, list[tuple[float, float]]] = {"diskflow": [], "aws": []}
             peak: dict[str, float] = {"diskflow": 0.0, "aws": 0.0}

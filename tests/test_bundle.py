@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.kickstart import flatten, validate
 from pipelines.steps import BuildRequest, validate_step
 from pipelines.template import load_template
+from tests.test_kickstart import minimal, write
 
 # Read by an escaping %include, it would fail validation with this text in the message.
 SECRET = "worker-secret-content-4711"
@@ -26,16 +26,6 @@ METADATA = """
     [install]
     iso = "media/install.iso"
 """
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    return path
-
-
-def minimal(extra: str = "") -> str:
-    return "text\nrootpw --lock\nbootloader --timeout=1\n" + extra
 
 
 @pytest.fixture
