@@ -163,9 +163,6 @@ def publish(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
     return self.run_step(publish_step, BuildState.from_json(previous["state"]))[1]
 
 
-STEPS = (validate, install, finalize, publish)
-
-
 def submit(request: BuildRequest) -> list[AsyncResult]:
     """Queue the build; returns the results of its four tasks, in order."""
     packed = request.packed().to_json()
