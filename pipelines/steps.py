@@ -38,6 +38,8 @@ from pipelines.template import Template, load_template
 
 MANIFEST_SCHEMA = "diskflow.io/template-build/v1"
 PROGRESS_SECONDS = 2.0
+LOGS = ("console.log", "installer.log")
+OUTPUT_FILES = ("manifest.json", "datavolume.yaml", *LOGS)  # besides NAME.qcow2[.sha256]
 
 
 @dataclass(frozen=True)
@@ -193,10 +195,13 @@ def install_step(state: BuildState, emit: Emit = discard) -> BuildState:
     if state.skipped:
         return state
     request, template = state.request, state.template
-    # A previous build's image, manifest or DataVolume must not pass for this one's.
+    # A previous build's image, manifest or DataVolume must not pass for this one's. Only
+    # the files a build writes go: OUTPUT/NAME may be a directory of the user's.
     output = state.output_dir
-    shutil.rmtree(output, ignore_errors=True)
-    output.mkdir(parents=True)
+    output.mkdir(parents=True, exist_ok=True)
+    image = f"{template.name}.qcow2"
+    for name in (image, f"{image}.sha256", *OUTPUT_FILES):
+        (output / name).unlink(missing_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"diskflow-{template.name}-", dir=request.workdir))
     try:
         installed = install(template, state.kickstart, workdir, request.build, emit)
@@ -335,7 +340,7 @@ def build_template(request: BuildRequest, emit: Emit = discard) -> BuildState:
 
 
 def _keep_logs(workdir: Path, output: Path) -> None:
-    for name in ("console.log", "installer.log"):
+    for name in LOGS:
         with contextlib.suppress(OSError):  # no log yet (the guest never started)
             shutil.copyfile(workdir / name, output / name)
 

@@ -161,7 +161,18 @@ def test_failure_pattern_ends_the_build_with_the_matching_lines(
     kickstart = write_template(
         tmp_path, minimal_installer, "pattern", post=f"{TRACEBACK}; sleep 600"
     )
+    # An earlier build's files, which must not pass for this build's, and a file of the user's.
+    earlier = tmp_path / "out/pattern"
+    earlier.mkdir(parents=True)
+    for name in ("pattern.qcow2", "pattern.qcow2.sha256", "manifest.json", "datavolume.yaml"):
+        (earlier / name).write_text("from an earlier build")
+    (earlier / "notes.txt").write_text("mine")
     failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out")
+    assert sorted(p.name for p in earlier.iterdir()) == [
+        "console.log",
+        "installer.log",
+        "notes.txt",
+    ]
     assert isinstance(failure, FinalError)
     assert failure.reason == "InstallFailed"
     assert "traceback in the console output" in failure.message
