@@ -105,10 +105,13 @@ def install(
         virt_install, template, os_variant, options, choice, domain, disk, kickstart_file,
         console, installer,
     )  # fmt: skip
+    try:
+        sweep_orphans(options.connect, workdir.parent, emit)
+    except (OSError, subprocess.SubprocessError) as e:  # tidying up must not fail a build
+        emit("install", "warning", f"could not look for what killed builds left: {e!r}")
     emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
     started = time.monotonic()
     log = workdir / "virt-install.log"
-    sweep_orphans(options.connect, workdir.parent, emit)
     before = _virtinst_files()
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -322,7 +325,7 @@ def _watch(
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """Stop virt-install: SIGINT lets it remove its own temporary files, SIGKILL if it hangs."""
+    """Stop virt-install: SIGINT, as Ctrl-C would; SIGKILL if it does not end."""
     if process.poll() is not None:
         return
     process.send_signal(signal.SIGINT)
