@@ -74,13 +74,19 @@ class ResumableSource:
         self._ranged.add(response)
         try:
             if self._closed.is_set():  # closed before close() could see this response
-                raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
+                raise self._cancelled()
             data = response.read(count)
         except self._stream_errors as exc:
             raise TransientError(
                 "ConnectionLost",
                 f"ranged read of {self.description} at byte {start} failed: {self._describe(exc)}",
             ) from None
+        except Exception:
+            # close() tore the response down under this read: urllib3 then fails in odd ways
+            # (an AttributeError on its released connection).
+            if self._closed.is_set():
+                raise self._cancelled() from None
+            raise
         finally:
             self._ranged.discard(response)
             response.close()
@@ -106,9 +112,12 @@ class ResumableSource:
             if response is not None:
                 _shutdown(response)
 
+    def _cancelled(self) -> FinalError:
+        return FinalError("Cancelled", f"the transfer from {self.description} was stopped")
+
     def _read_once(self, n: int) -> bytes:
         if self._closed.is_set():
-            raise FinalError("Cancelled", f"the transfer from {self.description} was stopped")
+            raise self._cancelled()
         if self._response is None:
             self._response = self._open(self._offset)
         parts: list[bytes] = []
@@ -119,7 +128,11 @@ class ResumableSource:
             while got < n and (data := self._response.read1(n - got)):
                 parts.append(data)
                 got += len(data)
-        except self._stream_errors as exc:
+        except Exception as exc:
+            if self._closed.is_set():  # close() tore the response down under this read
+                raise self._cancelled() from None
+            if not isinstance(exc, self._stream_errors):
+                raise
             self._drop_response()
             failure = TransientError(
                 "ConnectionLost",
