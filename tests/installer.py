@@ -417,8 +417,12 @@ def write_template(
     post: str = "echo installing",
     extra: str = "",
     disk_size: str = "64Mi",
+    location: str | None = None,
 ) -> Path:
-    """A template diskflow can build with the test installer: NAME.ks and NAME.toml."""
+    """A template diskflow can build with the test installer: NAME.ks and NAME.toml.
+
+    The installer comes as kernel + initrd, or from the install tree at `location` (see
+    `write_tree`)."""
     kickstart = write_kickstart(directory / f"{name}.ks", post, extra)
     (directory / f"{name}.toml").write_text(
         "[template]\n"
@@ -428,7 +432,26 @@ def write_template(
         'memory = "256Mi"\n'
         "vcpus = 1\n"
         "\n[install]\n"
-        f'kernel = "{installer.kernel}"\n'
-        f'initrd = "{installer.initrd}"\n'
+        + (
+            f'location = "{location}"\n'
+            if location
+            else f'kernel = "{installer.kernel}"\ninitrd = "{installer.initrd}"\n'
+        )
     )
     return kickstart
+
+
+def write_tree(directory: Path, installer: Installer) -> Path:
+    """An install tree of the test installer, laid out like a distribution's: a .treeinfo
+    naming images/pxeboot/vmlinuz and initrd.img, as virt-install --location reads it."""
+    pxeboot = directory / "images" / "pxeboot"
+    pxeboot.mkdir(parents=True)
+    shutil.copyfile(installer.kernel, pxeboot / "vmlinuz")
+    shutil.copyfile(installer.initrd, pxeboot / "initrd.img")
+    treeinfo = directory / ".treeinfo"
+    treeinfo.write_text(
+        "[general]\nfamily = diskflow-test\nversion = 1\narch = x86_64\n\n"
+        "[tree]\narch = x86_64\nplatforms = x86_64\n\n"
+        "[images-x86_64]\nkernel = images/pxeboot/vmlinuz\ninitrd = images/pxeboot/initrd.img\n"
+    )
+    return treeinfo

@@ -21,9 +21,14 @@ pytest_plugins = ["tests.installer", "tests.stores"]
 from importer import Checksum, ImportOptions, S3Options, import_image  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
 from pipelines.build import BuildOptions  # noqa: E402
-from pipelines.steps import BuildRequest, PublishOptions, build_template  # noqa: E402
+from pipelines.steps import (  # noqa: E402
+    BuildRequest,
+    PublishOptions,
+    build_template,
+    validate_step,
+)
 from tests.conftest import MiB, sha256  # noqa: E402
-from tests.installer import Installer, expected_marker, write_template  # noqa: E402
+from tests.installer import Installer, expected_marker, write_template, write_tree  # noqa: E402
 from tests.stores import BUCKET, Dav, s3_client  # noqa: E402
 from tests.test_template_build import Recorder  # noqa: E402
 
@@ -133,3 +138,27 @@ def test_build_published_to_webdav_with_the_cli(
         f"{base}/davgolden/{build_id}/davgolden.qcow2"
     )
     assert_imports_to_the_installed_disk(datavolume, kickstart, tmp_path)
+
+
+def test_build_from_an_install_tree_served_over_http(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path, webdav: Dav
+) -> None:
+    # What the shipped templates do: virt-install --location fetches the tree's kernel and
+    # initrd over HTTP (here from nginx) and the kickstart is injected into that initrd.
+    folder = f"tree-{uuid.uuid4().hex[:8]}"
+    treeinfo = write_tree(webdav.root / "readonly" / folder, minimal_installer)
+    location = f"{webdav.base}/readonly/{folder}/"
+    kickstart = write_template(tmp_path, minimal_installer, "fromtree", location=location)
+    state = build_template(request(kickstart, tmp_path, vm_dir))
+
+    raw = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", state.image or "", raw], check=True)
+    marker = expected_marker(kickstart)
+    with open(raw, "rb") as f:
+        assert f.read(len(marker)) == marker
+    assert state.manifest["inputs"]["location"] == {
+        "url": location, "treeinfo_sha256": sha256(treeinfo),
+    }  # fmt: skip
+    # A new compose (another .treeinfo) is another build.
+    treeinfo.write_text(treeinfo.read_text() + "\n[checksums]\n")
+    assert validate_step(request(kickstart, tmp_path, vm_dir)).build_id != state.build_id
