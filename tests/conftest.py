@@ -7,9 +7,9 @@ import os
 import shutil
 import socket
 import subprocess
-import textwrap
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +113,18 @@ def nginx(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     if not shutil.which("nginx"):
         pytest.fail("nginx is not installed (Debian: nginx-light); .ci/run installs it")
     prefix = tmp_path_factory.mktemp("nginx")
+    with running_nginx(prefix, "access_log off; sendfile on;", f"root {images.dir};") as base:
+        yield base
+
+
+@contextmanager
+def running_nginx(prefix: Path, http: str, server: str) -> Iterator[str]:
+    """nginx, as root and in the foreground, from a config of its own in PREFIX: the `http`
+    directives and one server on a free loopback port whose block holds `server`. Yields the
+    base URL once it answers; stops it afterwards."""
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(
-        textwrap.dedent(f"""
+    conf.write_text(f"""
         daemon off;
         user root;
         worker_processes 1;
@@ -124,22 +132,20 @@ def nginx(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         error_log {prefix}/error.log;
         events {{ worker_connections 64; }}
         http {{
-            access_log off;
-            client_body_temp_path {prefix};
+            client_body_temp_path {prefix}/body;
             proxy_temp_path {prefix};
             fastcgi_temp_path {prefix};
             uwsgi_temp_path {prefix};
             scgi_temp_path {prefix};
             types {{ }}
             default_type application/octet-stream;
-            sendfile on;
+            {http}
             server {{
                 listen 127.0.0.1:{port};
-                root {images.dir};
+                {server}
             }}
         }}
         """)
-    )
     process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)])
     base = f"http://127.0.0.1:{port}"
     try:

@@ -12,9 +12,7 @@ import json
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +25,7 @@ import pytest
 import requests
 from moto.server import ThreadedMotoServer
 
-from tests.conftest import MiB, free_port, run, wait_for_http
+from tests.conftest import MiB, free_port, run, running_nginx, wait_for_http
 
 BUCKET = "golden"
 ACCESS_KEY, SECRET_KEY = "AKIDPUBLISH", "publish-s3cr3t-never-printed"
@@ -116,7 +114,7 @@ def moto_auth(s3_env: None) -> Iterator[AuthS3]:
     )
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        wait_for_port(port)
+        wait_for_http(endpoint + "/")
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
         keys = {}
         for user in ("powerless", "admin"):
@@ -136,18 +134,6 @@ def moto_auth(s3_env: None) -> Iterator[AuthS3]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def wait_for_port(port: int, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
 
 
 @dataclass(frozen=True)
@@ -182,59 +168,33 @@ def webdav(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dav]:
         text=True,
     ).stdout.strip()
     (prefix / "htpasswd").write_text(f"{DAV_USER}:{hashed}\n")
-    port = free_port()
     dav = "dav_methods PUT DELETE MKCOL; create_full_put_path on;"
-    conf = prefix / "nginx.conf"
-    conf.write_text(
-        textwrap.dedent(f"""
-        daemon off;
-        user root;
-        worker_processes 1;
-        pid {prefix}/nginx.pid;
-        error_log {prefix}/error.log;
-        events {{ worker_connections 64; }}
-        http {{
-            log_format publish '$request_method $uri $status';
-            access_log {prefix}/access.log publish;
-            client_body_temp_path {prefix}/body;
-            proxy_temp_path {prefix};
-            fastcgi_temp_path {prefix};
-            uwsgi_temp_path {prefix};
-            scgi_temp_path {prefix};
-            types {{ }}
-            default_type application/octet-stream;
-            client_max_body_size 0;
-            server {{
-                listen 127.0.0.1:{port};
-                root {root};
-                location /dav/ {{ {dav} }}
-                location /basic/ {{
-                    auth_basic "publish";
-                    auth_basic_user_file {prefix}/htpasswd;
-                    {dav}
-                }}
-                location /bearer/ {{
-                    if ($http_authorization != "Bearer {DAV_TOKEN}") {{ return 401; }}
-                    {dav}
-                }}
-                location /readonly/ {{ limit_except GET HEAD {{ deny all; }} }}
-                location /broken/ {{
-                    {dav}
-                    location ~ \\.qcow2$ {{ if ($request_method = PUT) {{ return 500; }} }}
-                }}
-                location /local/ {{ }}
-            }}
+    http = f"""
+        log_format publish '$request_method $uri $status';
+        access_log {prefix}/access.log publish;
+        client_max_body_size 0;
+        """
+    server = f"""
+        root {root};
+        location /dav/ {{ {dav} }}
+        location /basic/ {{
+            auth_basic "publish";
+            auth_basic_user_file {prefix}/htpasswd;
+            {dav}
         }}
-        """)
-    )
-    process = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(base + "/")
+        location /bearer/ {{
+            if ($http_authorization != "Bearer {DAV_TOKEN}") {{ return 401; }}
+            {dav}
+        }}
+        location /readonly/ {{ limit_except GET HEAD {{ deny all; }} }}
+        location /broken/ {{
+            {dav}
+            location ~ \\.qcow2$ {{ if ($request_method = PUT) {{ return 500; }} }}
+        }}
+        location /local/ {{ }}
+        """
+    with running_nginx(prefix, http, server) as base:
         yield Dav(base, root, prefix / "access.log")
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @dataclass
