@@ -3,7 +3,7 @@
     python bench/build_bench.py [--repeat 3] [--disk-size 2G] [--data 512M] [--json FILE]
 
 It builds the tests' minimal installer (Debian's cloud kernel and a busybox initramfs, see
-tests/installer.py) and a template whose %post writes --data bytes to the disk from 8 MiB on:
+tests/support/installer.py) and a template whose %post writes --data bytes to the disk from 8 MiB on:
 half from /dev/urandom, a quarter of machine code (copies of busybox) and text (`seq`), a
 quarter of zeros. It starts moto's S3 server on loopback in its own process with one bucket
 and runs, interleaved and --repeat times (the order swapped every repeat), two builds of it:
@@ -67,7 +67,7 @@ from pipelines.build import (
     virt_install_command,
 )
 from pipelines.template import Template, load_template
-from tests.installer import build_installer, expected_marker, write_template
+from tests.support.installer import build_installer, expected_marker, write_template
 
 STAGES = ("validate", "install", "finalize", "publish")
 TOOLS = ("diskflow", "script")

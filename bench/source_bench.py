@@ -45,7 +45,7 @@ from import_bench import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.faultserver import FaultServer
+from tests.support.faultserver import FaultServer
 
 BUCKET = "bench"
 

@@ -79,6 +79,8 @@ class ImportOptions:
     """Where non-raw images wait for qemu-img; default: the system's temporary directory."""
     content_type: ContentType = ContentType.KUBEVIRT
     """kubevirt: a disk image, converted to raw; archive: a tar extracted into a directory."""
+    archive_max_members: int = 100_000
+    """The most members an archive may hold (each costs a file or directory on the volume)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,14 @@ def import_image(
                     "InvalidArchive",
                     f"{stream.description} is not a tar archive (once decompressed)",
                 )
-            size, kind = extract(chunks, destination, limit=capacity, verify=verify), "tar"
+            size = extract(
+                chunks,
+                destination,
+                limit=capacity,
+                verify=verify,
+                max_members=options.archive_max_members,
+            )
+            kind = "tar"
         else:
             fmt = detect_format(head)
             _refuse_early(fmt, head, stream, compression, capacity)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.faultserver import FaultServer
+from tests.support.faultserver import FaultServer
 
 MiB = 1 << 20
 FORMATS = ["raw", "qcow2", "vmdk", "vdi", "vpc", "vpc-fixed", "vhdx"]
@@ -26,6 +26,22 @@ COMPRESSORS = {
     "zst": ["zstd", "-q", "-1"],
     "bz2": ["bzip2", "-k", "-1"],
 }
+
+
+# Markers follow from the fixtures a test uses, so they cannot drift from what it needs:
+# `-m "not loop and not libvirt"` is the part that runs in seconds without root.
+_MARKED_BY_FIXTURE = {
+    "device": "loop",  # a loop device: root
+    "minimal_installer": "libvirt",  # virt-install + libvirtd + QEMU
+    "vm_dir": "libvirt",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in _MARKED_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
 
 
 def run(*args: str | os.PathLike) -> str:

@@ -1,7 +1,7 @@
 """Artifact stores for publish tests, all reached over real HTTP: moto's S3 server (one open,
 one that checks credentials), nginx as a WebDAV store, and a PUT server that fails on demand.
 
-Test modules load the fixtures with `pytest_plugins = ["tests.stores"]`, after importing its
+Test modules load the fixtures with `pytest_plugins = ["tests.support.stores"]`, after importing its
 helpers, so pytest cannot rewrite its asserts; it has none (PYTEST_DONT_REWRITE).
 """
 

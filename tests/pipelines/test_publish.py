@@ -30,7 +30,7 @@ from pipelines.publish import (
 from pipelines.publish.publication import latest_key
 from pipelines.publish.s3 import S3Store
 from tests.conftest import MiB, sha256
-from tests.stores import (
+from tests.support.stores import (
     BUCKET,
     DAV_PASSWORD,
     DAV_TOKEN,
@@ -44,7 +44,7 @@ from tests.stores import (
     s3_client,
 )
 
-pytest_plugins = ["tests.stores"]
+pytest_plugins = ["tests.support.stores"]
 
 FAST = HttpOptions(retries=2, backoff=0.01, stall_timeout=5.0, connect_timeout=2.0)
 TEMPLATE = "centos9"

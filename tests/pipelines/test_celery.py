@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("tests.installer")
-pytest_plugins = ["tests.installer"]
+pytest.register_assert_rewrite("tests.support.installer")
+pytest_plugins = ["tests.support.installer"]
 
 from pipelines.build import VIRTINST_SCRATCH, sweep_stale_copies  # noqa: E402
 from tests.conftest import free_port, run, sha256  # noqa: E402
-from tests.installer import Installer, write_template  # noqa: E402
+from tests.support.installer import Installer, write_template  # noqa: E402
 
 VISIBILITY_TIMEOUT = 20  # seconds: longer than one test build, short enough to wait for
 

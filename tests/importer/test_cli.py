@@ -15,7 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Images, MiB, free_port
-from tests.faultserver import FaultServer
+from tests.support.faultserver import FaultServer
 
 SECRET = "correct-horse-battery-staple"
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 # The fixtures come in as a plugin; importing the module first would bypass assert rewriting.
-pytest.register_assert_rewrite("tests.installer")
-pytest_plugins = ["tests.installer"]
+pytest.register_assert_rewrite("tests.support.installer")
+pytest_plugins = ["tests.support.installer"]
 
 from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
@@ -31,7 +31,7 @@ from pipelines.build import (  # noqa: E402
 )
 from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
 from tests.conftest import MiB, run, sha256  # noqa: E402
-from tests.installer import (  # noqa: E402
+from tests.support.installer import (  # noqa: E402
     ANACONDA_LOG_DIRECTIVE,
     TAIL_MARKER_OFFSET,
     Installer,

@@ -14,8 +14,8 @@ from importer.errors import ImportFailure
 from importer.sources import HttpSource
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
 from tests.conftest import Images, MiB
-from tests.faultserver import FaultServer
-from tests.test_import_formats import assert_same_content
+from tests.support.faultserver import FaultServer
+from tests.importer.test_import_formats import assert_same_content
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=2.0)
 SLOW = 16 * MiB  # bytes/s per connection: well under the fan-out threshold

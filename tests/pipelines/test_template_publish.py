@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("tests.installer")
-pytest_plugins = ["tests.installer", "tests.stores"]
+pytest.register_assert_rewrite("tests.support.installer")
+pytest_plugins = ["tests.support.installer", "tests.support.stores"]
 
 from importer import Checksum, ImportOptions, S3Options, import_image  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
@@ -28,9 +28,9 @@ from pipelines.steps import (  # noqa: E402
     validate_step,
 )
 from tests.conftest import MiB, sha256  # noqa: E402
-from tests.installer import Installer, expected_marker, write_template, write_tree  # noqa: E402
-from tests.stores import BUCKET, Dav, s3_client  # noqa: E402
-from tests.test_template_build import Recorder  # noqa: E402
+from tests.support.installer import Installer, expected_marker, write_template, write_tree  # noqa: E402
+from tests.support.stores import BUCKET, Dav, s3_client  # noqa: E402
+from tests.pipelines.test_template_build import Recorder  # noqa: E402
 
 FAST = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)
 

@@ -14,7 +14,7 @@ from importer.errors import FinalError
 from pipelines.kickstart import confined, flatten, included_files, kickstart_digest, validate
 from pipelines.template import load_template
 
-KICKSTARTS = Path(__file__).resolve().parent.parent / "kickstarts"
+KICKSTARTS = Path(__file__).resolve().parents[2] / "kickstarts"
 SHIPPED = sorted(KICKSTARTS.glob("*.ks"))
 
 

@@ -18,8 +18,8 @@ from importer import Checksum, HttpOptions, ImportOptions, Progress, S3Options, 
 from importer.errors import ImportFailure
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES
 from tests.conftest import Images, free_port
-from tests.faultserver import FaultServer
-from tests.test_import_formats import assert_same_content
+from tests.support.faultserver import FaultServer
+from tests.importer.test_import_formats import assert_same_content
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=2.0, connect_timeout=2.0)
 BUCKET = "images"

@@ -21,9 +21,9 @@ from pipelines.datavolume import GiB, datavolume, storage_request, to_yaml
 from pipelines.publish import Published, find_published, open_store, publish_build
 from pipelines.publish.s3 import S3Store
 from tests.conftest import MiB, run
-from tests.stores import BUCKET, DAV_PASSWORD, DAV_USER, Dav, Image
+from tests.support.stores import BUCKET, DAV_PASSWORD, DAV_USER, Dav, Image
 
-pytest_plugins = ["tests.stores"]
+pytest_plugins = ["tests.support.stores"]
 
 FAST = HttpOptions(retries=2, backoff=0.01, stall_timeout=5.0, connect_timeout=2.0)
 TEMPLATE = "centos9"

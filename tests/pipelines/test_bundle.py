@@ -12,7 +12,7 @@ from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.kickstart import flatten, validate
 from pipelines.steps import BuildRequest, validate_step
 from pipelines.template import load_template
-from tests.test_kickstart import minimal, write
+from tests.pipelines.test_kickstart import minimal, write
 
 # Read by an escaping %include, it would fail validation with this text in the message.
 SECRET = "worker-secret-content-4711"

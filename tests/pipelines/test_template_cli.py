@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytest.register_assert_rewrite("tests.installer")
-pytest_plugins = ["tests.installer"]
+pytest.register_assert_rewrite("tests.support.installer")
+pytest_plugins = ["tests.support.installer"]
 
 from tests.conftest import run, sha256  # noqa: E402
-from tests.installer import Installer, write_template  # noqa: E402
+from tests.support.installer import Installer, write_template  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TRACEBACK = 'echo "Traceback (most recent call last):"; echo "Boom"'
 
 

@@ -14,8 +14,8 @@ import pytest
 from importer import HttpOptions, ImportOptions, import_image
 from importer.errors import ImportFailure
 from tests.conftest import Images, run
-from tests.faultserver import FaultServer
-from tests.test_import_formats import assert_same_content
+from tests.support.faultserver import FaultServer
+from tests.importer.test_import_formats import assert_same_content
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=1.0, connect_timeout=2.0)
 SOURCE = "disk.qcow2.gz"

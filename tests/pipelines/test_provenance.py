@@ -14,7 +14,7 @@ from pipelines.finalize import FinalizeOptions
 from pipelines.provenance import build_id, inputs
 from pipelines.template import InstallSource, Template
 from tests.conftest import free_port
-from tests.faultserver import FaultServer
+from tests.support.faultserver import FaultServer
 
 TREEINFO = b"[general]\nfamily = CentOS Stream\nversion = 9\n[tree]\nbuild_timestamp = 1700000000\n"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 # The fixtures come in as a plugin; importing the module first would bypass assert rewriting.
-pytest.register_assert_rewrite("tests.installer")
-pytest_plugins = ["tests.installer"]
+pytest.register_assert_rewrite("tests.support.installer")
+pytest_plugins = ["tests.support.installer"]
 
 from tests.conftest import MiB, run  # noqa: E402
-from tests.installer import (  # noqa: E402
+from tests.support.installer import (  # noqa: E402
     ANACONDA_LOG_DIRECTIVE,
     ANACONDA_LOG_PORT,
     MARKER_HEADER,
