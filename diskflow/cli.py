@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
 from enum import StrEnum
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -67,8 +68,21 @@ class ProgressMode(StrEnum):
     NONE = "none"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"diskflow {version('diskflow')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """diskflow: get VM disk images into Kubernetes volumes, and build the golden images."""
 
 
@@ -170,6 +184,25 @@ def import_command(
     scratch_dir: Annotated[
         Path | None, typer.Option(help="Where qcow2/vmdk/vdi/vhd/vhdx images wait for conversion.")
     ] = None,
+    max_expansion: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Without --size: the most bytes of image per byte downloaded, once past 1 GiB "
+            "of image (decompression bombs expand far more); 0: no limit.",
+        ),
+    ] = 2000.0,
+    decompression_memory: Annotated[
+        str,
+        typer.Option(help="The most memory an xz or zstd stream may ask for its window."),
+    ] = "128Mi",
+    archive_max_members: Annotated[
+        int, typer.Option(min=1, help="The most members an archive may hold.")
+    ] = 100_000,
+    deadline: Annotated[
+        float | None,
+        typer.Option(min=1, help="Seconds the whole import may take (DeadlineExceeded after)."),
+    ] = None,
     progress: Annotated[
         ProgressMode, typer.Option(help="auto: a bar on a terminal, JSON lines otherwise.")
     ] = ProgressMode.AUTO,
@@ -214,6 +247,10 @@ def import_command(
             filesystem_overhead=filesystem_overhead,
             scratch_dir=str(scratch_dir) if scratch_dir else None,
             content_type=content_type,
+            max_expansion=max_expansion,
+            decompression_memory=parse_quantity(decompression_memory),
+            archive_max_members=archive_max_members,
+            deadline=deadline,
         )
         return import_image(source, dest, options=options, progress=state)
 
@@ -254,16 +291,35 @@ def _run(
         with _reporting(state, mode, metrics_port):
             return job(state)
 
-    result = guarded(job_with_progress, lambda record: _finish(record, mode, termination_log))
+    result = guarded(
+        job_with_progress,
+        lambda record: _finish(record, mode, termination_log),
+        completed=lambda: state.committed,
+    )
     _finish({"ok": True, **asdict(result)}, mode, termination_log)
 
 
-def guarded(job: Callable[[], T], finish: Callable[[dict], None]) -> T:
-    """Run `job`; on failure hand `finish` the failure record and exit 1 (final) or 75."""
+def guarded(
+    job: Callable[[], T],
+    finish: Callable[[dict], None],
+    *,
+    completed: Callable[[], bool] = lambda: False,
+) -> T:
+    """Run `job`; on failure hand `finish` the failure record and exit 1 (final) or 75.
+
+    A SIGTERM unwinds the job like an error, unless `completed()` says the job has already
+    reached the point where it stands (then it finishes and reports success)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+
     # Kubernetes stops a pod with SIGTERM: unwind like an error, so that partial and scratch
     # files (and a build's domain) are removed and the termination log says what happened.
-    signal.signal(signal.SIGTERM, _terminated)
+    def terminated(signum: int, frame: object) -> None:
+        if completed():
+            logging.getLogger("diskflow").warning("SIGTERM after the import completed: ignored")
+            return
+        raise TransientError("Terminated", "stopped by SIGTERM; it can be run again")
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         return job()
     except ImportFailure as failure:
@@ -281,10 +337,6 @@ def guarded(job: Callable[[], T], finish: Callable[[dict], None]) -> T:
         message = f"internal error ({type(exc).__name__}); set DISKFLOW_DEBUG=1 for a traceback"
         finish({"ok": False, "reason": "InternalError", "message": message, "final": True})
         raise typer.Exit(EXIT_FINAL) from None
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise TransientError("Terminated", "stopped by SIGTERM; it can be run again")
 
 
 def _resolve(mode: ProgressMode) -> ProgressMode:

@@ -6,6 +6,8 @@ File names and URL suffixes are never trusted: only the bytes decide.
 from __future__ import annotations
 
 import struct
+import uuid
+from collections.abc import Callable
 from enum import StrEnum
 
 # Enough decompressed bytes to see every signature below (the ISO 9660 one is at 32 KiB).
@@ -143,3 +145,76 @@ def fixed_vhd_disk_size(footer: bytes) -> int | None:
     (current_size,) = struct.unpack_from(">Q", footer, 48)
     (disk_type,) = struct.unpack_from(">I", footer, 60)
     return current_size if disk_type == _VHD_FIXED else None
+
+
+def header_virtual_size(fmt: DiskFormat, read: Callable[[int, int], bytes | None]) -> int | None:
+    """The virtual size an image's header declares, read through `read(offset, length)`
+    (None while those bytes have not arrived); None when it cannot be told (yet).
+
+    Lets an image too large for the volume be refused as soon as its header has arrived,
+    before the rest of it is downloaded. qemu-img's view is checked again after the download.
+    """
+    if fmt is DiskFormat.QCOW2:
+        return _field(read, 24, ">Q")
+    if fmt is DiskFormat.VMDK:
+        sectors = _field(read, 12, "<Q")
+        return None if sectors is None else sectors * 512
+    if fmt is DiskFormat.VDI:
+        return _field(read, 368, "<Q")
+    if fmt is DiskFormat.VPC:
+        # The copy of the footer at the start. qemu takes the size from the geometry for
+        # images made by some creators: the smaller of the two never refuses a fitting image.
+        footer = read(0, 64)
+        if footer is None:
+            return None
+        (current,) = struct.unpack_from(">Q", footer, 48)
+        cylinders, heads, sectors = struct.unpack_from(">HBB", footer, 56)
+        return min(current, cylinders * heads * sectors * 512)
+    if fmt is DiskFormat.VHDX:
+        return _vhdx_virtual_size(read)
+    return None
+
+
+def _field(read: Callable[[int, int], bytes | None], offset: int, layout: str) -> int | None:
+    data = read(offset, struct.calcsize(layout))
+    return None if data is None else struct.unpack(layout, data)[0]
+
+
+_VHDX_REGION_TABLE = 192 << 10
+_VHDX_METADATA_REGION = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E").bytes_le
+_VHDX_VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8").bytes_le
+
+
+def _vhdx_virtual_size(read: Callable[[int, int], bytes | None]) -> int | None:
+    # Region table → metadata region → metadata table → the Virtual Disk Size item.
+    header = read(_VHDX_REGION_TABLE, 16)
+    if header is None or header[:4] != b"regi":
+        return None
+    (count,) = struct.unpack_from("<I", header, 8)
+    entries = read(_VHDX_REGION_TABLE + 16, 32 * min(count, 2047))
+    if entries is None:
+        return None
+    for i in range(min(count, 2047)):
+        guid, offset = (
+            entries[32 * i : 32 * i + 16],
+            struct.unpack_from("<Q", entries, 32 * i + 16)[0],
+        )
+        if guid == _VHDX_METADATA_REGION:
+            return _vhdx_metadata_item(read, offset)
+    return None
+
+
+def _vhdx_metadata_item(read: Callable[[int, int], bytes | None], region: int) -> int | None:
+    table = read(region, 32)
+    if table is None or table[:8] != b"metadata":
+        return None
+    (count,) = struct.unpack_from("<H", table, 10)
+    entries = read(region + 32, 32 * min(count, 2047))
+    if entries is None:
+        return None
+    for i in range(min(count, 2047)):
+        guid = entries[32 * i : 32 * i + 16]
+        if guid == _VHDX_VIRTUAL_DISK_SIZE:
+            (offset,) = struct.unpack_from("<I", entries, 32 * i + 16)
+            return _field(read, region + offset, "<Q")
+    return None

@@ -8,24 +8,36 @@
 Fetching, hashing, inflating and writing run in threads joined by bounded queues, so memory
 stays bounded and the stages overlap. The raw-or-scratch decision is made from the first
 bytes of the stream, never by a failed first attempt. A file destination is written under a
-temporary name and renamed only when complete; a block device gets its first MiB last.
+temporary name and renamed only when complete; a block device gets its first MiB last. The
+destination is claimed for the whole import (importer.claims), and what the image may take is
+bounded even without a size (importer.limits).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from importer import qemu
 from importer.archive import extract, is_tar
 from importer.buffers import BufferPool
 from importer.checksum import Checksum
-from importer.errors import FinalError
+from importer.claims import SCRATCH_PREFIX, owned_file, sweep
+from importer.destination import (
+    claimed,
+    cut_fixed_vhd_footer,
+    finish_file,
+    parent,
+    published,
+    supports_direct,
+    sync,
+    writing_into,
+)
+from importer.errors import FinalError, ImportFailure
 from importer.formats import (
     SNIFF_BYTES,
     VHD_FOOTER_SIZE,
@@ -33,24 +45,18 @@ from importer.formats import (
     DiskFormat,
     detect_compression,
     detect_format,
-    fixed_vhd_disk_size,
+    header_virtual_size,
     outside_reference,
     unsupported_format,
 )
+from importer.limits import Bound, Deadline, check_expansion, expansion_guard, free_space_bound
+from importer.limits import usable_capacity as usable_bytes
 from importer.progress import Progress
 from importer.sources import HttpOptions, S3Options, Source, open_source
 from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
-from importer.target import (
-    SparseWriter,
-    Target,
-    inspect_target,
-    open_direct,
-    wipe_head,
-    zero_range,
-)
+from importer.target import SparseWriter, Target, wipe_head, zero_range
 
 BLANK = "blank:"  # the source of an empty disk, as CDI's `source: {blank: {}}`
-ALIGNMENT = 1 << 20  # usable capacity is rounded down to whole MiB, as CDI does
 # A non-raw image file may exceed its virtual size by its metadata; more than this is a bomb.
 SCRATCH_SLACK = 64 << 20
 
@@ -63,7 +69,8 @@ class ContentType(StrEnum):
 @dataclass(frozen=True, kw_only=True)
 class ImportOptions:
     size: int | None = None
-    """Capacity of the volume in bytes; default: the device's size, or for a file none."""
+    """Capacity of the volume in bytes; default: the device's size, or for a file none (the
+    image is then bounded by the free space of DEST's filesystem and by `max_expansion`)."""
     checksum: Checksum | None = None
     """Expected digest of the bytes as downloaded (before decompression)."""
     http: HttpOptions = field(default_factory=HttpOptions)
@@ -81,6 +88,13 @@ class ImportOptions:
     """kubevirt: a disk image, converted to raw; archive: a tar extracted into a directory."""
     archive_max_members: int = 100_000
     """The most members an archive may hold (each costs a file or directory on the volume)."""
+    max_expansion: float = 2000.0
+    """Without `size`: the most bytes of image per byte downloaded, once past 1 GiB of image
+    (a decompression bomb expands far more); 0: no limit."""
+    decompression_memory: int = 128 << 20
+    """The most memory an xz or zstd stream may ask for its window."""
+    deadline: float | None = None
+    """Seconds the whole import may take; None: no limit."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +124,7 @@ def usable_capacity(target: Target, options: ImportOptions) -> int | None:
         return options.size or target.device_size
     if options.size is None:
         return None
-    if not 0 <= options.filesystem_overhead < 1:
-        raise FinalError(
-            "InvalidArgument", "the filesystem overhead must be at least 0 and below 1"
-        )
-    usable = int(options.size * (1 - options.filesystem_overhead))
-    return usable - usable % ALIGNMENT if usable >= ALIGNMENT else usable - usable % 512
+    return usable_bytes(options.size, options.filesystem_overhead)
 
 
 def import_image(
@@ -129,74 +138,137 @@ def import_image(
     `destination` (file or block device)."""
     options = options or ImportOptions()
     progress = progress or Progress()
-    started = time.monotonic()
     archive = options.content_type is ContentType.ARCHIVE
     if archive and source == BLANK:
         raise FinalError("InvalidArgument", "blank: makes a disk; it is not an archive")
-    target = _directory(destination) if archive else inspect_target(destination)
-    capacity = usable_capacity(target, options)
-    if source == BLANK:
-        size = _create_blank(target, capacity, options, progress)
-        seconds = round(time.monotonic() - started, 3)
-        return ImportResult(BLANK, destination, "none", "raw", 0, size, None, seconds)
+    # What the deadline stops: the transfer and its stages, once they exist.
+    stoppers: list[Callable[[], None]] = []
+    deadline = Deadline(options.deadline, lambda: [stop() for stop in list(stoppers)])
+    try:
+        with (
+            writing_into(parent(destination), "the image"),
+            claimed(destination, directory=archive) as target,
+        ):
+            job = _Job(target, options, progress, deadline, stoppers)
+            if source == BLANK:
+                return _create_blank(job)
+            return _transfer(source, job)
+    except ImportFailure:
+        if deadline.passed():
+            raise deadline.error() from None
+        raise
+    finally:
+        deadline.stop()
+
+
+@dataclass
+class _Job:
+    """The import in hand: where it goes, within which bounds, and how it is followed."""
+
+    target: Target
+    options: ImportOptions
+    progress: Progress
+    deadline: Deadline
+    stoppers: list[Callable[[], None]]
+    started: float = field(default_factory=time.monotonic)
+    downloaded: int = 0
+    verify: Callable[[], None] = lambda: None
+
+    def __post_init__(self) -> None:
+        self.capacity = usable_capacity(self.target, self.options)
+        self.bound = _bound(self.target, self.capacity, self.options)
+
+    @property
+    def expansion(self) -> float | None:
+        """The expansion ceiling in force: only for a file given no size."""
+        unbounded = self.options.size is None and not self.target.is_block
+        return self.options.max_expansion if unbounded and self.options.max_expansion else None
+
+    def finish_file(self, path: str, size: int) -> int:
+        """Grow the written file to the usable capacity, allocate it if asked, sync it."""
+        return finish_file(
+            path,
+            size,
+            capacity=self.capacity,
+            preallocate=self.options.preallocate,
+            progress=self.progress,
+        )
+
+    def check_virtual_size(self, size: int, downloaded: int | None) -> None:
+        """Refuse a virtual size past the bound, or (made from `downloaded` bytes, where
+        that is known) past the expansion ceiling."""
+        self.bound.check("virtual size", size)
+        if self.expansion and downloaded is not None:
+            check_expansion(size, downloaded, ratio=self.expansion)
+
+
+def _bound(target: Target, capacity: int | None, options: ImportOptions) -> Bound:
+    if target.is_block:
+        assert capacity is not None
+        return Bound(capacity, f"the device {target.path}" if not options.size else "--size")
+    if capacity is not None:
+        overhead = options.filesystem_overhead
+        hint = f"; it is --size less a filesystem overhead of {overhead:g} (--filesystem-overhead)"
+        return Bound(capacity, "the usable capacity", hint if overhead else "")
+    return free_space_bound(target.path if os.path.isdir(target.path) else parent(target.path))
+
+
+def _transfer(source: str, job: _Job) -> ImportResult:
+    """Fetch `source` and write it as the content type says."""
+    options, progress = job.options, job.progress
+    scratch_dir = options.scratch_dir or tempfile.gettempdir()
+    sweep(scratch_dir, SCRATCH_PREFIX)  # left by imports killed outright
     digest = options.checksum.new_hash() if options.checksum else None
     stream = open_source(source, options.http, options.s3, connections=options.connections)
     stages: list[Iterator[Chunk]] = []
     # Every buffer the decompress stage may hold: its queue, one being filled, one written.
     pool = BufferPool(count=QUEUE_DEPTH + 2)
-    downloaded = 0
+
+    def cancel() -> None:
+        stream.close()
+        pool.close()
+
+    job.stoppers.append(cancel)
 
     def fetched(n: int) -> None:
-        nonlocal downloaded
-        downloaded += n
+        job.downloaded += n
         progress.advance(n)
 
+    def in_thread(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
+        stages.append(threaded(chunks, name=name, cancel=cancel))
+        return stages[-1]
+
+    def verify() -> None:
+        if options.checksum and digest is not None:
+            options.checksum.verify(digest, what=f"{stream.description} as downloaded")
+
+    job.verify = verify
     try:
+        if job.deadline.passed():  # opening the source took all the time there was
+            raise job.deadline.error()
         progress.stage("download", stream.size)
-
-        def cancel() -> None:
-            stream.close()
-            pool.close()
-
-        def in_thread(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
-            stages.append(threaded(chunks, name=name, cancel=cancel))
-            return stages[-1]
-
         chunks = in_thread(read_chunks(stream.read, on_bytes=fetched), "fetch")
         if digest is not None:
             chunks = in_thread(hashed(chunks, digest), "hash")
         head, chunks = peek(chunks, 8)
         compression = detect_compression(head)
         if compression is not Compression.NONE:
-            chunks = in_thread(decompressed(chunks, compression, pool), "decompress")
-        head, chunks = peek(chunks, SNIFF_BYTES)
-
-        def verify() -> None:
-            if options.checksum and digest is not None:
-                options.checksum.verify(digest, what=f"{stream.description} as downloaded")
-
-        if archive:
-            if not is_tar(head):
-                raise FinalError(
-                    "InvalidArchive",
-                    f"{stream.description} is not a tar archive (once decompressed)",
-                )
-            size = extract(
-                chunks,
-                destination,
-                limit=capacity,
-                verify=verify,
-                max_members=options.archive_max_members,
+            chunks = in_thread(
+                decompressed(chunks, compression, pool, memory=options.decompression_memory),
+                "decompress",
             )
-            kind = "tar"
+        if job.expansion:
+            chunks = expansion_guard(chunks, downloaded=lambda: job.downloaded, ratio=job.expansion)
+        head, chunks = peek(chunks, SNIFF_BYTES)
+        if options.content_type is ContentType.ARCHIVE:
+            size, kind = _extract(chunks, head, stream, job), "tar"
         else:
             fmt = detect_format(head)
-            _refuse_early(fmt, head, stream, compression, capacity)
-            job = _Job(target, capacity, options, verify, progress)
+            _refuse_early(fmt, head, stream, compression, job)
             if fmt.streams:
                 size, fmt = _write_raw(chunks, fmt, job)
             else:
-                size = _write_converted(chunks, fmt, job)
+                size = _write_converted(chunks, fmt, scratch_dir, stream, job)
             kind = fmt.value
     finally:
         stream.close()
@@ -204,18 +276,37 @@ def import_image(
             stage.close()  # type: ignore[attr-defined]
     return ImportResult(
         source=stream.description,
-        destination=destination,
+        destination=job.target.path,
         compression=compression.value,
         format=kind,
-        bytes_downloaded=downloaded,
+        bytes_downloaded=job.downloaded,
         size=size,
         checksum=str(options.checksum) if options.checksum else None,
-        seconds=round(time.monotonic() - started, 3),
+        seconds=round(time.monotonic() - job.started, 3),
+    )
+
+
+def _extract(chunks: Iterator[Chunk], head: bytes, stream: Source, job: _Job) -> int:
+    if not is_tar(head):
+        raise FinalError(
+            "InvalidArchive", f"{stream.description} is not a tar archive (once decompressed)"
+        )
+
+    def verify_then_commit() -> None:
+        job.verify()
+        job.progress.commit()  # members are moved into place next
+
+    return extract(
+        chunks,
+        job.target.path,
+        limit=job.bound.limit,
+        verify=verify_then_commit,
+        max_members=job.options.archive_max_members,
     )
 
 
 def _refuse_early(
-    fmt: DiskFormat, head: bytes, stream: Source, compression: Compression, capacity: int | None
+    fmt: DiskFormat, head: bytes, stream: Source, compression: Compression, job: _Job
 ) -> None:
     """Errors the first bytes already prove, before anything is written."""
     if fmt is DiskFormat.HTML:
@@ -239,214 +330,138 @@ def _refuse_early(
     raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
     # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
     if raw_size is not None:
-        _check_fits("size", raw_size, capacity, slack=VHD_FOOTER_SIZE)
-
-
-def _check_fits(what: str, size: int, capacity: int | None, *, slack: int = 0) -> None:
-    """Refuse an image whose `what` passes the usable capacity (by more than `slack`)."""
-    if capacity is not None and size > capacity + slack:
-        raise FinalError(
-            "ImageTooLarge",
-            f"the image's {what} {size} bytes is larger than the usable capacity {capacity} bytes",
-        )
-
-
-@dataclass(frozen=True)
-class _Job:
-    """What both write paths need to know about the import in hand."""
-
-    target: Target
-    capacity: int | None
-    options: ImportOptions
-    verify: Callable[[], None]
-    progress: Progress
+        job.bound.check("size", raw_size, slack=VHD_FOOTER_SIZE)
 
 
 def _write_raw(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
     """Stream raw bytes into the destination in one pass."""
-    target, capacity = job.target, job.capacity
+    target = job.target
     # Room for a fixed VHD's footer in a file; a device ends where it ends.
-    limit = capacity + VHD_FOOTER_SIZE if capacity is not None and not target.is_block else capacity
-    with _published(target) as path:
+    bound = job.bound if target.is_block else replace(job.bound, limit=job.bound.limit + 512)
+    with published(job.target, job.progress.commit) as path:
         writer = SparseWriter(
-            path,
-            block=target.is_block,
-            limit=limit,
-            limit_what="the usable capacity",
-            preallocate=job.options.preallocate,
+            path, block=target.is_block, bound=bound, preallocate=job.options.preallocate
         )
         try:
             size = writer.write_all(chunks)
             job.verify()
-            disk_size = _fixed_vhd_size(path, size, block=target.is_block)
+            disk_size = cut_fixed_vhd_footer(path, size, block=target.is_block)
             if disk_size is not None:
                 fmt, size = DiskFormat.VPC, disk_size
-            _check_fits("size", size, capacity)
+            job.bound.check("size", size)
             if target.is_block:
+                job.progress.commit()
                 writer.commit()
             else:
-                size = _finish_file(path, size, job)
+                size = job.finish_file(path, size)
         finally:
             writer.close()
     return size, fmt
 
 
-def _write_converted(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> int:
+def _write_converted(
+    chunks: Iterator[Chunk], fmt: DiskFormat, scratch_dir: str, stream: Source, job: _Job
+) -> int:
     """Land the image in scratch space, check it, and let qemu-img convert it to raw."""
     target, capacity, progress = job.target, job.capacity, job.progress
-    scratch_limit = None if capacity is None else capacity + capacity // 8 + SCRATCH_SLACK
-    fd, scratch = tempfile.mkstemp(prefix="diskflow-scratch-", dir=job.options.scratch_dir)
-    os.close(fd)
-    try:
-        writer = SparseWriter(
-            scratch,
-            block=False,
-            limit=scratch_limit,
-            limit_what=f"what an image for a usable capacity of {capacity} bytes can need",
-            scratch=True,
+    scratch_bound = None
+    if capacity is not None:
+        scratch_bound = Bound(
+            capacity + capacity // 8 + SCRATCH_SLACK,
+            f"what an image for a usable capacity of {capacity} bytes can need",
         )
+    with (
+        writing_into(
+            scratch_dir,
+            f"the {fmt} image's scratch copy",
+            expected=stream.size,
+            hint=" or set --scratch-dir",
+        ),
+        owned_file(scratch_dir, SCRATCH_PREFIX) as scratch,
+    ):
+        writer = SparseWriter(scratch, block=False, bound=scratch_bound, scratch=True)
         try:
-            writer.write_all(chunks)
+            _write_checking_header(writer, chunks, fmt, job, download_size=stream.size)
         finally:
             writer.close()
         job.verify()
         virtual_size = qemu.validate(qemu.info(scratch, fmt), fmt, scratch)
-        _check_fits("virtual size", virtual_size, capacity)
-        with _published(target) as path:
+        job.check_virtual_size(virtual_size, job.downloaded)
+        with published(job.target, job.progress.commit) as path:
             progress.stage("convert", virtual_size)
-            direct = _supports_direct(path)
             try:
                 qemu.convert(
                     scratch,
                     fmt,
                     path,
                     existing=target.is_block,
-                    direct=direct,
+                    direct=supports_direct(path),
                     on_progress=lambda percent: progress.set_done(
                         int(virtual_size * percent / 100)
                     ),
                 )
                 if target.is_block:
-                    _sync(path)
+                    job.progress.commit()
+                    sync(path)
                     return virtual_size
-                return _finish_file(path, virtual_size, job)
+                return job.finish_file(path, virtual_size)
             except BaseException:
                 if target.is_block:
                     wipe_head(path)
                 raise
+
+
+def _write_checking_header(
+    writer: SparseWriter,
+    chunks: Iterator[Chunk],
+    fmt: DiskFormat,
+    job: _Job,
+    *,
+    download_size: int | None,
+) -> None:
+    """Write the image to scratch, refusing it as soon as its header shows a virtual size
+    the volume cannot hold: not after the whole file was downloaded."""
+    fd = os.open(writer.path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+
+        def read(offset: int, length: int) -> bytes | None:
+            if offset + length > writer.size:
+                return None
+            return os.pread(fd, length, offset)
+
+        checked = False
+        for chunk in chunks:
+            writer.write(chunk)
+            if not checked:
+                size = header_virtual_size(fmt, read)
+                if size is not None:
+                    # The expansion is judged against the whole download, where it is known.
+                    job.check_virtual_size(size, download_size)
+                    checked = True
+        writer.finish()
     finally:
-        os.unlink(scratch)
+        os.close(fd)
 
 
-def _directory(path: str) -> Target:
-    if not os.path.isdir(path):
-        raise FinalError(
-            "InvalidDestination", f"an archive is extracted into a directory; {path} is not one"
-        )
-    return Target(path, False, None)
-
-
-def _create_blank(
-    target: Target, capacity: int | None, options: ImportOptions, progress: Progress
-) -> int:
+def _create_blank(job: _Job) -> ImportResult:
     """An empty raw disk: a sparse file of the usable capacity, or a zeroed device (zeroed by
     the device itself where it can, not by writing every byte)."""
+    target, capacity, progress = job.target, job.capacity, job.progress
     if capacity is None:
         raise FinalError("InvalidArgument", "a blank disk in a file needs --size")
-    job = _Job(target, capacity, options, verify=lambda: None, progress=progress)
     if not target.is_block:
-        with _published(target) as path:
-            return _finish_file(path, 0, job)
-    progress.stage("zero", capacity)
-    fd = os.open(target.path, os.O_WRONLY | os.O_EXCL)
-    try:
-        zero_range(fd, 0, capacity, block=True, write_only=options.preallocate)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    progress.set_done(capacity)
-    return capacity
-
-
-def _finish_file(path: str, size: int, job: _Job) -> int:
-    """Grow a raw file to the usable capacity (never shrink), allocate it if asked, sync it."""
-    final = max(size, job.capacity or 0)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        if final != os.fstat(fd).st_size:
-            job.progress.stage("resize", final)
-            os.ftruncate(fd, final)
-            job.progress.set_done(final)
-        if job.options.preallocate:
-            os.posix_fallocate(fd, 0, final)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    return final
-
-
-def _fixed_vhd_size(path: str, size: int, *, block: bool) -> int | None:
-    """The disk size if the raw stream was a fixed VHD (disk + 512-byte footer)."""
-    if size <= VHD_FOOTER_SIZE:
-        return None
-    with open(path, "rb") as image:
-        image.seek(size - VHD_FOOTER_SIZE)
-        footer = image.read(VHD_FOOTER_SIZE)
-    disk_size = fixed_vhd_disk_size(footer)
-    if disk_size != size - VHD_FOOTER_SIZE:
-        return None
-    fd = os.open(path, os.O_WRONLY)
-    try:  # drop the footer: cut it off a file, zero it on a device
-        if block:
-            os.pwrite(fd, bytes(VHD_FOOTER_SIZE), disk_size)
-        else:
-            os.ftruncate(fd, disk_size)
-    finally:
-        os.close(fd)
-    return disk_size
-
-
-def _supports_direct(path: str) -> bool:
-    fd = open_direct(path, os.O_RDONLY)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
-
-
-def _sync(path: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-
-
-class _published:
-    """The path to write: a temporary name beside a file destination, renamed on success
-    (and removed on failure); a block device is written in place."""
-
-    def __init__(self, target: Target) -> None:
-        self._target = target
-        directory, name = os.path.split(os.path.abspath(target.path))
-        self._partial = os.path.join(directory, f".{name}.partial")
-
-    def __enter__(self) -> str:
-        if self._target.is_block:
-            return self._target.path
-        open(self._partial, "wb").close()
-        return self._partial
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self._target.is_block:
-            return
-        if exc_type is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._partial)
-            return
-        os.replace(self._partial, self._target.path)
-        directory = os.open(os.path.dirname(self._partial), os.O_RDONLY)
+        with published(job.target, job.progress.commit) as path:
+            size = job.finish_file(path, 0)
+    else:
+        progress.stage("zero", capacity)
+        fd = os.open(target.path, os.O_WRONLY)
         try:
-            os.fsync(directory)
+            zero_range(fd, 0, capacity, block=True, write_only=job.options.preallocate)
+            progress.commit()
+            os.fdatasync(fd)
         finally:
-            os.close(directory)
+            os.close(fd)
+        progress.set_done(capacity)
+        size = capacity
+    seconds = round(time.monotonic() - job.started, 3)
+    return ImportResult(BLANK, target.path, "none", "raw", 0, size, None, seconds)

@@ -51,6 +51,7 @@ class Progress:
         self._started = time.monotonic()
         self._ended: list[Snapshot] = []  # final numbers of stages not yet reported
         self.changed = threading.Event()  # set on every stage change, for prompt reporting
+        self.committed = False
 
     def stage(self, name: str, total: int | None = None) -> None:
         with self._lock:
@@ -59,6 +60,11 @@ class Progress:
             self._stage, self._done, self._total = name, 0, total
             self._started = time.monotonic()
         self.changed.set()
+
+    def commit(self) -> None:
+        """The import reached the point where it completes (the rename, the device's head):
+        a SIGTERM from here on must not report a completed import as stopped."""
+        self.committed = True
 
     def advance(self, n: int) -> None:
         with self._lock:
@@ -91,9 +97,16 @@ def reporting(
 ) -> Iterator[None]:
     """Show `progress` through `reporters` every `interval` seconds and on stage changes."""
     stop = threading.Event()
+    last: tuple[str, int, int | None] | None = None
 
     def show() -> None:
+        nonlocal last
         for snapshot in progress.snapshots():
+            # The same numbers again (a tick with nothing new, the final show) say nothing.
+            key = (snapshot.stage, snapshot.bytes_done, snapshot.bytes_total)
+            if key == last:
+                continue
+            last = key
             for reporter in reporters:
                 reporter.show(snapshot)
 

@@ -26,9 +26,9 @@ Chunk = bytes | AlignedBuffer
 
 # Smaller reads from the network: progress and resume points move every MiB.
 FETCH_CHUNK = 1 << 20
-# Memory a decompressor may use for its window: xz -9 needs 64 MiB, zstd's default cap is 128 MiB.
-XZ_MEMLIMIT = 128 << 20
-ZSTD_MAX_WINDOW = 128 << 20
+# Memory a decompressor may use for its window by default: xz -9 needs 64 MiB, zstd's
+# default cap is 128 MiB.
+DECOMPRESSION_MEMORY = 128 << 20
 
 
 @dataclass
@@ -120,18 +120,25 @@ def hashed(chunks: Iterable[bytes], digest: Any) -> Iterator[bytes]:
         yield chunk
 
 
-def decompressed(chunks: Iterable[bytes], kind: Compression, pool: BufferPool) -> Iterator[Chunk]:
+def decompressed(
+    chunks: Iterable[bytes],
+    kind: Compression,
+    pool: BufferPool,
+    *,
+    memory: int = DECOMPRESSION_MEMORY,
+) -> Iterator[Chunk]:
     """Inflate a compressed stream (all members/frames/streams of it) in bounded chunks;
-    gzip and zstd straight into aligned buffers from `pool`."""
+    gzip and zstd straight into aligned buffers from `pool`. An xz or zstd stream whose
+    window needs more than `memory` bytes is refused."""
     try:
         if kind is Compression.GZIP:
             yield from _fill(igzip.IGzipFile(fileobj=ChunkReader(chunks)), pool)
         elif kind is Compression.ZSTD:
-            dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+            dctx = zstandard.ZstdDecompressor(max_window_size=memory)
             reader = dctx.stream_reader(ChunkReader(chunks), read_across_frames=True)
             yield from _fill(reader, pool)
         elif kind is Compression.XZ:
-            yield from _multistream(chunks, lambda: lzma.LZMADecompressor(memlimit=XZ_MEMLIMIT))
+            yield from _multistream(chunks, lambda: lzma.LZMADecompressor(memlimit=memory))
         elif kind is Compression.BZIP2:
             yield from _multistream(chunks, bz2.BZ2Decompressor)
         else:
@@ -146,7 +153,20 @@ def decompressed(chunks: Iterable[bytes], kind: Compression, pool: BufferPool) -
         zstandard.ZstdError,
         ValueError,
     ) as exc:
+        if _over_memory(exc):
+            raise FinalError(
+                "ResourceLimit",
+                f"the {kind} stream needs a window larger than the decompression memory limit "
+                f"of {memory >> 20} MiB (it was compressed with a very large window); allow "
+                "more with --decompression-memory (e.g. 512Mi), or recompress it",
+            ) from None
         raise FinalError("CorruptCompressedData", f"the {kind} stream is corrupt: {exc}") from None
+
+
+def _over_memory(exc: BaseException) -> bool:
+    # Neither library has an error class of its own for this: their messages tell.
+    text = str(exc)
+    return "Memory usage limit" in text or "too much memory" in text
 
 
 def _fill(reader: Any, pool: BufferPool) -> Iterator[AlignedBuffer]:

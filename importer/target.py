@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from importer.buffers import ALIGN, CHUNK, AlignedBuffer, aligned
 from importer.errors import FinalError
+from importer.limits import Bound
 
 GRANULE = 64 << 10  # zero detection unit: a hole smaller than this is not worth a syscall
 HEAD = 1 << 20  # on a block device the first MiB is written last, so a failed import
@@ -49,21 +50,15 @@ def inspect_target(path: str) -> Target:
             raise FinalError("InvalidDestination", f"directory {parent} does not exist") from None
         return Target(path, False, None)
     if stat.S_ISBLK(mode):
-        try:
-            # O_EXCL on a block device fails while it is mounted or otherwise claimed.
-            fd = os.open(path, os.O_RDONLY | os.O_EXCL)
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                raise FinalError("DeviceBusy", f"{path} is in use (mounted?)") from None
-            raise
-        try:
-            size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
-        finally:
-            os.close(fd)
-        return Target(path, True, size)
+        return Target(path, True, None)  # sized once claimed: see device_size
     if stat.S_ISREG(mode):
         return Target(path, False, None)
     raise FinalError("InvalidDestination", f"{path} is neither a regular file nor a block device")
+
+
+def device_size(fd: int) -> int:
+    """The size in bytes of the block device open at `fd`."""
+    return struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
 
 
 def open_direct(path: str, flags: int) -> int | None:
@@ -87,19 +82,17 @@ class SparseWriter:
         path: str,
         *,
         block: bool,
-        limit: int | None,
-        limit_what: str = "the limit",
+        bound: Bound | None,
         chunk: int = CHUNK,
         preallocate: bool = False,
         scratch: bool = False,
     ) -> None:
         self.path = path
         self._block = block
-        self._limit = limit
-        self._limit_what = limit_what
+        self._bound = bound
         self._preallocate = preallocate
-        flags = os.O_WRONLY | (0 if block else os.O_CREAT | os.O_TRUNC)
-        self._fd = os.open(path, flags, 0o644)
+        # A file exists already (importer.claims made it, under a name of its own).
+        self._fd = os.open(path, os.O_WRONLY | (0 if block else os.O_TRUNC | os.O_NOFOLLOW))
         # A scratch file is read straight back by qemu-img: plain buffered appends, through the
         # page cache, with no copy into the staging buffer and no hole detection.
         self._scratch = scratch
@@ -113,7 +106,9 @@ class SparseWriter:
         if block:
             # Zeroed now and written last: an import that dies half-way leaves no old
             # partition table or image header on top of the new data.
-            zero_range(self._fd, 0, min(HEAD, limit or HEAD), block=True, write_only=False)
+            zero_range(
+                self._fd, 0, min(HEAD, bound.limit if bound else HEAD), block=True, write_only=False
+            )
 
     @property
     def size(self) -> int:
@@ -121,11 +116,11 @@ class SparseWriter:
 
     def write(self, data: bytes | AlignedBuffer) -> None:
         """Append `data`; an AlignedBuffer is released once written."""
-        if self._limit is not None and self.size + len(data) > self._limit:
+        if self._bound is not None and self.size + len(data) > self._bound.limit:
             raise FinalError(
                 "ImageTooLarge",
-                f"the image is larger than {self._limit_what} ({self._limit} bytes): more than "
-                f"{self.size + len(data)} bytes arrived; stopped writing",
+                f"the image is larger than {self._bound.what} ({self._bound.limit} bytes): more "
+                f"than {self.size + len(data)} bytes arrived; stopped writing{self._bound.hint}",
             )
         view = data.data() if isinstance(data, AlignedBuffer) else memoryview(data)
         try:

@@ -32,6 +32,7 @@ COMPRESSORS = {
 # `-m "not loop and not libvirt"` is the part that runs in seconds without root.
 _MARKED_BY_FIXTURE = {
     "device": "loop",  # a loop device: root
+    "small_fs": "root",  # mounts a small tmpfs
     "minimal_installer": "libvirt",  # virt-install + libvirtd + QEMU
     "vm_dir": "libvirt",
 }
@@ -200,6 +201,25 @@ def device(tmp_path: Path) -> Iterator[str]:
         yield path
     finally:
         subprocess.run(["losetup", "--detach", path], check=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a 64 MiB tmpfs of its own (a full volume is a few writes away)."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mountpoint)],
+            check=True,
+            capture_output=True,
+        )
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        pytest.fail(f"mounting a tmpfs is needed (run as root): {exc}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
 
 
 def read_device(path: str, length: int) -> bytes:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import select
+import stat
+import threading
 
 from importer.errors import FinalError
 
@@ -21,15 +24,51 @@ class LocalSource:
         except PermissionError:
             raise FinalError("Forbidden", f"source file {path} is not readable") from None
         st = os.fstat(self._file.fileno())
-        self.size = st.st_size if os.path.stat.S_ISREG(st.st_mode) else None
+        regular = stat.S_ISREG(st.st_mode)
+        self.size = st.st_size if regular else None
+        # A pipe or FIFO can block a read for ever, and closing it from another thread does
+        # not wake that read: such reads wait on the pipe and on a wake-up pipe of their own.
+        self._wake = None if regular else os.pipe()
+        self._lock = threading.Lock()
+        self._reading = False
+        self._closed = False
 
     def read(self, n: int) -> bytes:
+        with self._lock:
+            if self._closed:
+                raise FinalError("Cancelled", f"reading {self.description} was stopped")
+            self._reading = True
         try:
+            if self._wake is not None:
+                ready, _, _ = select.select([self._file, self._wake[0]], [], [])
+                if self._wake[0] in ready:
+                    raise FinalError("Cancelled", f"reading {self.description} was stopped")
             return self._file.read(n)
         except OSError as exc:
             raise FinalError(
                 "ReadError", f"reading {self.description} failed: {exc.strerror}"
             ) from None
+        finally:
+            with self._lock:
+                self._reading = False
+                if self._closed:
+                    self._release()
 
     def close(self) -> None:
+        """Stop reading; safe to call from another thread while `read` waits (the reader
+        then lets go of the file)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._reading and self._wake is not None:
+                os.write(self._wake[1], b"x")
+            elif not self._reading:
+                self._release()
+
+    def _release(self) -> None:
         self._file.close()
+        if self._wake is not None:
+            for fd in self._wake:
+                os.close(fd)
+            self._wake = None

@@ -94,6 +94,6 @@ def test_device_in_use_is_refused(device: str, images: Images) -> None:
     try:
         with pytest.raises(ImportFailure) as caught:
             import_image(str(images.raw), device)
-        assert caught.value.reason == "DeviceBusy"
+        assert caught.value.reason == "DestinationBusy"
     finally:
         os.close(claim)
