@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # Install everything and run the whole test suite (lint included). Run as root on Debian 12.
+# Then the importer's tests and the demo run again on Debian's own Python (/usr/bin/python3,
+# 3.11.2 on Debian 12: what container images built from Debian packages have), when the
+# Python that made .venv is another one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,10 +11,30 @@ bash scripts/services.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 
-status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
-if [[ $status -eq 5 ]]; then
-    echo "pytest collected no tests: failing on purpose" >&2
-    exit 1
+pytest() {  # pytest VENV ARGS...: pytest's exit 5 (no test ran) is a failure, not a pass
+    local venv=$1; shift
+    local status=0
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=$?
+    if [[ $status -eq 5 ]]; then
+        echo "pytest collected no tests: failing on purpose" >&2
+        return 1
+    fi
+    return $status
+}
+
+pytest .venv "$@"
+
+debian_python=/usr/bin/python3
+if [[ $# -eq 0 && -x $debian_python ]] &&
+   [[ "$("$debian_python" -VV)" != "$(.venv/bin/python -VV)" ]]; then
+    echo "== the importer's tests and the demo on $("$debian_python" -V) ($debian_python)"
+    if [[ ! -x .venv-debian/bin/python ]]; then
+        "$debian_python" -m venv .venv-debian
+    fi
+    .venv-debian/bin/python -m pip install -q --upgrade "pip>=24"
+    .venv-debian/bin/python -m pip install -q -e ".[test]"
+    pytest .venv-debian tests/importer
+    demo=$(mktemp -d)
+    .venv-debian/bin/diskflow demo "$demo" --progress none
+    rm -rf "$demo"
 fi
-exit $status
