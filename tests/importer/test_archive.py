@@ -6,14 +6,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
-from importer import Checksum, ContentType, ImportOptions, import_image
+from importer import Checksum, ContentType, ImportOptions, archive, import_image
 from importer.errors import ImportFailure
 from tests.conftest import MiB, run
 
@@ -176,3 +178,311 @@ def test_checksum_covers_what_follows_the_end_of_the_archive(
     options = ImportOptions(content_type=ContentType.ARCHIVE, checksum=Checksum("sha256", digest))
     import_image(str(padded), str(dest), options=options)
     assert (dest / "etc" / "motd").read_text() == "hello\n"
+
+
+def volume(tmp_path: Path) -> Path:
+    """An empty destination with nothing but a decoy next to it, to see escapes land."""
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "outer" / "flag").write_text("untouched")
+    dest = tmp_path / "outer" / "volume"
+    dest.mkdir()
+    return dest
+
+
+def assert_refused(source: Path, dest: Path, reason: str, *texts: str) -> None:
+    """The import fails with `reason`, the message holds `texts`, and nothing is left anywhere."""
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(source), str(dest), options=ARCHIVE)
+    assert caught.value.reason == reason, caught.value.message
+    for text in texts:
+        assert text in caught.value.message
+    assert list(dest.iterdir()) == [], "nothing extracted stays behind"
+    outer = dest.parent
+    assert sorted(p.name for p in outer.iterdir()) == ["flag", "volume"]
+    assert (outer / "flag").read_text() == "untouched"
+
+
+def test_symlink_chain_past_path_max_is_refused(tmp_path: Path) -> None:
+    # CVE-2025-4517 (CPython gh-135034): links that expand past PATH_MAX make realpath() give
+    # up, so tarfile's data filter passed `escape -> <long link>/..` and wrote through it.
+    dest = volume(tmp_path)
+    steps = "abcdefghijklmnop"
+    # Sized so that the links' expansion from the staging directory passes PATH_MAX.
+    staging = len(str(dest / archive.STAGING_PREFIX)) + 8
+    component = "d" * ((os.pathconf(dest, "PC_PATH_MAX") - staging - 1) // (len(steps) + 1))
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    path = ""
+    for step in steps:
+        members.append((member(os.path.join(path, component), tarfile.DIRTYPE), None))
+        members.append((member(os.path.join(path, step), tarfile.SYMTYPE, link=component), None))
+        path = os.path.join(path, component)
+    long_link = os.path.join(*steps, "l" * 254)
+    up = os.path.join(*[".."] * len(steps))
+    members += [
+        (member(long_link, tarfile.SYMTYPE, link=up), None),
+        # From the staging directory inside `dest`: two levels up is `outer`.
+        (member("escape", tarfile.SYMTYPE, link=os.path.join(long_link, "..", "..")), None),
+        (member("flaglink", tarfile.LNKTYPE, link="escape/flag"), None),
+        (member("flaglink"), b"overwritten"),
+        (member("escape/newfile"), b"new"),
+    ]
+    source = make_tar(tmp_path / "chain.tar", members)
+    assert_refused(source, dest, "UnsafeArchive", "through the symbolic link 'a'")
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "problem"),
+    [
+        ("link", "..", "pointing outside the destination"),
+        ("link", "TMP/x", "link to an absolute path"),
+        ("sub/link", ".", "through the symbolic link 'sub/link'"),
+        ("sub/link", "../sub", "through the symbolic link 'sub/link'"),
+    ],
+)
+def test_nothing_is_written_through_a_symlink(
+    link: str, target: str, problem: str, tmp_path: Path
+) -> None:
+    dest = volume(tmp_path)
+    target = target.replace("TMP", str(tmp_path))
+    source = make_tar(
+        tmp_path / "through.tar",
+        [(member(link, tarfile.SYMTYPE, link=target), None), (member(f"{link}/file"), b"x")],
+    )
+    assert_refused(source, dest, "UnsafeArchive", problem)
+    assert not (tmp_path / "x").exists()
+
+
+def test_symlink_climbing_through_a_later_symlink_is_refused(tmp_path: Path) -> None:
+    # Lexically `a/..` is the top, but once `a -> .` exists it is the destination's parent.
+    dest = volume(tmp_path)
+    source = make_tar(
+        tmp_path / "later.tar",
+        [
+            (member("b", tarfile.SYMTYPE, link="a/.."), None),
+            (member("a", tarfile.SYMTYPE, link="."), None),
+        ],
+    )
+    assert_refused(source, dest, "UnsafeArchive", "'b'", "'..' after a name")
+
+
+def entry(
+    name: str, kind: bytes = tarfile.REGTYPE, link: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    return member(name, kind, link=link), b"data" if kind == tarfile.REGTYPE else None
+
+
+HARD = tarfile.LNKTYPE
+
+
+@pytest.mark.parametrize(
+    ("members", "problem"),
+    [
+        ([entry("hard", HARD, "later"), entry("later")], "not a regular file extracted before"),
+        ([entry("hard", HARD, "/etc/passwd")], "hard link to an absolute path"),
+        ([entry("hard", HARD, "a/../../flag")], "pointing outside the destination"),
+        (
+            [entry("dir", tarfile.DIRTYPE), entry("hard", HARD, "dir")],
+            "not a regular file extracted before",
+        ),
+        (
+            [entry("f"), entry("sym", tarfile.SYMTYPE, "f"), entry("hard", HARD, "sym")],
+            "not a regular file extracted before",
+        ),
+    ],
+)
+def test_hardlinks_only_to_files_extracted_earlier(
+    members: list[tuple[tarfile.TarInfo, bytes | None]], problem: str, tmp_path: Path
+) -> None:
+    dest = volume(tmp_path)
+    source = make_tar(tmp_path / "hard.tar", members)
+    assert_refused(source, dest, "UnsafeArchive", "'hard'", problem)
+
+
+@pytest.mark.parametrize(
+    "name", [".diskflow-extract-", ".diskflow-extract-x/f", "./.diskflow-extract-y"]
+)
+def test_the_staging_name_is_reserved(name: str, tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = make_tar(tmp_path / "staging.tar", [(member("fine"), b"ok"), (member(name), b"x")])
+    assert_refused(source, dest, "UnsafeArchive", repr(name), "staging directory")
+
+
+def walk_down(top: Path, parts: list[str]) -> int:
+    """A descriptor of `top`/`parts`, a component at a time (the path is beyond PATH_MAX)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for part in parts:
+        child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    return fd
+
+
+DEEP = ["level"] * 1000  # 6,000 characters: past PATH_MAX, and deeper than Python's recursion
+
+
+def test_a_thousand_levels_deep(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = make_tar(tmp_path / "deep.tar", [(member("/".join([*DEEP, "bottom"])), b"deep")])
+    import_image(str(source), str(dest), options=ARCHIVE)
+    fd = walk_down(dest, DEEP)
+    try:
+        with open(os.open("bottom", os.O_RDONLY, dir_fd=fd), "rb") as bottom:
+            assert bottom.read() == b"deep"
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o755, "made as tar makes a parent"
+    finally:
+        os.close(fd)
+    archive._remove_tree(str(dest / "level"))  # pytest's rmtree would recurse
+    assert list(dest.iterdir()) == []
+
+
+def test_a_failure_after_deep_members_removes_them(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    deep = [(member("/".join([*DEEP[:i], "f"])), b"x") for i in range(0, 1000, 100)]
+    bad = (member("dev", tarfile.CHRTYPE), None)
+    source = make_tar(tmp_path / "deep.tar", [*deep, (member("/".join(DEEP)), None), bad])
+    assert_refused(source, dest, "UnsafeArchive", "'dev'")
+
+
+class Stop(BaseException):
+    """Like the exception SIGTERM raises: not an Exception."""
+
+
+def test_an_interrupted_extraction_removes_everything(good_tar: Path, tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+
+    def interrupted() -> None:
+        raise Stop
+
+    chunks = iter([good_tar.read_bytes()])
+    with pytest.raises(Stop):
+        archive.extract(chunks, str(dest), limit=None, verify=interrupted, max_members=10)
+    assert list(dest.iterdir()) == []
+
+
+def headers(count: int) -> bytes:
+    """A tar of `count` headers of the same directory."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = member("d/", tarfile.DIRTYPE)
+        for _ in range(count):
+            tar.addfile(info)
+    return out.getvalue()
+
+
+def test_member_count_is_capped(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = tmp_path / "many.tar"
+    source.write_bytes(headers(101))
+    options = ImportOptions(content_type=ContentType.ARCHIVE, archive_max_members=100)
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(source), str(dest), options=options)
+    assert caught.value.reason == "TooManyMembers"
+    for text in ("100 members", "ImportOptions.archive_max_members", "--archive-max-members"):
+        assert text in caught.value.message
+    assert list(dest.iterdir()) == []
+    options = ImportOptions(content_type=ContentType.ARCHIVE, archive_max_members=101)
+    import_image(str(source), str(dest), options=options)
+    assert [p.name for p in dest.iterdir()] == ["d"]
+
+
+def test_memory_does_not_grow_with_the_member_count(tmp_path: Path) -> None:
+    def peak(count: int) -> int:
+        data = headers(count)
+        dest = tmp_path / f"volume-{count}"
+        dest.mkdir()
+        tracemalloc.start()
+        try:
+            chunks = (data[i : i + MiB] for i in range(0, len(data), MiB))
+            archive.extract(chunks, str(dest), limit=None, verify=lambda: None, max_members=count)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(2_000), peak(40_000)
+    # Every TarInfo kept would cost ~1 KiB: 38 MiB more for the larger archive.
+    assert large < small + 2 * MiB, (small, large)
+
+
+def test_modes_and_file_times_are_kept_whatever_the_umask(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+
+    def with_mode(info: tarfile.TarInfo, mode: int) -> tarfile.TarInfo:
+        info.mode, info.mtime = mode, 1_000_000_000
+        return info
+
+    source = make_tar(
+        tmp_path / "modes.tar",
+        [
+            (with_mode(member("shared"), 0o664), b"group writes"),
+            (with_mode(member("setuid"), 0o4755), b"no setuid"),
+            (with_mode(member("readonly"), 0o400), b"read only"),
+            (with_mode(member("locked", tarfile.DIRTYPE), 0o555), None),
+            (with_mode(member("locked/inside"), 0o640), b"written before locking"),
+            (with_mode(member("open", tarfile.DIRTYPE), 0o1777), None),
+        ],
+    )
+    old = os.umask(0o077)
+    try:
+        import_image(str(source), str(dest), options=ARCHIVE)
+    finally:
+        os.umask(old)
+    modes = {
+        p.name: stat.S_IMODE(p.lstat().st_mode) for p in [*dest.iterdir(), dest / "locked/inside"]
+    }
+    assert modes == {
+        "shared": 0o664,
+        "setuid": 0o755,
+        "readonly": 0o400,
+        "locked": 0o555,
+        "inside": 0o640,
+        "open": 0o777,
+    }
+    assert (dest / "locked" / "inside").read_text() == "written before locking"
+    assert (dest / "shared").stat().st_mtime == 1_000_000_000
+
+
+def test_later_members_replace_earlier_ones_as_in_tar(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = make_tar(
+        tmp_path / "again.tar",
+        [
+            (member("f"), b"first"),
+            (member("keep"), b"kept"),
+            (member("old", tarfile.LNKTYPE, link="f"), None),
+            (member("f"), b"second"),
+            (member("sym", tarfile.SYMTYPE, link="keep"), None),
+            (member("sym"), b"now a file"),
+            (member("d", tarfile.DIRTYPE), None),
+            (member("d", tarfile.DIRTYPE), None),
+        ],
+    )
+    import_image(str(source), str(dest), options=ARCHIVE)
+    assert (dest / "f").read_text() == "second"
+    assert (dest / "old").read_text() == "first", "the link kept the first file"
+    assert (dest / "sym").read_text() == "now a file" and not (dest / "sym").is_symlink()
+    assert (dest / "keep").read_text() == "kept"
+    source = make_tar(
+        tmp_path / "dir.tar", [(member("d", tarfile.DIRTYPE), None), (member("d"), b"")]
+    )
+    dest = tmp_path / "other"
+    dest.mkdir()
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(source), str(dest), options=ARCHIVE)
+    assert caught.value.reason == "InvalidArchive" and "replace a directory" in caught.value.message
+
+
+def test_a_file_in_the_way_of_a_path(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = make_tar(tmp_path / "in-the-way.tar", [entry("f"), entry("f/x")])
+    assert_refused(source, dest, "InvalidArchive", "'f/x'", "needs 'f' to be a directory")
+
+
+def test_names_as_tar_c_dot_makes_them(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = make_tar(
+        tmp_path / "dot.tar",
+        [entry("./", tarfile.DIRTYPE), entry("./etc/", tarfile.DIRTYPE), entry(".//etc/./motd")],
+    )
+    import_image(str(source), str(dest), options=ARCHIVE)
+    assert (dest / "etc" / "motd").read_text() == "data"
+    assert [p.name for p in dest.iterdir()] == ["etc"]
