@@ -1,6 +1,6 @@
 """HTTP(S) source: one GET stream that survives dropped connections.
 
-A dropped, stalled or truncated transfer is retried with backoff and resumed with
+A dropped, stalled, too slow or truncated transfer is retried with backoff and resumed with
 `Range` + `If-Range`, so a replaced object is detected instead of mixed into the image.
 Where the server ignores ranges, the stream is fetched again from byte 0 and the bytes
 already passed downstream are skipped: hashing and decompression never notice a resume.
@@ -8,17 +8,20 @@ already passed downstream are skipped: hashing and decompression never notice a 
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import urllib3
 
 from importer.errors import FinalError, ImportFailure, TransientError
+from importer.sources.network import connect_problem, tls_problem
 from importer.sources.resumable import STREAM_ERRORS, ResumableSource
 
 log = logging.getLogger("diskflow.importer")
@@ -42,12 +45,19 @@ class HttpOptions:
     ca_bundle: str | None = None
     insecure: bool = False
     retries: int = 5
-    """Failed attempts in a row (without a byte of progress between them) before giving up."""
+    """Failed attempts in a row before giving up. A connection that fails after real progress
+    (64 KiB, or a whole `min_rate_window` at `min_rate`) is resumed and starts the count
+    again."""
     backoff: float = 1.0
-    """First retry delay in seconds; doubles each time, with jitter, up to 30 s."""
+    """Delay before every reconnect, in seconds; doubles with each failed attempt in a row,
+    with jitter, up to 30 s."""
     stall_timeout: float = 60.0
     """A transfer that delivers no byte for this many seconds counts as failed."""
     connect_timeout: float = 30.0
+    min_rate: int = 1024
+    """Bytes/s: a connection averaging less over `min_rate_window` fails (TooSlow); 0: off."""
+    min_rate_window: float = 60.0
+    """Seconds of waiting for the network over which `min_rate` is averaged."""
 
 
 def parse_header(line: str, *, where: str = "a header") -> tuple[str, str]:
@@ -70,14 +80,26 @@ def request_failure(
     describe: Callable[[BaseException], str],
     *,
     method: str = "",
+    connect_timeout: float | None = None,
 ) -> ImportFailure:
     """What a request that got no response means: TLS and URL errors are final, others not."""
     where = f"{method} {redact_url(url)}".lstrip()
     if isinstance(exc, requests.exceptions.SSLError):
-        return FinalError("TLSError", f"TLS with {redact_url(url)} failed: {describe(exc)}")
-    if isinstance(exc, requests.exceptions.InvalidURL):
+        said = tls_problem(exc) or describe(exc)
+        return FinalError("TLSError", f"TLS with {redact_url(url)} failed: {said}")
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema):
         return FinalError("InvalidURL", f"{redact_url(url)}: {describe(exc)}")
-    return TransientError("ConnectionFailed", f"{where}: {describe(exc)}")
+    said = connect_problem(exc, url, timeout=connect_timeout) or describe(exc)
+    return TransientError("ConnectionFailed", f"{where}: {said}")
+
+
+def status_text(status: int) -> str:
+    """The status with its standard phrase ("HTTP 503 Service Unavailable"), never the server's
+    own, which may echo what was sent: a proxy quoting the request's headers quotes secrets."""
+    try:
+        return f"HTTP {status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"HTTP {status}"
 
 
 def redact_url(url: str) -> str:
@@ -105,11 +127,17 @@ class HttpSource(ResumableSource):
         super().__init__(
             retries=options.retries,
             backoff=options.backoff,
+            min_rate=options.min_rate,
+            min_rate_window=options.min_rate_window,
             stream_errors=(*STREAM_ERRORS, requests.RequestException),
         )
         self._url = url
         self._options = options
         self._remember_secrets(url)
+        self._secrets.update(value for _, value in options.secret_headers if value)
+        if options.auth and options.auth[1]:
+            basic = base64.b64encode(":".join(options.auth).encode()).decode()
+            self._secrets.update((options.auth[1], basic))
         self.description = redact_url(url)
         self._session = requests.Session()
         # Passed per request: a session-wide `verify` loses to REQUESTS_CA_BUNDLE in the env.
@@ -160,26 +188,9 @@ class HttpSource(ResumableSource):
     def _resume(self, offset: int) -> requests.Response:
         response = self._request(offset)
         if response.status_code == 206:
-            match = re.fullmatch(
-                r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "")
-            )
-            total = match.group(2) if match else "*"
-            if total != "*" and self.size is not None and int(total) != self.size:
-                response.close()
-                raise TransientError(
-                    "SourceChanged",
-                    f"{self.description} changed during the download (its size went from "
-                    f"{self.size} to {total} bytes); start the import again",
-                )
-            if match and int(match.group(1)) == offset:
-                log.info("resumed %s at byte %d", self.description, offset)
-                return response
-            response.close()
-            raise TransientError(
-                "BadContentRange",
-                f"{self.description} answered a resume at byte {offset} with Content-Range "
-                f"{response.headers.get('Content-Range')!r}",
-            )
+            self._checked_range(response, offset, None)
+            log.info("resumed %s at byte %d", self.description, offset)
+            return response
         # Compare like with like: ETag with ETag, else Last-Modified with Last-Modified.
         header = "ETag" if self._etag else "Last-Modified"
         now = response.headers.get(header)
@@ -195,16 +206,27 @@ class HttpSource(ResumableSource):
         return response
 
     def _skip(self, response: requests.Response, count: int) -> None:
+        assert self._meter is not None  # skipping is part of the connection's transfer
         try:
             while count:
-                data = response.raw.read(min(count, _SKIP_CHUNK))
+                data = self._meter.read(response.raw, min(count, _SKIP_CHUNK))
                 if not data:
-                    response.close()
                     raise TransientError("Truncated", f"{self.description} ended early")
                 count -= len(data)
+                self._meter.check()
         except self._stream_errors as exc:
             response.close()
             raise TransientError("ConnectionLost", self._describe(exc)) from None
+        except BaseException:
+            response.close()
+            raise
+
+    def _checked_range(self, response: requests.Response, start: int, end: int | None) -> None:
+        try:
+            self._check_range(response.headers.get("Content-Range"), start, end)
+        except TransientError:
+            response.close()
+            raise
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         response = self._request(start, end)
@@ -214,6 +236,7 @@ class HttpSource(ResumableSource):
                 "SourceChanged",
                 f"{self.description} changed during the download; start the import again",
             )
+        self._checked_range(response, start, end)
         return self._read_exactly(response.raw, end - start, start)
 
     def _request(self, offset: int, end: int | None = None) -> requests.Response:
@@ -232,7 +255,7 @@ class HttpSource(ResumableSource):
             response.close()
             if not location:
                 raise FinalError("HttpError", f"{redact_url(url)} redirected without a Location")
-            target = urljoin(url, location)
+            target = _redirect_target(url, location)
             self._remember_secrets(target)
             # Credentials belong to the origin the user named; a redirect elsewhere loses them.
             trusted = trusted and _origin(target) == _origin(self._url)
@@ -255,25 +278,25 @@ class HttpSource(ResumableSource):
                 timeout=(self._options.connect_timeout, self._options.stall_timeout),
             )
         except requests.RequestException as exc:
-            raise request_failure(exc, url, self._describe) from None
+            raise request_failure(
+                exc, url, self._describe, connect_timeout=self._options.connect_timeout
+            ) from None
+        except ValueError:  # requests parses a redirect's Location even when not following it
+            raise _malformed_redirect(url) from None
 
     def _check_status(self, response: requests.Response, url: str) -> None:
         status = response.status_code
         if status in (200, 206):
             return
         response.close()
-        where = redact_url(url)
+        said = f"{redact_url(url)} answered {status_text(status)}"
         if status in FINAL_STATUSES:
-            raise FinalError(
-                FINAL_STATUSES[status], f"{where} answered HTTP {status} {response.reason}"
-            )
+            raise FinalError(FINAL_STATUSES[status], said)
         if status in (408, 429) or status >= 500:
-            error = TransientError(
-                "ServerError", f"{where} answered HTTP {status} {response.reason}"
-            )
+            error = TransientError("ServerError", said)
             error.retry_after = retry_after(response)  # type: ignore[attr-defined]
             raise error
-        raise FinalError("HttpError", f"{where} answered HTTP {status} {response.reason}")
+        raise FinalError("HttpError", said)
 
     def _remember_secrets(self, url: str) -> None:
         parts = urlsplit(url)
@@ -282,6 +305,27 @@ class HttpSource(ResumableSource):
         except ValueError:
             raise FinalError("InvalidURL", f"{redact_url(url)} has an invalid port") from None
         self._secrets.update(s for s in (parts.query, parts.password) if s)
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect from `url` leads; only http(s) is followed, as a file: or ftp: target
+    can never succeed (nor be retried into success)."""
+    try:
+        target = urljoin(url, location)
+        scheme = urlsplit(target).scheme
+    except ValueError:
+        raise _malformed_redirect(url) from None
+    if scheme not in ("http", "https"):
+        raise FinalError(
+            "InvalidURL",
+            f"{redact_url(url)} redirected to a {scheme}: URL; only http and https are followed",
+        )
+    return target
+
+
+def _malformed_redirect(url: str) -> FinalError:
+    # The Location itself is not quoted: it may carry a signed query string.
+    return FinalError("InvalidURL", f"{redact_url(url)} redirected to a malformed URL")
 
 
 def retry_after(response: requests.Response) -> float:

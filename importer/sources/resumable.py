@@ -3,14 +3,23 @@ a failure, with bounded retries and backoff, and a `close()` that stops it from 
 
 A subclass says how to open the stream at an offset (`_open`) and what to hide in error
 texts (`_secrets`); everything about failures and resuming lives here once.
+
+Failures are counted per connection, across `read()` calls: a connection that ends in an
+error counts as a failed attempt unless it made real progress first (PROGRESS_FLOOR bytes,
+or a whole rate window at the minimum rate), which starts the count again. Every reconnect,
+a resume after progress included, waits out the backoff first, so a server that drops each
+connection after a byte is not hammered, and a trickle under the minimum rate fails instead
+of running forever.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,6 +40,50 @@ log = logging.getLogger("diskflow.importer")
 T = TypeVar("T")
 # What a broken transfer raises while its body is read, whatever the client library.
 STREAM_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+# A connection that brings less than this before it fails made no real progress: a few round
+# trips' worth on any working link, and far more than a flapping server hands out (a byte or
+# a TCP segment per connection). Its failure counts towards `retries` like any other.
+PROGRESS_FLOOR = 64 << 10
+_TOO_SLOW = "TooSlow"
+
+
+class RateMeter:
+    """Fails a connection that averages under `min_rate` bytes/s over a `window` of seconds
+    spent waiting for the network. Only time inside reads counts: a slow consumer (disk,
+    decompression) behind the import is not a slow server."""
+
+    def __init__(self, min_rate: int, window: float, description: str) -> None:
+        self._min_rate = min_rate
+        self._window = window
+        self._description = description
+        self._waited = 0.0
+        self._got = 0
+        self.passed = False
+        """Whether a whole window of this connection met the minimum rate."""
+
+    def read(self, stream: urllib3.BaseHTTPResponse, n: int) -> bytes:
+        """What one read of `stream` brings (up to `n` bytes), timed."""
+        started = time.monotonic()
+        data = stream.read1(n)
+        self._waited += time.monotonic() - started
+        self._got += len(data)
+        return data
+
+    def check(self) -> None:
+        """Raise TooSlow if the window just completed was under the minimum rate."""
+        if not self._min_rate or self._waited < self._window:
+            return
+        rate = self._got / self._waited
+        if rate < self._min_rate:
+            raise TransientError(
+                _TOO_SLOW,
+                f"{self._description} sent {self._got} bytes in {self._waited:.1f} s "
+                f"({rate:.0f} bytes/s), under the minimum of {self._min_rate} bytes/s over "
+                f"{self._window:g} s; lower it with --min-rate (0 turns the check off) or "
+                "lengthen --min-rate-window",
+            )
+        self.passed = True
+        self._waited, self._got = 0.0, 0
 
 
 class ResumableSource:
@@ -42,14 +95,26 @@ class ResumableSource:
     """Whether `read_range` works (the server serves byte ranges of a pinned version)."""
 
     def __init__(
-        self, *, retries: int, backoff: float, stream_errors: tuple = STREAM_ERRORS
+        self,
+        *,
+        retries: int,
+        backoff: float,
+        min_rate: int = 0,
+        min_rate_window: float = 60.0,
+        stream_errors: tuple = STREAM_ERRORS,
     ) -> None:
         self._retries = retries
-        self._backoff = backoff
+        self._backoff_wait = wait_exponential(multiplier=backoff, max=30) + wait_random(0, backoff)
+        self._min_rate = min_rate
+        self._min_rate_window = min_rate_window
         self._stream_errors = stream_errors
         self._closed = threading.Event()
         self._response: urllib3.BaseHTTPResponse | None = None
         self._offset = 0
+        self._failures = 0  # failed attempts in a row, across reads
+        self._delay = 0.0  # to wait before the next connection: the last one failed
+        self._meter: RateMeter | None = None  # of the current connection
+        self._attempt_bytes = 0  # brought by the current connection
         self._secrets: set[str] = set()  # never printed: query strings, passwords, keys
         self._ranged: set[urllib3.BaseHTTPResponse] = set()  # parts being read, for close()
         self.size = None
@@ -63,19 +128,29 @@ class ResumableSource:
         raise NotImplementedError
 
     def read_range(self, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the version first read, retried like `read`."""
+        """Bytes [start, end) of the version first read, each attempt backed off and timed
+        like the stream's; a part is fetched whole or not at all, so any failure counts."""
         return self._retrying(self._fetch_range, start, end)
 
     def stop_streaming(self) -> None:
         """Let go of the sequential stream: the reader moved on to `read_range`."""
         self._drop_response()
 
+    def _new_meter(self) -> RateMeter:
+        return RateMeter(self._min_rate, self._min_rate_window, self.description)
+
     def _read_exactly(self, response: urllib3.BaseHTTPResponse, count: int, start: int) -> bytes:
         self._ranged.add(response)
+        meter = self._new_meter()
+        parts: list[bytes] = []
+        got = 0
         try:
             if self._closed.is_set():  # closed before close() could see this response
                 raise self._cancelled()
-            data = response.read(count)
+            while got < count and (data := meter.read(response, count - got)):
+                parts.append(data)
+                got += len(data)
+                meter.check()
         except self._stream_errors as exc:
             raise TransientError(
                 "ConnectionLost",
@@ -90,20 +165,46 @@ class ResumableSource:
         finally:
             self._ranged.discard(response)
             response.close()
-        if len(data) != count:
+        if got != count:
             raise TransientError(
-                "Truncated", f"{self.description}: {len(data)} of {count} bytes at byte {start}"
+                "Truncated", f"{self.description}: {got} of {count} bytes at byte {start}"
             )
-        return data
+        return b"".join(parts)
+
+    def _check_range(self, value: str | None, start: int, end: int | None) -> None:
+        """Raise unless the Content-Range `value` of a ranged response is bytes [start, end)
+        (end None: to the end) of the object first seen, `size` bytes long."""
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
+        if match and match.group(3) != "*" and self.size not in (None, int(match.group(3))):
+            raise TransientError(
+                "SourceChanged",
+                f"{self.description} changed during the download (its size went from "
+                f"{self.size} to {match.group(3)} bytes); start the import again",
+            )
+        if match and _covers(match, start, self.size if end is None else end, self.size):
+            return
+        wanted = f"{start}-{'' if end is None else end - 1}"
+        raise TransientError(
+            "BadContentRange",
+            f"{self.description} answered a request for bytes {wanted} with Content-Range "
+            f"{describe(Exception(repr(value)), self._secrets)}",
+        )
 
     def _start(self) -> None:
         """Open the stream at byte 0 (retried like any read)."""
-        self._response = self._retrying(self._open, 0)
+        self._ensure_open()
 
     # --- the stream -------------------------------------------------------------------
 
     def read(self, n: int) -> bytes:
-        return self._retrying(self._read_once, n)
+        while True:
+            if self.size is not None and self._offset >= self.size:
+                return b""
+            self._ensure_open()
+            try:
+                return self._read_once(n)
+            except TransientError as failure:
+                self._failed(failure)
 
     def close(self) -> None:
         """Stop the transfer; safe to call from another thread while `read` blocks."""
@@ -115,39 +216,57 @@ class ResumableSource:
     def _cancelled(self) -> FinalError:
         return FinalError("Cancelled", f"the transfer from {self.description} was stopped")
 
+    def _ensure_open(self) -> None:
+        """Connect at the current offset, after the backoff if the last connection failed."""
+        while self._response is None:
+            if self._delay:
+                self._closed.wait(self._delay)
+            if self._closed.is_set():
+                raise self._cancelled()
+            self._delay = 0.0
+            self._meter, self._attempt_bytes = self._new_meter(), 0
+            try:
+                self._response = self._open(self._offset)
+            except TransientError as failure:
+                self._failed(failure)
+
     def _read_once(self, n: int) -> bytes:
+        assert self._response is not None and self._meter is not None
         if self._closed.is_set():
             raise self._cancelled()
-        if self._response is None:
-            self._response = self._open(self._offset)
         parts: list[bytes] = []
         got = 0
+        failure: TransientError | None = None
         try:
             # read1 hands over what has arrived, so bytes received before a failure count
             # and the resume starts after them.
-            while got < n and (data := self._response.read1(n - got)):
+            while got < n and (data := self._meter.read(self._response, n - got)):
                 parts.append(data)
                 got += len(data)
+                self._meter.check()
+        except TransientError as slow:
+            failure = slow
         except Exception as exc:
             if self._closed.is_set():  # close() tore the response down under this read
                 raise self._cancelled() from None
             if not isinstance(exc, self._stream_errors):
                 raise
-            self._drop_response()
             failure = TransientError(
                 "ConnectionLost",
                 f"transfer from {self.description} failed at byte {self._offset + got}: "
                 f"{self._describe(exc)}",
             )
-            if not parts:
-                raise failure from None
-            log.warning("%s; resuming", failure)
-        if not parts and self.size is not None and self._offset < self.size:
-            self._drop_response()
-            raise TransientError(
+        self._offset += got
+        self._attempt_bytes += got
+        if failure is None and not parts and self.size is not None and self._offset < self.size:
+            failure = TransientError(
                 "Truncated", f"{self.description} ended at byte {self._offset} of {self.size}"
             )
-        self._offset += got
+        if failure is not None:
+            self._drop_response()
+            if not parts:
+                raise failure
+            self._failed(failure)  # the bytes in hand are passed on; the next read resumes
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
     def _drop_response(self) -> None:
@@ -161,6 +280,27 @@ class ResumableSource:
 
     # --- retries ----------------------------------------------------------------------
 
+    def _failed(self, failure: TransientError) -> None:
+        """Count a failed connection and set the backoff before the next one; raise the
+        failure when it cannot be retried or the retries are used up."""
+        if self._closed.is_set():
+            raise self._cancelled()
+        if not _retryable(failure):
+            raise failure
+        progressed = self._attempt_bytes >= PROGRESS_FLOOR and failure.reason != _TOO_SLOW
+        if progressed or (self._meter is not None and self._meter.passed):
+            self._failures = 0  # a resume after progress is free, but still backed off
+        else:
+            self._failures += 1
+            if self._failures > self._retries:
+                raise failure
+        attempt = max(self._failures, 1)
+        # Tenacity's wait strategies read only the attempt number: this one is ours.
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        self._delay = max(self._backoff_wait(state), getattr(failure, "retry_after", 0.0))
+        log.warning("attempt %d failed (%s); retrying in %.1fs", attempt, failure, self._delay)
+
     def _retrying(self, fn: Callable[..., T], *args: Any) -> T:
         retrying = Retrying(
             stop=stop_after_attempt(self._retries + 1),
@@ -173,11 +313,8 @@ class ResumableSource:
         return retrying(fn, *args)
 
     def _wait(self, state: RetryCallState) -> float:
-        backoff = (
-            wait_exponential(multiplier=self._backoff, max=30) + wait_random(0, self._backoff)
-        )(state)
         exc = state.outcome.exception() if state.outcome else None
-        return max(backoff, getattr(exc, "retry_after", 0.0))
+        return max(self._backoff_wait(state), getattr(exc, "retry_after", 0.0))
 
     def _log_retry(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -187,6 +324,17 @@ class ResumableSource:
             exc,
             state.next_action.sleep if state.next_action else 0,
         )
+
+
+def _covers(match: re.Match[str], start: int, end: int | None, size: int | None) -> bool:
+    """Whether a parsed Content-Range is bytes [start, end) of an object of `size` bytes
+    (None: unknown, then also "*" will do)."""
+    first, last, total = match.groups()
+    return (
+        int(first) == start
+        and (end is None or int(last) == end - 1)
+        and (size is None or total != "*")
+    )
 
 
 def _retryable(exc: BaseException) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import urllib3
 
+from importer.errors import TransientError
 from importer.sources.http import HttpOptions
 from importer.sources.resumable import ResumableSource
 from importer.sources.s3_client import S3_ERRORS, connect, failure
@@ -22,7 +23,13 @@ class S3Source(ResumableSource):
     ranges = True  # every S3 store serves byte ranges
 
     def __init__(self, location: str, s3: S3Options, http: HttpOptions) -> None:
-        super().__init__(retries=http.retries, backoff=http.backoff)
+        super().__init__(
+            retries=http.retries,
+            backoff=http.backoff,
+            min_rate=http.min_rate,
+            min_rate_window=http.min_rate_window,
+        )
+        self._connect_timeout = http.connect_timeout
         self._bucket, self._key, endpoint = parse_location(location, s3)
         self.description = f"s3://{self._bucket}/{self._key}"
         # One attempt per request: retried here, resuming where it stopped.
@@ -47,9 +54,21 @@ class S3Source(ResumableSource):
         try:
             response = self._client.get_object(**request)
         except S3_ERRORS as exc:
-            raise failure(exc, what=self.description, describe=self._describe) from None
+            raise failure(
+                exc,
+                what=self.description,
+                describe=self._describe,
+                connect_timeout=self._connect_timeout,
+            ) from None
+        # The urllib3 response under botocore's StreamingBody: read1, and shutdown on close.
+        body = response["Body"]._raw_stream
+        if "Range" in request:
+            try:
+                self._check_range(response.get("ContentRange"), offset, end)
+            except TransientError:
+                body.close()
+                raise
         if self.size is None:  # the first response: what later ones are pinned to
             self.size = response["ContentLength"]
             self._etag = response.get("ETag")
-        # The urllib3 response under botocore's StreamingBody: read1, and shutdown on close.
-        return response["Body"]._raw_stream
+        return body

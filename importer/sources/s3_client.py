@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
@@ -16,7 +17,8 @@ import botocore.exceptions
 import urllib3
 
 from importer.errors import FinalError, ImportFailure, TransientError
-from importer.sources.http import HttpOptions
+from importer.sources.http import HttpOptions, redact_url
+from importer.sources.network import connect_problem, tls_problem
 from importer.sources.s3_options import S3Options, region_of
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
@@ -60,6 +62,8 @@ def connect(
     `s3.credentials_file`, making `attempts` tries per request (1: the caller retries).
     `sign_payload=False` spares the sha256 of each body that SigV4 takes over plain http; only
     for a caller whose every body carries its own (signed) x-amz-checksum header."""
+    if endpoint:
+        _check_endpoint(endpoint)
     try:
         session = boto3.session.Session(profile_name=s3.profile)
     except botocore.exceptions.ProfileNotFound:
@@ -94,8 +98,25 @@ def connect(
     return S3Connection(client, region, secrets)
 
 
+def _check_endpoint(endpoint: str) -> None:
+    """Refuse an endpoint carrying credentials or a query: botocore would quote it in full in
+    its errors, and keys belong in the credential chain, not in a URL."""
+    parts = urlsplit(endpoint)
+    if parts.username is not None or parts.query or parts.fragment:
+        raise FinalError(
+            "InvalidURL",
+            f"the S3 endpoint {redact_url(endpoint)} must be scheme://host[:port] without "
+            "user info or query; give keys as AWS credentials (environment, profile, "
+            "--s3-credentials-file)",
+        )
+
+
 def failure(
-    exc: BaseException, *, what: str, describe: Callable[[BaseException], str]
+    exc: BaseException,
+    *,
+    what: str,
+    describe: Callable[[BaseException], str],
+    connect_timeout: float | None = None,
 ) -> ImportFailure:
     """What one of S3_ERRORS means for the transfer of `what`; `describe` keeps secrets out."""
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -103,10 +124,13 @@ def failure(
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return FinalError("NoCredentials", "no S3 credentials were found")
     if isinstance(exc, botocore.exceptions.SSLError):
-        return FinalError("TLSError", f"TLS with the S3 endpoint failed: {describe(exc)}")
+        said = tls_problem(exc) or describe(exc)
+        return FinalError("TLSError", f"TLS with the S3 endpoint failed: {said}")
     if isinstance(exc, botocore.exceptions.ParamValidationError):
         return FinalError("InvalidURL", f"{what}: {describe(exc)}")
-    return TransientError("ConnectionFailed", f"{what}: {describe(exc)}")
+    url = (getattr(exc, "kwargs", None) or {}).get("endpoint_url")
+    said = url and connect_problem(exc, url, timeout=connect_timeout)
+    return TransientError("ConnectionFailed", f"{what}: {said or describe(exc)}")
 
 
 def _client_failure(

@@ -44,6 +44,7 @@ from importer.sources.http import (
     redact_url,
     request_failure,
     retry_after,
+    status_text,
 )
 from pipelines.publish.base import CHUNK, HashingReader, ImportSource, Stored
 
@@ -227,7 +228,7 @@ class HttpStore:
         if 200 <= status < 300:
             return response
         where = redact_url(response.request.url or "")
-        said = f"{response.request.method} {where} answered HTTP {status} {response.reason}"
+        said = f"{response.request.method} {where} answered {status_text(status)}"
         if 300 <= status < 400:
             location = redact_url(urljoin(response.url, response.headers.get("Location", "")))
             raise FinalError("Redirected", f"{said} to {location}: publish to that URL")

@@ -4,18 +4,23 @@ dropped connections, stalls, error statuses, HTML pages, missing Range support a
 from __future__ import annotations
 
 import base64
+import logging
 import random
+import socket
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from importer import HttpOptions, ImportOptions, import_image
 from importer.errors import ImportFailure
-from tests.conftest import Images, run
-from tests.support.faultserver import FaultServer
+from importer.sources import HttpSource, Source
+from tests.conftest import Images, MiB, run
 from tests.importer.test_import_formats import assert_same_content
+from tests.support.faultserver import FaultServer
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=1.0, connect_timeout=2.0)
 SOURCE = "disk.qcow2.gz"
@@ -136,9 +141,125 @@ def test_object_replaced_during_download_is_detected(faults: FaultServer, tmp_pa
     assert "changed during the download" in error.message
 
 
+def drain_within(open_source: Callable[[], Source], seconds: float) -> BaseException | None:
+    """Open a source and read it to the end in a thread; what it raised (None: nothing).
+    Fails the test if that takes over `seconds`: the source is closed then, to end it."""
+    outcome: list[BaseException | None] = []
+    opened: list[Source] = []
+
+    def drain() -> None:
+        try:
+            opened.append(open_source())
+            while opened[0].read(MiB):
+                pass
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    hung = reader.is_alive()
+    if opened:
+        opened[0].close()
+    reader.join(10)
+    assert not hung, f"still reading after {seconds} s"
+    return outcome[0]
+
+
+# A trickle: one byte a second, which no stall timeout notices.
+TRICKLE = HttpOptions(
+    retries=1, backoff=0.01, stall_timeout=5.0, min_rate=4096, min_rate_window=2.0
+)
+
+
+def test_trickle_under_the_minimum_rate_fails(faults: FaultServer) -> None:
+    t = token()
+    url = faults.url(t, SOURCE, rate=1)
+    # Two connections of a 2 s window each: far less than the 30 s allowed.
+    error = drain_within(lambda: HttpSource(url, TRICKLE), seconds=30)
+    assert isinstance(error, ImportFailure) and error.reason == "TooSlow", error
+    assert not error.final
+    assert "4096 bytes/s" in error.message and "--min-rate" in error.message
+    assert len(faults.requests[t]) == TRICKLE.retries + 1
+
+
+def test_a_byte_per_connection_is_no_progress(faults: FaultServer, tmp_path: Path) -> None:
+    t = token()
+    # Each of the first 1000 responses drops after one byte: each is a failed attempt.
+    error = fails(faults.url(t, SOURCE, drop_after=1, times=1000), tmp_path, "ConnectionLost")
+    assert not error.final
+    assert len(faults.requests[t]) == FAST.retries + 1
+
+
+def test_a_flaky_but_healthy_server_completes(
+    faults: FaultServer, images: Images, tmp_path: Path
+) -> None:
+    t = token()
+    # Every connection drops after 4 MiB: ten drops, more than `retries`, but each made progress.
+    dest = fetch(faults.url(t, "disk.raw", drop_after=4 * MiB, times=100), tmp_path)
+    assert_same_content(dest, images.raw)
+    assert len(faults.requests[t]) == 10
+
+
+def test_a_resume_after_progress_backs_off_first(
+    faults: FaultServer, images: Images, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="diskflow.importer")
+    dest = fetch(faults.url(token(), SOURCE, drop_after=300_000, times=2), tmp_path)
+    assert_same_content(dest, images.raw)
+    backoffs = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert len(backoffs) == 2 and all(m.startswith("attempt 1 failed") for m in backoffs)
+
+
+def test_resume_from_a_cache_that_answers_from_byte_zero(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    url = faults.url(token(), "disk.raw", drop_after=1_000_000, from_zero=1)
+    error = fails(url, tmp_path, "BadContentRange")
+    assert "bytes 1000000-" in error.message
+
+
 def test_connection_refused_is_transient(tmp_path: Path) -> None:
     error = fails("http://127.0.0.1:9/disk.img", tmp_path, "ConnectionFailed")
     assert not error.final
+    assert error.message.endswith("cannot connect to 127.0.0.1:9: connection refused")
+
+
+def test_unknown_host_is_named(tmp_path: Path) -> None:
+    error = fails("http://no-such-host.invalid/disk.img", tmp_path, "ConnectionFailed")
+    assert error.message.endswith("cannot resolve host no-such-host.invalid")
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """A port whose listen queue is full: connecting to it times out."""
+    with socket.socket() as listener, socket.socket() as queued:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued.connect(("127.0.0.1", port))
+        yield port
+
+
+def test_connect_timeout_is_named(full_backlog: int, tmp_path: Path) -> None:
+    http = HttpOptions(retries=0, connect_timeout=0.5)
+    url = f"http://127.0.0.1:{full_backlog}/disk.img"
+    error = fails(url, tmp_path, "ConnectionFailed", http)
+    assert error.message.endswith(f"connect to 127.0.0.1:{full_backlog} timed out after 0.5 s")
+
+
+@pytest.mark.parametrize(
+    ("location", "named"),
+    [("file:///etc/passwd", "file:"), ("ftp://127.0.0.1/disk.img", "ftp:"), ("http://[::1", "")],
+)
+def test_redirect_to_an_unusable_url_is_final(
+    location: str, named: str, faults: FaultServer, tmp_path: Path
+) -> None:
+    t = token()
+    error = fails(faults.url(t, SOURCE, redirect=quote(location, safe="")), tmp_path, "InvalidURL")
+    assert error.final and named in error.message
+    assert len(faults.requests[t]) == 1
 
 
 def test_redirect_to_another_host_drops_credentials(
@@ -201,7 +322,8 @@ def test_unknown_certificate_authority_is_a_final_tls_error(
 ) -> None:
     server, _ = tls_server
     error = fails(server.url(token(), SOURCE), tmp_path, "TLSError")
-    assert error.final and "certificate" in error.message
+    assert error.final and "certificate verify failed: self-signed" in error.message
+    assert "ConnectionPool" not in error.message
 
 
 def test_ca_bundle_makes_the_server_trusted(

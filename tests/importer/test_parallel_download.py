@@ -14,8 +14,9 @@ from importer.errors import ImportFailure
 from importer.sources import HttpSource
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
 from tests.conftest import Images, MiB
-from tests.support.faultserver import FaultServer
+from tests.importer.test_http_source import drain_within
 from tests.importer.test_import_formats import assert_same_content
+from tests.support.faultserver import FaultServer
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=2.0)
 SLOW = 16 * MiB  # bytes/s per connection: well under the fan-out threshold
@@ -123,3 +124,29 @@ def test_closing_while_the_reader_waits_for_a_part(faults: FaultServer, images: 
     reader.join(timeout=10)
     assert not reader.is_alive()
     assert failure and isinstance(failure[0], ImportFailure)
+
+
+def test_parts_from_a_cache_that_answers_from_byte_zero(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    # The probe is read as one stream; every part then comes back as bytes 0-...
+    url = faults.url(uuid.uuid4().hex, "disk.raw", rate=SLOW, from_zero=1)
+    with pytest.raises(ImportFailure) as caught:
+        fetch(url, tmp_path)
+    assert caught.value.reason == "BadContentRange", caught.value.message
+    assert f"bytes {PROBE_BYTES}-{PROBE_BYTES + PART_SIZE - 1}" in caught.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trickling_parts_fail_as_too_slow(faults: FaultServer) -> None:
+    token = uuid.uuid4().hex
+    url = faults.url(token, "disk.raw", rate=1)  # a byte a second: under any stall timeout
+    http = HttpOptions(
+        retries=1, backoff=0.01, stall_timeout=5.0, min_rate=4096, min_rate_window=1.0
+    )
+    error = drain_within(
+        lambda: ParallelSource(HttpSource(url, http), connections=2, probe_bytes=0), seconds=30
+    )
+    assert isinstance(error, ImportFailure) and error.reason == "TooSlow", error
+    # The opening stream, then at most two attempts at each of the two parts in flight.
+    assert len(faults.requests[token]) <= 1 + 2 * 2

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from importer import Checksum, HttpOptions, ImportOptions, Progress, S3Options, 
 from importer.errors import ImportFailure
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES
 from tests.conftest import Images, free_port
-from tests.support.faultserver import FaultServer
+from tests.importer.test_http_source import TRICKLE, drain_within
 from tests.importer.test_import_formats import assert_same_content
+from tests.support.faultserver import FaultServer
 
 FAST = HttpOptions(retries=3, backoff=0.01, stall_timeout=2.0, connect_timeout=2.0)
 BUCKET = "images"
@@ -250,3 +252,66 @@ def test_cdi_s3_url_from_the_cli(moto: str, images: Images, tmp_path: Path) -> N
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert_same_content(dest, images.raw)
+
+
+def test_resume_from_a_store_that_answers_from_byte_zero(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    token, s3 = fault_s3(faults, drop_after=1_000_000, from_zero=1)
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{token}/disk.raw", tmp_path, s3)
+    assert caught.value.reason == "BadContentRange", caught.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parts_from_a_store_that_answers_from_byte_zero(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    token, s3 = fault_s3(faults, rate=16 << 20, from_zero=1)  # a slow stream: parts follow
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{token}/disk.raw", tmp_path, s3, connections=4)
+    assert caught.value.reason == "BadContentRange", caught.value.message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trickle_from_s3_fails_as_too_slow(faults: FaultServer) -> None:
+    from importer.sources.s3 import S3Source
+
+    token, s3 = fault_s3(faults, rate=1)
+    error = drain_within(lambda: S3Source(f"s3://{token}/disk.raw", s3, TRICKLE), seconds=30)
+    assert isinstance(error, ImportFailure) and error.reason == "TooSlow", error
+    assert len(faults.requests[token]) == TRICKLE.retries + 1
+
+
+def test_a_byte_per_connection_from_s3_is_no_progress(faults: FaultServer, tmp_path: Path) -> None:
+    token, s3 = fault_s3(faults, drop_after=1, times=1000)
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{token}/disk.raw", tmp_path, s3)
+    # botocore reads bodies without enforcing Content-Length: a drop looks like an early end.
+    assert caught.value.reason == "Truncated" and not caught.value.final
+    assert len(faults.requests[token]) == FAST.retries + 1
+
+
+def test_endpoint_connection_failure_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ImportFailure) as caught:
+        s3_import(f"s3://{BUCKET}/disk.raw", tmp_path, S3Options(endpoint="http://127.0.0.1:9"))
+    assert caught.value.reason == "ConnectionFailed"
+    assert caught.value.message == (
+        f"s3://{BUCKET}/disk.raw: cannot connect to 127.0.0.1:9: connection refused"
+    )
+
+
+def test_endpoint_with_credentials_is_refused(moto: str, tmp_path: Path) -> None:
+    dest, log = tmp_path / "disk.img", tmp_path / "termination-log"
+    endpoint = moto.replace("http://", "http://admin:hunter2@") + "/?X-Amz-Signature=TOPSECRET"
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "import", f"s3://{BUCKET}/golden/disk.raw", str(dest),
+         "--s3-endpoint", endpoint, "--progress", "json", "--termination-log", str(log)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    record = json.loads(log.read_text())
+    assert record["reason"] == "InvalidURL" and "credentials" in record["message"]
+    for secret in ("hunter2", "TOPSECRET"):
+        assert secret not in done.stdout + done.stderr + log.read_text()
+    assert not dest.exists()

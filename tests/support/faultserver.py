@@ -14,7 +14,12 @@ test's request counters apart; faults are query parameters:
     ctype=TYPE      Content-Type of the answer
     redirect=URL    answer 302 to URL (on every request); `self` redirects to itself
     retry_after=S   Retry-After header on error statuses
-    rate=BYTES      send each response's body at most this many bytes per second
+    rate=BYTES      send each response's body at most this many bytes per second, in writes of
+                    at most an eighth of a second's worth (rate=1 trickles byte by byte)
+    from_zero=1     answer every Range with 206 and that many bytes from byte 0, with a
+                    Content-Range saying so (a broken cache); on every response
+    echo=1          with `status`: a reason phrase quoting the request's headers, as some
+                    proxies do
     s3_error=CODE   with `status`: an S3 XML error body naming CODE
     region=NAME     with `status`: the x-amz-bucket-region header S3 sends on a wrong region
 
@@ -105,7 +110,9 @@ class FaultServer:
                 headers["Retry-After"] = faults["retry_after"]
             if "region" in faults:
                 headers["x-amz-bucket-region"] = faults["region"]
-            self._send_head(request, int(faults["status"]), headers)
+            echoed = "; ".join(f"{k}: {v}" for k, v in request.headers.items())
+            reason = echoed if faults.get("echo") else None
+            self._send_head(request, int(faults["status"]), headers, reason=reason)
             request.wfile.write(body)
             return
         if faults.get("html"):
@@ -130,6 +137,8 @@ class FaultServer:
         if faults.get("ranges") != "0" and range_header and if_range in (None, etag, MODIFIED):
             first, _, last = range_header.removeprefix("bytes=").partition("-")
             start, end, partial = int(first), int(last) + 1 if last else size, True
+            if faults.get("from_zero"):
+                start, end = 0, end - start
         headers = {
             "Content-Type": faults.get("ctype", "application/octet-stream"),
             "Content-Length": str(end - start),
@@ -146,6 +155,7 @@ class FaultServer:
             start + int(faults["stall_after"]) if "stall_after" in faults and faulty else None
         )
         rate = float(faults.get("rate", 0))
+        most = min(64 << 10, max(1, int(rate / 8))) if rate else 64 << 10
         began = time.monotonic()
         with open(path, "rb") as data:
             data.seek(start)
@@ -160,7 +170,7 @@ class FaultServer:
                 if offset == drop_at:
                     request.close_connection = True
                     return
-                chunk = data.read(min([64 << 10] + [x - offset for x in limits]))
+                chunk = data.read(min([most] + [x - offset for x in limits]))
                 if not chunk:
                     return
                 try:
@@ -173,8 +183,14 @@ class FaultServer:
                     time.sleep(max(0.0, began + (offset - start) / rate - time.monotonic()))
 
     @staticmethod
-    def _send_head(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:
-        request.send_response(status)
+    def _send_head(
+        request: BaseHTTPRequestHandler,
+        status: int,
+        headers: dict[str, str],
+        *,
+        reason: str | None = None,
+    ) -> None:
+        request.send_response(status, reason)
         for key, value in headers.items():
             request.send_header(key, value)
         request.end_headers()
