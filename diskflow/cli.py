@@ -139,14 +139,35 @@ def import_command(
         bool, typer.Option(help="Do not verify the server's TLS certificate.")
     ] = False,
     retries: Annotated[
-        int, typer.Option(min=0, help="Failed attempts in a row before giving up.")
+        int,
+        typer.Option(
+            min=0,
+            help="Failed attempts in a row before giving up; a connection that brought 64 KiB "
+            "or more starts the count again.",
+        ),
     ] = 5,
     retry_backoff: Annotated[
-        float, typer.Option(min=0, help="First retry delay in seconds; doubles up to 30 s.")
+        float,
+        typer.Option(
+            min=0,
+            help="Delay in seconds before every reconnect; doubles with each failure in a row, "
+            "up to 30 s.",
+        ),
     ] = 1.0,
     stall_timeout: Annotated[
         float,
         typer.Option(min=0.1, help="Seconds without a byte before a transfer counts as failed."),
+    ] = 60.0,
+    min_rate: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Bytes/s a transfer must average over --min-rate-window, or the connection is "
+            "retried as too slow (TooSlow); 0: no minimum.",
+        ),
+    ] = 1024,
+    min_rate_window: Annotated[
+        float, typer.Option(min=1, help="Seconds over which --min-rate is averaged.")
     ] = 60.0,
     connections: Annotated[
         int,
@@ -238,6 +259,8 @@ def import_command(
                 retries=retries,
                 backoff=retry_backoff,
                 stall_timeout=stall_timeout,
+                min_rate=min_rate,
+                min_rate_window=min_rate_window,
             ),
             s3=s3_options(
                 s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file, cdi_url=s3

@@ -281,4 +281,3 @@ def test_progress_json_never_repeats_an_event(images: Images, tmp_path: Path) ->
     events = [json.loads(line) for line in done.stdout.splitlines()]
     progress = [(e["stage"], e["bytes_done"]) for e in events if e["event"] == "progress"]
     assert progress and len(progress) == len(set(progress))
-

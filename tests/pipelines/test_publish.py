@@ -236,7 +236,7 @@ def test_webdav_publish_order_and_content(webdav: Dav, qcow2: Image) -> None:
     # What nginx received, in the order it finished: every PUT verified by a HEAD, and the
     # manifest after the image and its checksum.
     path = base.removeprefix(webdav.base)
-    seen = [(m, u.rsplit("/", 1)[1], s) for m, u, s in webdav.requests(path)]
+    seen = [(m, u.rsplit("/", 1)[1], s) for m, u, s in webdav.requests(path, count=8)]
     assert seen == [
         ("PUT", f"{TEMPLATE}.qcow2", 201),
         ("HEAD", f"{TEMPLATE}.qcow2", 200),
@@ -270,7 +270,9 @@ def test_webdav_server_error_is_retried_and_leaves_no_manifest(webdav: Dav, qcow
         publish(store, qcow2, build)
     assert caught.value.reason == "ServerError"
     path = base.removeprefix(webdav.base)
-    assert [m for m, _, _ in webdav.requests(path)] == ["PUT"] * (FAST.retries + 1)
+    assert [m for m, _, _ in webdav.requests(path, count=FAST.retries + 1)] == ["PUT"] * (
+        FAST.retries + 1
+    )
     for name in ("manifest.json", f"{TEMPLATE}.qcow2.sha256"):
         assert requests.get(f"{base}/{TEMPLATE}/{build}/{name}", timeout=5).status_code == 404
     assert find_published(store, TEMPLATE, build) is None
@@ -281,7 +283,7 @@ def test_webdav_forbidden_is_final(webdav: Dav, qcow2: Image) -> None:
     with pytest.raises(FinalError) as caught:
         publish(open_store(base, http=FAST), qcow2, build_id())
     assert caught.value.reason == "Forbidden"
-    assert len(webdav.requests(base.removeprefix(webdav.base))) == 1
+    assert len(webdav.requests(base.removeprefix(webdav.base), count=1)) == 1
 
 
 def test_basic_auth_from_the_environment(

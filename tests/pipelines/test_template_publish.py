@@ -28,9 +28,9 @@ from pipelines.steps import (  # noqa: E402
     validate_step,
 )
 from tests.conftest import MiB, sha256  # noqa: E402
+from tests.pipelines.test_template_build import Recorder  # noqa: E402
 from tests.support.installer import Installer, expected_marker, write_template, write_tree  # noqa: E402
 from tests.support.stores import BUCKET, Dav, s3_client  # noqa: E402
-from tests.pipelines.test_template_build import Recorder  # noqa: E402
 
 FAST = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)
 
@@ -128,7 +128,7 @@ def test_build_published_to_webdav_with_the_cli(
 
     # Image and checksum before the manifest, the manifest before latest.json.
     uri = base.removeprefix(webdav.base)
-    puts = [u.rsplit("/", 1)[1] for m, u, s in webdav.requests(uri) if m == "PUT"]
+    puts = [u.rsplit("/", 1)[1] for m, u, s in webdav.requests(uri, count=8) if m == "PUT"]
     assert puts == ["davgolden.qcow2", "davgolden.qcow2.sha256", "manifest.json", "latest.json"]
     served = webdav.root / uri.lstrip("/") / "davgolden" / build_id
     assert sha256(served / "davgolden.qcow2") == result["manifest"]["output"]["sha256"]

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -142,11 +143,18 @@ class Dav:
     root: Path  # what nginx serves
     access_log: Path  # "METHOD URI STATUS" per request, in the order nginx finished them
 
-    def requests(self, under: str) -> list[tuple[str, str, int]]:
-        """(method, uri, status) of every request below `under`, in order."""
-        lines = self.access_log.read_text().splitlines()
-        found = [tuple(line.split(" ")) for line in lines]
-        return [(m, u, int(s)) for m, u, s in found if u.startswith(under)]
+    def requests(self, under: str, *, count: int) -> list[tuple[str, str, int]]:
+        """(method, uri, status) of every request below `under`, in order, once there are at
+        least `count`: nginx logs a request after its response is sent, so the client may
+        have its answer before the line is there."""
+        end = time.monotonic() + 10
+        while True:
+            lines = self.access_log.read_text().splitlines()
+            found = [tuple(line.split(" ")) for line in lines]
+            seen = [(m, u, int(s)) for m, u, s in found if u.startswith(under)]
+            if len(seen) >= count or time.monotonic() > end:
+                return seen
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
