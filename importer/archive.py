@@ -99,9 +99,9 @@ class _Extraction:
         self.count += 1
         if self.count > self.max_members:
             raise FinalError(
-                "TooManyMembers",
-                f"the archive holds more than {self.max_members} members (the limit is "
-                "ImportOptions.archive_max_members, --archive-max-members on the command line)",
+                "ResourceLimit",
+                f"the archive holds more than {self.max_members} members, the limit; allow more "
+                "with --archive-max-members (ImportOptions.archive_max_members)",
             )
         parts = _parts(member.name)
         if member.isdir():

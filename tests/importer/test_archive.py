@@ -376,7 +376,7 @@ def test_member_count_is_capped(tmp_path: Path) -> None:
     options = ImportOptions(content_type=ContentType.ARCHIVE, archive_max_members=100)
     with pytest.raises(ImportFailure) as caught:
         import_image(str(source), str(dest), options=options)
-    assert caught.value.reason == "TooManyMembers"
+    assert caught.value.reason == "ResourceLimit"
     for text in ("100 members", "ImportOptions.archive_max_members", "--archive-max-members"):
         assert text in caught.value.message
     assert list(dest.iterdir()) == []
@@ -486,3 +486,17 @@ def test_names_as_tar_c_dot_makes_them(tmp_path: Path) -> None:
     import_image(str(source), str(dest), options=ARCHIVE)
     assert (dest / "etc" / "motd").read_text() == "data"
     assert [p.name for p in dest.iterdir()] == ["etc"]
+
+
+def test_member_cap_from_the_cli(tmp_path: Path) -> None:
+    dest = volume(tmp_path)
+    source = tmp_path / "many.tar"
+    source.write_bytes(headers(11))
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "import", str(source), str(dest),
+         "--content-type", "archive", "--archive-max-members", "10", "--progress", "none"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "more than 10 members" in done.stderr and "[ResourceLimit]" in done.stderr
+    assert list(dest.iterdir()) == []
