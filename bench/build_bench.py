@@ -3,8 +3,8 @@
     python bench/build_bench.py [--repeat 3] [--disk-size 2G] [--data 512M] [--json FILE]
 
 It builds the tests' minimal installer (Debian's cloud kernel and a busybox initramfs, see
-tests/support/installer.py) and a template whose %post writes --data bytes to the disk from 8 MiB on:
-half from /dev/urandom, a quarter of machine code (copies of busybox) and text (`seq`), a
+tests/support/installer.py) and a template whose %post writes --data bytes to the disk from 8 MiB
+on: half from /dev/urandom, a quarter of machine code (copies of busybox) and text (`seq`), a
 quarter of zeros. It starts moto's S3 server on loopback in its own process with one bucket
 and runs, interleaved and --repeat times (the order swapped every repeat), two builds of it:
 
