@@ -1,14 +1,32 @@
 """The qemu-img wrapper: hardened inspection of untrusted images, conversion to raw.
 
-`qemu-img info` always gets an explicit `-f` (no probing of untrusted bytes) and runs under
-an address-space limit, a CPU limit and a timeout, so a crafted image cannot exhaust the pod.
+Every run on an untrusted image gets an explicit `-f` (no probing of untrusted bytes) and
+resource limits (address space, CPU time, wall time), so a crafted image cannot exhaust the pod.
+qemu-img runs in a session of its own and its whole process group is killed and reaped on every
+way out (an error, an exception such as the one the CLI makes of SIGTERM, Ctrl-C); the kernel
+kills it too if the importer itself is killed (PR_SET_PDEATHSIG), so it never writes on alone.
+
+The limits give the same answer every time for the same image. Left alone, glibc reserves a
+64 MiB malloc arena and an 8 MiB stack for each thread, and qemu's I/O thread pool starts
+between 1 and 64 threads depending on timing, so the same image passed or failed a 1 GiB
+address-space limit at random. With one malloc arena and 256 KiB thread stacks the thread count
+moves the peak by about 16 MiB at most.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
+import os
 import re
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,50 +37,69 @@ from importer.formats import DiskFormat
 
 logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command at INFO
 
+GiB = 1 << 30
+# Thread stacks come from RLIMIT_STACK; qemu-img's threads only issue I/O, and its coroutines
+# have stacks of their own.
+_STACK = 256 << 10
+# qemu-img info of the largest snapshot table qcow2 allows prints about 15 MB.
+_MAX_INFO_OUTPUT = 16 << 20
+_STDERR_TAIL = 64 << 10
+# Messages of qemu, GLib, glibc and the dynamic loader when an allocation fails.
+_OUT_OF_MEMORY = re.compile(
+    r"Cannot allocate memory|[Cc]ould not allocate|[Ff]ailed to allocate|out of memory"
+    r"|qemu_thread_create|failed to map segment"
+)
+_PAST_END = re.compile(r"exceeding the end of the file.*offset (0x[0-9a-f]+) size (0x[0-9a-f]+)")
+_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
 
 @dataclass(frozen=True)
 class Limits:
-    """What one `qemu-img info` on an untrusted image may use."""
+    """What one qemu-img run on an untrusted image may use; the defaults are `qemu-img info`'s."""
 
     address_space: int = 1 << 30
     cpu_seconds: int = 30
     timeout: float = 60
 
+    @classmethod
+    def for_size(cls, virtual_size: int) -> Limits:
+        """Limits for a pass over a whole image of `virtual_size` bytes (convert, map, check).
 
-_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+        1 GiB of address space (metadata caches and 16 copy buffers of 2 MiB need far less);
+        60 s of CPU time plus 30 s per GiB (inflating compressed clusters runs at over
+        100 MB/s); 300 s of wall time plus 120 s per GiB (a volume writing 9 MB/s finishes).
+        """
+        gib = -(-virtual_size // GiB)
+        return cls(address_space=1 << 30, cpu_seconds=60 + 30 * gib, timeout=300.0 + 120 * gib)
 
 
 def qemu_img() -> sh.Command:
     """The qemu-img command, or a clear error naming the package to install."""
-    try:
-        return sh.Command("qemu-img")
-    except sh.CommandNotFound:
-        raise FinalError("MissingTool", "qemu-img is not installed (Debian: qemu-utils)") from None
+    return sh.Command(_qemu_img_path())
+
+
+def _qemu_img_path() -> str:
+    path = shutil.which("qemu-img")
+    if path is None:
+        raise FinalError("MissingTool", "qemu-img is not installed (Debian: qemu-utils)")
+    return path
 
 
 def info(path: str, fmt: DiskFormat, limits: Limits = Limits()) -> dict:
     """`qemu-img info` of `path` read as `fmt`, under resource limits."""
-    command = qemu_img()
-    limited = sh.Command("prlimit").bake(
-        f"--as={limits.address_space}", f"--cpu={limits.cpu_seconds}", "--", command._path
-    )
-    try:
-        out = limited("info", "-f", fmt.value, "--output=json", path, _timeout=limits.timeout)
-    except sh.TimeoutException:
-        raise FinalError(
-            "InvalidImage", f"qemu-img info took over {limits.timeout}s on the {fmt} image"
-        ) from None
-    except sh.ErrorReturnCode as exc:
-        detail = exc.stderr.decode(errors="replace").strip().splitlines()
-        raise FinalError(
-            "InvalidImage",
-            f"qemu-img cannot read the image as {fmt}: {detail[-1] if detail else exc}",
-        ) from None
+    what = f"qemu-img info of the {fmt} image"
+    args = ["info", "-f", fmt.value, "--output=json", path]
+    status, out, err = _run(args, limits, what, max_output=_MAX_INFO_OUTPUT)
+    if status != 0:
+        raise _failure(status, err, limits, fmt, f"qemu-img cannot read the image as {fmt}")
     return json.loads(out)
 
 
-def validate(details: dict, fmt: DiskFormat, path: str) -> int:
-    """Reject images that reach outside themselves; return the virtual size in bytes."""
+def validate(details: dict, fmt: DiskFormat, path: str, limits: Limits | None = None) -> int:
+    """Reject images that reach outside themselves or are truncated (`check_complete`, under
+    `limits`, by default `Limits.for_size`); return the virtual size in bytes."""
     if details.get("format") != fmt.value:
         raise FinalError(
             "InvalidImage", f"qemu-img read the image as {details.get('format')}, not {fmt}"
@@ -87,7 +124,70 @@ def validate(details: dict, fmt: DiskFormat, path: str) -> int:
     size = details.get("virtual-size")
     if not isinstance(size, int) or size <= 0:
         raise FinalError("InvalidImage", f"the {fmt} image has no valid virtual size ({size!r})")
+    # Only now: map and check would open any backing file or external extent named.
+    check_complete(path, fmt, limits or Limits.for_size(size))
     return size
+
+
+def check_complete(path: str, fmt: DiskFormat, limits: Limits) -> None:
+    """Refuse an image whose metadata points past the end of its file (a truncated upload),
+    which qemu would read as zeros and silently make a different disk of.
+
+    `qemu-img map` gives where every allocated extent lies in the file (qcow2, vmdk, vdi, vpc,
+    vhdx); for a qcow2, `qemu-img check` also finds L2 tables and refcount blocks cut off.
+    vpc and vhdx already refuse to open a file whose block table points past its end, and a
+    compressed cluster cut off fails to inflate during the conversion.
+    """
+    file_size = os.path.getsize(path)
+    end = _mapped_end(path, fmt, limits)
+    if fmt is DiskFormat.QCOW2:
+        end = max(end, _checked_end(path, limits))
+    if end > file_size:
+        raise FinalError(
+            "Truncated",
+            f"the {fmt} image refers to data past its end (byte {end} of a file of "
+            f"{file_size} bytes): the file is truncated",
+        )
+
+
+def _mapped_end(path: str, fmt: DiskFormat, limits: Limits) -> int:
+    """The end of the last extent of `path` that qemu reads from the file."""
+    end, pending = 0, b""
+
+    def extents(chunk: bytes) -> None:
+        # One extent per line; a fragmented terabyte image has millions, so none are kept.
+        nonlocal end, pending
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            end = max(end, _extent_end(line))
+
+    what = f"qemu-img map of the {fmt} image"
+    args = ["map", "--output=json", "-f", fmt.value, path]
+    status, _, err = _run(args, limits, what, on_output=extents)
+    if status != 0:
+        raise _failure(status, err, limits, fmt, f"qemu-img cannot map the {fmt} image")
+    return max(end, _extent_end(pending))
+
+
+def _extent_end(line: bytes) -> int:
+    text = line.strip().strip(b"[],")
+    if not text:
+        return 0
+    extent = json.loads(text)
+    # Zero clusters and holes are not read from the file, whatever offset they have.
+    return extent["offset"] + extent["length"] if extent.get("data") and "offset" in extent else 0
+
+
+def _checked_end(path: str, limits: Limits) -> int:
+    """The end of the last qcow2 metadata or data region past the end of the file, or 0."""
+    what = "qemu-img check of the qcow2 image"
+    status, _, err = _run(["check", "-f", "qcow2", "--output=json", path], limits, what)
+    # 2 and 3: corruptions or leaks found; only those past the end are this check's business.
+    if status not in (0, 2, 3):
+        raise _failure(status, err, limits, DiskFormat.QCOW2, "qemu-img cannot check the image")
+    return max(
+        (int(offset, 16) + int(size, 16) for offset, size in _PAST_END.findall(err)), default=0
+    )
 
 
 def convert(
@@ -98,38 +198,180 @@ def convert(
     existing: bool,
     direct: bool,
     on_progress: Callable[[float], None],
+    limits: Limits | None = None,
 ) -> None:
-    """Convert `source` to raw at `destination`, reporting percent done.
+    """Convert `source` to raw at `destination`, reporting percent done, under `limits`
+    (by default `Limits.for_size` of the image's virtual size, read with `info`).
 
     `existing` writes into what is there (a block device) instead of creating a file;
     `direct` writes with O_DIRECT (where the filesystem supports it). The source is read
     through the page cache, where the freshly written scratch file still is.
     """
+    if limits is None:
+        size = info(source, fmt).get("virtual-size")
+        limits = Limits.for_size(size if isinstance(size, int) else 0)
     args = ["convert", "-p", "-f", fmt.value, "-O", "raw", "-W", "-m", "16"]
     args += ["-t", "none" if direct else "writeback", "-T", "writeback"]
     if existing:
         args.append("-n")
     args += [source, destination]
-    run_with_progress(args, on_progress)
+    run_with_progress(args, on_progress, limits)
 
 
-def run_with_progress(args: list[str], on_progress: Callable[[float], None]) -> None:
-    """Run `qemu-img ARGS` (which must include -p), reporting its percent done."""
+def run_with_progress(
+    args: list[str], on_progress: Callable[[float], None], limits: Limits | None = None
+) -> None:
+    """Run `qemu-img ARGS` (which must include -p), reporting its percent done; `limits` for
+    an untrusted image, none for one of our own."""
     pending = ""
 
-    def progress(chunk: str) -> None:
-        # qemu-img redraws "    (12.34/100%)" ending in \r; sh hands it over char by char.
+    def progress(chunk: bytes) -> None:
+        # qemu-img redraws "    (12.34/100%)" ending in \r.
         nonlocal pending
-        pending += chunk
+        pending += chunk.decode(errors="replace")
         if "\r" in pending:
             *lines, pending = pending.split("\r")
             for match in _PROGRESS.finditer("".join(lines)):
                 on_progress(float(match.group(1)))
 
+    status, _, err = _run(args, limits, f"qemu-img {args[0]}", on_output=progress)
+    if status != 0:
+        fmt = DiskFormat(args[args.index("-f") + 1]) if "-f" in args else None
+        raise _failure(status, err, limits, fmt, f"qemu-img {args[0]} failed", "ConversionFailed")
+
+
+def _run(
+    args: list[str],
+    limits: Limits | None,
+    what: str,
+    *,
+    on_output: Callable[[bytes], None] | None = None,
+    max_output: int | None = None,
+) -> tuple[int, bytes, str]:
+    """Run `qemu-img ARGS` to its end under `limits`: its exit status, its output (unless
+    `on_output` takes it as it comes) and the end of its stderr. Whatever way this returns or
+    raises, no process of it is left."""
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1", "LC_ALL": "C"}
+    deadline = None if limits is None else time.monotonic() + limits.timeout
+    process = subprocess.Popen(
+        [_qemu_img_path(), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_in_child(limits, os.getpid()),
+        env=env,
+    )
     try:
-        qemu_img()(*args, _out=progress, _out_bufsize=0, _decode_errors="replace")
-    except sh.ErrorReturnCode as exc:
-        detail = exc.stderr.decode(errors="replace").strip().splitlines()
-        raise FinalError(
-            "ConversionFailed", f"qemu-img {args[0]} failed: {detail[-1] if detail else exc}"
-        ) from None
+        try:
+            out, err = _read_all(process, deadline, on_output, max_output, what)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _TimedOut
+            status = process.wait(remaining)
+        except (_TimedOut, subprocess.TimeoutExpired):
+            assert limits is not None
+            raise FinalError(
+                "ResourceLimit", f"{what} took over {limits.timeout:g}s (its time limit)"
+            ) from None
+    finally:
+        _stop(process)
+    return status, bytes(out), err.decode(errors="replace")
+
+
+class _TimedOut(Exception):
+    pass
+
+
+def _in_child(limits: Limits | None, parent: int) -> Callable[[], None]:
+    def setup() -> None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the importer died before prctl: nobody would kill this
+            os._exit(1)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of a crash in the cwd
+        if limits is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
+            # SIGXCPU at the soft limit tells a CPU limit apart from any other SIGKILL.
+            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
+            resource.setrlimit(resource.RLIMIT_STACK, (_STACK, _STACK))
+
+    return setup
+
+
+def _read_all(
+    process: subprocess.Popen[bytes],
+    deadline: float | None,
+    on_output: Callable[[bytes], None] | None,
+    max_output: int | None,
+    what: str,
+) -> tuple[bytearray, bytearray]:
+    """Stdout (or nothing, if `on_output` takes it) and the end of stderr, until both close."""
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ, out)  # type: ignore[arg-type]
+        selector.register(process.stderr, selectors.EVENT_READ, err)  # type: ignore[arg-type]
+        while selector.get_map():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise _TimedOut
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif key.data is err:
+                    err += chunk
+                    del err[:-_STDERR_TAIL]
+                elif on_output is not None:
+                    on_output(chunk)
+                else:
+                    out += chunk
+                    if max_output is not None and len(out) > max_output:
+                        raise FinalError(
+                            "ResourceLimit", f"{what} printed over {max_output >> 20} MiB"
+                        )
+    return out, err
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Kill qemu-img's process group unless it has been reaped already, and reap it."""
+    # Once reaped, its id may be another process's: never signal it then.
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _failure(
+    status: int,
+    stderr: str,
+    limits: Limits | None,
+    fmt: DiskFormat | None,
+    prefix: str,
+    reason: str = "InvalidImage",
+) -> FinalError:
+    """The error a failed qemu-img run means: a resource limit hit, a truncated image, or
+    `reason` with qemu-img's last word."""
+    lines = [line.removeprefix("qemu-img: ") for line in stderr.strip().splitlines()]
+    if limits is not None and status == -signal.SIGXCPU:
+        return FinalError(
+            "ResourceLimit", f"{prefix}: it used up its CPU time limit of {limits.cpu_seconds}s"
+        )
+    if limits is not None and _OUT_OF_MEMORY.search(stderr):
+        return FinalError(
+            "ResourceLimit",
+            f"{prefix}: it needs more than its address space limit of "
+            f"{limits.address_space >> 20} MiB",
+        )
+    cut = next((line for line in lines if "truncated" in line.lower()), None)
+    if cut is not None:
+        return FinalError("Truncated", f"the {fmt} image is truncated: {cut}")
+    if lines:
+        detail = lines[-1]
+    elif status < 0:
+        detail = f"killed by {signal.Signals(-status).name}"
+    else:
+        detail = f"exit status {status}"
+    return FinalError(reason, f"{prefix}: {detail}")

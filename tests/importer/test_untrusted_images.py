@@ -4,6 +4,8 @@ a specific error, and leave no destination file and no scratch file behind."""
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -227,7 +229,82 @@ def test_qemu_img_info_runs_under_an_address_space_limit(images: Images) -> None
 
     with pytest.raises(FinalError) as caught:
         qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(address_space=16 * MiB))
-    assert caught.value.reason == "InvalidImage"
+    assert caught.value.reason == "ResourceLimit"
+    assert "address space limit of 16 MiB" in caught.value.message
+
+
+def test_image_over_the_address_space_limit_fails_the_same_way_every_time(
+    tmp_path: Path,
+) -> None:
+    # A 32 MiB L1 table (the most qcow2 allows) does not fit in 48 MiB; it is not the image's
+    # fault, so no InvalidImage.
+    from importer import qemu
+    from importer.formats import DiskFormat
+
+    image = tmp_path / "wide.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", image, "128G")
+    for _ in range(20):
+        with pytest.raises(FinalError) as caught:
+            qemu.info(str(image), DiskFormat.QCOW2, qemu.Limits(address_space=48 * MiB))
+        assert caught.value.reason == "ResourceLimit", caught.value.message
+        assert "address space limit of 48 MiB" in caught.value.message
+
+
+def with_snapshot_table(image: Path, count: int) -> None:
+    """Give a qcow2 `count` snapshots (of no data), written as one table at its end: a large
+    header qemu-img info reads with thousands of small requests, and prints as large JSON."""
+    cluster = 65536
+    entries = []
+    for n in range(1, count + 1):
+        ident, name = str(n).encode(), b"snapshot-%d" % n
+        extra = struct.pack(">QQ", 0, 64 * MiB)  # vm state size, disk size
+        head = struct.pack(">QIHHIIQII", 0, 0, len(ident), len(name), 0, 0, 0, 0, len(extra))
+        entry = head + extra + ident + name
+        entries.append(entry + bytes(-len(entry) % 8))
+    with open(image, "r+b") as f:
+        offset = -(-f.seek(0, os.SEEK_END) // cluster) * cluster
+        f.seek(offset)
+        f.write(b"".join(entries).ljust(cluster, b"\0"))
+        f.write(bytes(-f.tell() % cluster))
+        f.seek(60)  # nb_snapshots, snapshots_offset
+        f.write(struct.pack(">IQ", count, offset))
+    run("qemu-img", "check", "-q", "-r", "all", image)  # the table's clusters get refcounts
+
+
+def test_large_header_gives_the_same_answer_every_time(tmp_path: Path) -> None:
+    # glibc arenas and 8 MiB stacks per qemu I/O thread, started as timing has it, used to make
+    # this fail at random under 1 GiB ("qemu_thread_create: Resource temporarily unavailable").
+    from importer import qemu
+    from importer.formats import DiskFormat
+
+    image = tmp_path / "snapshots.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, "64M")
+    with_snapshot_table(image, 2000)
+    answers = [qemu.info(str(image), DiskFormat.QCOW2) for _ in range(20)]
+    assert all(answer == answers[0] for answer in answers)
+    assert len(answers[0]["snapshots"]) == 2000
+    assert qemu.validate(answers[0], DiskFormat.QCOW2, str(image)) == 64 * MiB
+
+
+@pytest.mark.parametrize("cut", [4096, 65536])
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vdi", "vpc", "vhdx"])
+def test_truncated_image_is_refused(fmt: str, cut: int, images: Images, tmp_path: Path) -> None:
+    # Every test image has data in its very last MiB, so a cut end loses data.
+    data = images.path(fmt).read_bytes()
+    image = tmp_path / f"cut.{fmt}"
+    image.write_bytes(data[:-cut])
+    error = import_fails(image, tmp_path, "Truncated")
+    assert error.message.startswith(f"the {fmt} image")
+    assert "truncated" in error.message
+
+
+def test_truncated_image_is_refused_when_compressed(images: Images, tmp_path: Path) -> None:
+    data = images.path("qcow2").read_bytes()
+    image = tmp_path / "cut.qcow2"
+    image.write_bytes(data[:-4096])
+    run("xz", "-0", image)
+    error = import_fails(f"{image}.xz", tmp_path, "Truncated")
+    assert f"of a file of {len(data) - 4096} bytes" in error.message
 
 
 def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:
@@ -236,6 +313,7 @@ def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:
 
     with pytest.raises(FinalError) as caught:
         qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(timeout=0.001))
+    assert caught.value.reason == "ResourceLimit"
     assert "took over" in caught.value.message
 
 
