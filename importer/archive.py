@@ -20,6 +20,7 @@ from typing import IO, NoReturn, TypeVar
 
 from importer.buffers import AlignedBuffer
 from importer.errors import FinalError
+from importer.reasons import Reason
 from importer.streams import Chunk, ChunkReader
 from importer.target import syncfs
 
@@ -204,7 +205,7 @@ class _Extraction:
         self.files.add(path)
 
 
-def _refuse(name: str, problem: str, reason: str = "UnsafeArchive") -> NoReturn:
+def _refuse(name: str, problem: str, reason: Reason = Reason.UNSAFE_ARCHIVE) -> NoReturn:
     raise FinalError(reason, f"archive member {name!r} {problem}")
 
 
@@ -229,7 +230,7 @@ def _check_symlink_target(name: str, parts: list[str], target: str) -> None:
     (`a -> .`, then `b -> a/..`), and a lexical resolution would miss where that leads.
     """
     if not target:
-        _refuse(name, "is a symbolic link with an empty target", "InvalidArchive")
+        _refuse(name, "is a symbolic link with an empty target", Reason.INVALID_ARCHIVE)
     if target.startswith("/"):
         _refuse(name, f"is a symbolic link to an absolute path ({target!r})")
     depth = len(parts) - 1  # directories between the destination and the link
@@ -305,7 +306,7 @@ def _open_or_make_dir(parent: int, part: str) -> int:
 def _not_a_directory(parent: int, part: str, name: str, path: str) -> NoReturn:
     if stat.S_ISLNK(os.stat(part, dir_fd=parent, follow_symlinks=False).st_mode):
         _refuse(name, f"would be written through the symbolic link {path!r}")
-    _refuse(name, f"needs {path!r} to be a directory, but it is a file", "InvalidArchive")
+    _refuse(name, f"needs {path!r} to be a directory, but it is a file", Reason.INVALID_ARCHIVE)
 
 
 def _make_dir(parent: int, leaf: str) -> int:
@@ -327,7 +328,9 @@ def _create(make: Callable[[], T], parent: int, leaf: str, name: str) -> T:
         return make()
     except FileExistsError:
         if _is_dir(parent, leaf):
-            _refuse(name, "would replace a directory an earlier member made", "InvalidArchive")
+            _refuse(
+                name, "would replace a directory an earlier member made", Reason.INVALID_ARCHIVE
+            )
         os.unlink(leaf, dir_fd=parent)
         return make()
 

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Callable
 from enum import StrEnum
 
+from importer.reasons import Reason
+
 # Enough decompressed bytes to see every signature below (the ISO 9660 one is at 32 KiB).
 SNIFF_BYTES = 64 * 1024
 
@@ -96,11 +98,11 @@ def unsupported_format(head: bytes) -> str | None:
     return None
 
 
-def outside_reference(fmt: DiskFormat, head: bytes) -> tuple[str, str] | None:
+def outside_reference(fmt: DiskFormat, head: bytes) -> tuple[Reason, str] | None:
     """(reason, message) if the image header says it reads other files, before qemu-img
     ever opens it; qemu-img's own view is checked again after `qemu-img info`."""
     if head.startswith(b"# Disk DescriptorFile"):
-        return "BackingFileRejected", (
+        return Reason.BACKING_FILE_REJECTED, (
             "the image is a vmdk descriptor that refers to other files; import a monolithic vmdk"
         )
     if fmt is DiskFormat.VMDK and len(head) >= 36:
@@ -108,17 +110,17 @@ def outside_reference(fmt: DiskFormat, head: bytes) -> tuple[str, str] | None:
         descriptor = int.from_bytes(head[28:36], "little")
         # qemu reads the embedded descriptor's extent list (any host path) when capacity is 0.
         if capacity == 0 and descriptor:
-            return "BackingFileRejected", (
+            return Reason.BACKING_FILE_REJECTED, (
                 "the vmdk header has no capacity and defers to its embedded descriptor, which "
                 "may name other files; import a monolithic vmdk"
             )
     if fmt is DiskFormat.QCOW2 and len(head) >= 80:
         version = int.from_bytes(head[4:8], "big")
         if int.from_bytes(head[8:16], "big"):
-            return "BackingFileRejected", "the qcow2 image names a backing file"
+            return Reason.BACKING_FILE_REJECTED, "the qcow2 image names a backing file"
         incompatible = int.from_bytes(head[72:80], "big") if version >= 3 else 0
         if incompatible & _QCOW2_EXTERNAL_DATA_FILE:
-            return "DataFileRejected", "the qcow2 image uses an external data file"
+            return Reason.DATA_FILE_REJECTED, "the qcow2 image uses an external data file"
     return None
 
 

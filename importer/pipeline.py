@@ -15,6 +15,7 @@ bounded even without a size (importer.limits).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -52,6 +53,7 @@ from importer.formats import (
 from importer.limits import Bound, Deadline, check_expansion, expansion_guard, free_space_bound
 from importer.limits import usable_capacity as usable_bytes
 from importer.progress import Progress
+from importer.reasons import Reason
 from importer.sources import HttpOptions, S3Options, Source, open_source
 from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
 from importer.target import SparseWriter, Target, wipe_head, zero_range
@@ -193,6 +195,13 @@ class _Job:
             preallocate=self.options.preallocate,
             progress=self.progress,
         )
+
+    def limits(self, limits: qemu.Limits | None = None) -> qemu.Limits:
+        """`limits` (by default `qemu-img info`'s) for a qemu-img run, its time cut to what
+        the deadline leaves."""
+        limits = limits or qemu.Limits()
+        left = self.deadline.remaining()
+        return limits if left is None else replace(limits, timeout=min(limits.timeout, left))
 
     def check_virtual_size(self, size: int, downloaded: int | None) -> None:
         """Refuse a virtual size past the bound, or (made from `downloaded` bytes, where
@@ -385,21 +394,23 @@ def _write_converted(
         finally:
             writer.close()
         job.verify()
-        virtual_size = qemu.validate(qemu.info(scratch, fmt), fmt, scratch)
+        virtual_size = qemu.validate(qemu.info(scratch, fmt, job.limits()), fmt, scratch)
         job.check_virtual_size(virtual_size, job.downloaded)
         with published(job.target, job.progress.commit) as path:
             progress.stage("convert", virtual_size)
             try:
-                qemu.convert(
-                    scratch,
-                    fmt,
-                    path,
-                    existing=target.is_block,
-                    direct=supports_direct(path),
-                    on_progress=lambda percent: progress.set_done(
-                        int(virtual_size * percent / 100)
-                    ),
-                )
+                with _naming_a_full_destination(path, virtual_size):
+                    qemu.convert(
+                        scratch,
+                        fmt,
+                        path,
+                        existing=target.is_block,
+                        direct=supports_direct(path),
+                        on_progress=lambda percent: progress.set_done(
+                            int(virtual_size * percent / 100)
+                        ),
+                        limits=job.limits(qemu.Limits.for_size(virtual_size)),
+                    )
                 if target.is_block:
                     job.progress.commit()
                     sync(path)
@@ -441,6 +452,21 @@ def _write_checking_header(
         writer.finish()
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _naming_a_full_destination(path: str, virtual_size: int) -> Iterator[None]:
+    """qemu-img only says the disk is full: say which, and how much the image needs."""
+    try:
+        yield
+    except FinalError as failure:
+        if failure.reason != Reason.NO_SPACE:
+            raise
+        raise FinalError(
+            Reason.NO_SPACE,
+            f"{parent(path)} has no room left for the raw image (its virtual size is "
+            f"{virtual_size} bytes, of which the zeros need no room); free some space",
+        ) from None
 
 
 def _create_blank(job: _Job) -> ImportResult:

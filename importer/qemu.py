@@ -34,6 +34,7 @@ import sh
 
 from importer.errors import FinalError
 from importer.formats import DiskFormat
+from importer.reasons import Reason
 
 logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command at INFO
 
@@ -144,7 +145,7 @@ def check_complete(path: str, fmt: DiskFormat, limits: Limits) -> None:
         end = max(end, _checked_end(path, limits))
     if end > file_size:
         raise FinalError(
-            "Truncated",
+            Reason.TRUNCATED_IMAGE,
             f"the {fmt} image refers to data past its end (byte {end} of a file of "
             f"{file_size} bytes): the file is truncated",
         )
@@ -237,7 +238,9 @@ def run_with_progress(
     status, _, err = _run(args, limits, f"qemu-img {args[0]}", on_output=progress)
     if status != 0:
         fmt = DiskFormat(args[args.index("-f") + 1]) if "-f" in args else None
-        raise _failure(status, err, limits, fmt, f"qemu-img {args[0]} failed", "ConversionFailed")
+        raise _failure(
+            status, err, limits, fmt, f"qemu-img {args[0]} failed", Reason.CONVERSION_FAILED
+        )
 
 
 def _run(
@@ -350,7 +353,7 @@ def _failure(
     limits: Limits | None,
     fmt: DiskFormat | None,
     prefix: str,
-    reason: str = "InvalidImage",
+    reason: Reason = Reason.INVALID_IMAGE,
 ) -> FinalError:
     """The error a failed qemu-img run means: a resource limit hit, a truncated image, or
     `reason` with qemu-img's last word."""
@@ -367,7 +370,9 @@ def _failure(
         )
     cut = next((line for line in lines if "truncated" in line.lower()), None)
     if cut is not None:
-        return FinalError("Truncated", f"the {fmt} image is truncated: {cut}")
+        return FinalError(Reason.TRUNCATED_IMAGE, f"the {fmt} image is truncated: {cut}")
+    if "No space left on device" in stderr:
+        return FinalError(Reason.NO_SPACE, f"{prefix}: the destination's filesystem is full")
     if lines:
         detail = lines[-1]
     elif status < 0:

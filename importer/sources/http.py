@@ -21,6 +21,7 @@ import requests
 import urllib3
 
 from importer.errors import FinalError, ImportFailure, TransientError
+from importer.reasons import Reason
 from importer.sources.network import connect_problem, tls_problem
 from importer.sources.resumable import STREAM_ERRORS, ResumableSource
 
@@ -28,7 +29,12 @@ log = logging.getLogger("diskflow.importer")
 
 MAX_REDIRECTS = 10
 _REDIRECT_STATUSES = {301, 302, 303, 307, 308}
-FINAL_STATUSES = {401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 410: "Gone"}
+FINAL_STATUSES = {
+    401: Reason.UNAUTHORIZED,
+    403: Reason.FORBIDDEN,
+    404: Reason.NOT_FOUND,
+    410: Reason.GONE,
+}
 _MAX_RETRY_AFTER = 60.0
 _SKIP_CHUNK = 1 << 20
 

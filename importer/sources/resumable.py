@@ -34,6 +34,7 @@ from tenacity import (
 )
 
 from importer.errors import FinalError, TransientError
+from importer.reasons import Reason
 from importer.redaction import describe
 
 log = logging.getLogger("diskflow.importer")
@@ -44,7 +45,6 @@ STREAM_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, 
 # trips' worth on any working link, and far more than a flapping server hands out (a byte or
 # a TCP segment per connection). Its failure counts towards `retries` like any other.
 PROGRESS_FLOOR = 64 << 10
-_TOO_SLOW = "TooSlow"
 
 
 class RateMeter:
@@ -76,7 +76,7 @@ class RateMeter:
         rate = self._got / self._waited
         if rate < self._min_rate:
             raise TransientError(
-                _TOO_SLOW,
+                Reason.TOO_SLOW,
                 f"{self._description} sent {self._got} bytes in {self._waited:.1f} s "
                 f"({rate:.0f} bytes/s), under the minimum of {self._min_rate} bytes/s over "
                 f"{self._window:g} s; lower it with --min-rate (0 turns the check off) or "
@@ -287,7 +287,7 @@ class ResumableSource:
             raise self._cancelled()
         if not _retryable(failure):
             raise failure
-        progressed = self._attempt_bytes >= PROGRESS_FLOOR and failure.reason != _TOO_SLOW
+        progressed = self._attempt_bytes >= PROGRESS_FLOOR and failure.reason != Reason.TOO_SLOW
         if progressed or (self._meter is not None and self._meter.passed):
             self._failures = 0  # a resume after progress is free, but still backed off
         else:

@@ -293,7 +293,7 @@ def test_truncated_image_is_refused(fmt: str, cut: int, images: Images, tmp_path
     data = images.path(fmt).read_bytes()
     image = tmp_path / f"cut.{fmt}"
     image.write_bytes(data[:-cut])
-    error = import_fails(image, tmp_path, "Truncated")
+    error = import_fails(image, tmp_path, "TruncatedImage")
     assert error.message.startswith(f"the {fmt} image")
     assert "truncated" in error.message
 
@@ -303,7 +303,7 @@ def test_truncated_image_is_refused_when_compressed(images: Images, tmp_path: Pa
     image = tmp_path / "cut.qcow2"
     image.write_bytes(data[:-4096])
     run("xz", "-0", image)
-    error = import_fails(f"{image}.xz", tmp_path, "Truncated")
+    error = import_fails(f"{image}.xz", tmp_path, "TruncatedImage")
     assert f"of a file of {len(data) - 4096} bytes" in error.message
 
 
