@@ -81,4 +81,3 @@ def test_the_readme_documents_every_reason_with_its_finality() -> None:
     rows = re.findall(r"^\| `(\w+)` \| (final|transient) \|", section, re.M)
     documented = {name: kind == "final" for name, kind in rows}
     assert documented == {reason.value: reason.final for reason in Reason}
-
