@@ -11,6 +11,7 @@ archive was read and its checksum verified; a failed import removes them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import tarfile
@@ -22,9 +23,10 @@ from importer.buffers import AlignedBuffer
 from importer.errors import FinalError
 from importer.reasons import Reason
 from importer.streams import Chunk, ChunkReader
-from importer.target import syncfs
+from importer.target import fsync_directory, syncfs
 
 T = TypeVar("T")
+log = logging.getLogger("diskflow.importer")
 
 STAGING_PREFIX = ".diskflow-extract-"
 COPY_CHUNK = 1 << 20
@@ -47,7 +49,11 @@ def extract(
     verify: Callable[[], None],
     max_members: int,
 ) -> int:
-    """Extract the tar stream into `directory`; return the bytes of file data extracted."""
+    """Extract the tar stream into `directory`; return the bytes of file data extracted.
+
+    The caller holds `directory` (importer.claims): a staging directory found in it was left
+    by an import killed outright, and is removed first."""
+    _remove_stale_staging(directory)
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)
     try:
         root = os.open(staging, _DIR)
@@ -59,6 +65,7 @@ def extract(
         for rest in chunks:  # what follows tar's end marker still counts for the checksum
             if isinstance(rest, AlignedBuffer):
                 rest.release()
+        syncfs(staging)  # every extracted file durable, in one call, before any is in place
         verify()
         _move_into_place(staging, directory)
     except BaseException:
@@ -67,8 +74,16 @@ def extract(
             _remove_tree(staging)
         raise
     _apply_late_modes(directory, extraction.late_modes)
-    syncfs(directory)  # every extracted file durable, in one call
+    fsync_directory(directory)  # the renames into place
     return extraction.total
+
+
+def _remove_stale_staging(directory: str) -> None:
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name.startswith(STAGING_PREFIX) and not os.path.islink(path) and os.path.isdir(path):
+            _remove_tree(path)
+            log.info("removed %s, left by an import that was killed", path)
 
 
 class _Extraction:
@@ -80,8 +95,6 @@ class _Extraction:
         self.max_members = max_members
         self.total = 0
         self.count = 0
-        # Regular files made so far: the only targets a hard link may have.
-        self.files: set[str] = set()
         # Directories whose mode would stop their own filling: set once everything is in place.
         self.late_modes: dict[str, int] = {}
 
@@ -129,7 +142,6 @@ class _Extraction:
                 os.fchmod(fd, mode if usable else _USABLE_DIR)
             finally:
                 os.close(fd)
-        self.files.discard(path)
         if usable:
             self.late_modes.pop(path, None)
         else:
@@ -158,7 +170,6 @@ class _Extraction:
                 _set_mtime(lambda times: os.utime(fd, times), member.mtime)
             finally:
                 os.close(fd)
-        self.files.add("/".join(parts))
 
     def _symlink(self, member: tarfile.TarInfo, parts: list[str]) -> None:
         _check_symlink_target(member.name, parts, member.linkname)
@@ -173,12 +184,11 @@ class _Extraction:
                 lambda times: os.utime(parts[-1], times, dir_fd=parent, follow_symlinks=False),
                 member.mtime,
             )
-        self.files.discard("/".join(parts))
 
     def _hardlink(self, member: tarfile.TarInfo, parts: list[str]) -> None:
         target = _hardlink_target(member.name, member.linkname)
-        path = "/".join(parts)
-        if "/".join(target) not in self.files:
+        # Staging started empty: a regular file in it is one this archive made before.
+        if not _is_regular_file(self.root, target):
             _refuse(
                 member.name,
                 f"is a hard link to {member.linkname!r}, which is not a regular file "
@@ -202,7 +212,6 @@ class _Extraction:
                 parts[-1],
                 member.name,
             )
-        self.files.add(path)
 
 
 def _refuse(name: str, problem: str, reason: Reason = Reason.UNSAFE_ARCHIVE) -> NoReturn:
@@ -292,6 +301,23 @@ def _open_dirs(root: int, parts: list[str], name: str) -> int:
     return fd
 
 
+def _is_regular_file(root: int, parts: list[str]) -> bool:
+    """Whether `root`/`parts` is a regular file, reached through directories only."""
+    if not parts:
+        return False
+    fd = os.dup(root)
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, _DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode)
+    except OSError:  # missing, or a symbolic link on the way (O_NOFOLLOW)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _open_or_make_dir(parent: int, part: str) -> int:
     try:
         return os.open(part, _DIR, dir_fd=parent)
@@ -364,7 +390,8 @@ def _move_into_place(staging: str, directory: str) -> None:
 def _apply_late_modes(directory: str, modes: dict[str, int]) -> None:
     """Give directories the restrictive modes the archive asked for, deepest first (a parent
     that cannot be entered would hide its children)."""
-    root = os.open(directory, _DIR)
+    # The destination itself may be a symbolic link (the user's to make); nothing below it.
+    root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for path, mode in sorted(modes.items(), key=lambda item: -item[0].count("/")):
             fd = _open_dirs(root, path.split("/"), path)

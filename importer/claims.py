@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 
@@ -32,7 +33,7 @@ from importer.errors import FinalError
 log = logging.getLogger("diskflow.importer")
 
 SCRATCH_PREFIX = "diskflow-scratch-"
-LOCK_SUFFIX = ".diskflow-lock"
+LOCK_NAME = "diskflow-lock"  # after the destination's prefix: .NAME.diskflow-lock
 PARTIAL_SUFFIX = ".partial"
 _LONGEST_NAME = 200  # of a destination kept as it is in its lock and partial files' names
 # A file is created a moment before its owner locks it: a sweep leaves very young files alone.
@@ -61,7 +62,7 @@ def claim_device(path: str) -> Iterator[int]:
 def claim_file(path: str) -> Iterator[None]:
     """Hold the lock of the file destination `path` (which need not exist yet)."""
     directory, prefix = partial_prefix(path)
-    lock_path = os.path.join(directory, prefix.rstrip(".") + LOCK_SUFFIX)
+    lock_path = os.path.join(directory, prefix + LOCK_NAME)
     while True:
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -117,7 +118,7 @@ def owned_file(directory: str, prefix: str, suffix: str = "") -> Iterator[str]:
         except FileExistsError:
             continue
     try:
-        _try_lock(fd)  # new and unique: nobody else can hold it
+        fcntl.flock(fd, fcntl.LOCK_EX)  # new and unique: nobody else holds it, no wait
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -134,10 +135,12 @@ def sweep(directory: str, prefix: str, suffix: str = "") -> list[str]:
         return removed  # a missing or unreadable directory fails later, with its own message
     for name in names:
         if name.startswith(prefix) and name.endswith(suffix) and _orphaned(directory, name):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(os.path.join(directory, name))
-                removed.append(name)
-                log.info("removed %s, left by an import that was killed", name)
+            except OSError:
+                continue  # gone already, or not ours to remove after all (a sticky /tmp)
+            removed.append(name)
+            log.info("removed %s, left by an import that was killed", name)
     return removed
 
 
@@ -150,14 +153,18 @@ def partial_prefix(path: str) -> tuple[str, str]:
 
 
 def _orphaned(directory: str, name: str) -> bool:
+    """Whether `name` is a file an import of this user made and no live import holds."""
+    # O_NONBLOCK: a FIFO planted under a matching name must not hang the import.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(directory, name), flags)
     except OSError:
         return False  # a symlink, or gone already: not ours to remove
     try:
         st = os.fstat(fd)
+        ours = stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
         young = time.time() - st.st_mtime < _GRACE_SECONDS
-        return not young and _try_lock(fd)
+        return ours and not young and _try_lock(fd)
     finally:
         os.close(fd)
 

@@ -25,7 +25,7 @@ from importer.claims import (
 from importer.errors import FinalError
 from importer.formats import VHD_FOOTER_SIZE, fixed_vhd_disk_size
 from importer.progress import Progress
-from importer.target import Target, device_size, inspect_target, open_direct
+from importer.target import Target, device_size, fsync_directory, inspect_target, open_direct
 
 
 @contextlib.contextmanager
@@ -46,21 +46,27 @@ def claimed(destination: str, *, directory: bool) -> Iterator[Target]:
         with claim_device(destination) as fd:
             yield replace(target, device_size=device_size(fd))
         return
-    with claim_file(destination):
+    with contextlib.ExitStack() as held:
+        with writing_into(parent(destination), "the image's lock file"):
+            held.enter_context(claim_file(destination))
         sweep(*partial_prefix(destination), PARTIAL_SUFFIX)  # left by imports killed outright
         yield target
 
 
 @contextlib.contextmanager
-def published(target: Target, commit: Callable[[], None]) -> Iterator[str]:
+def published(target: Target, commit: Callable[[], None], *, needs: str = "") -> Iterator[str]:
     """The path to write: a new file of a unique name beside a file destination, renamed
-    over it on success (removed on failure); a block device is written in place.
+    over it on success (removed on failure); a block device is written in place. A failure
+    to write it for lack of space or permission names the directory (and what it `needs`).
 
     `commit` is called just before the rename: from there on the import stands."""
     if target.is_block:
         yield target.path
         return
-    with owned_file(*partial_prefix(target.path), PARTIAL_SUFFIX) as partial:
+    with (
+        writing_into(parent(target.path), "the image", needs=needs),
+        owned_file(*partial_prefix(target.path), PARTIAL_SUFFIX) as partial,
+    ):
         yield partial
         commit()
         os.replace(partial, target.path)
@@ -127,15 +133,6 @@ def sync(path: str) -> None:
         os.close(fd)
 
 
-def fsync_directory(path: str) -> None:
-    """Make a rename in the directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def parent(path: str) -> str:
     """The directory that holds `path`."""
     return os.path.dirname(os.path.abspath(path))
@@ -151,18 +148,16 @@ _BAD_DIRECTORY = {
 
 
 @contextlib.contextmanager
-def writing_into(
-    directory: str, what: str, *, expected: int | None = None, hint: str = ""
-) -> Iterator[None]:
-    """Turn a failure to write `what` into `directory` for lack of space (`NoSpace`) or
-    permission (`InvalidDestination`) into an error naming both."""
+def writing_into(directory: str, what: str, *, needs: str = "", hint: str = "") -> Iterator[None]:
+    """Turn a failure to write `what` into `directory` for lack of space (`NoSpace`, saying
+    what it `needs` where that is known) or permission (`InvalidDestination`) into an error
+    naming both."""
     try:
         yield
     except OSError as exc:
         if exc.errno in _NO_SPACE:
-            need = f" (the download alone is {expected} bytes)" if expected else ""
             raise FinalError(
-                "NoSpace", f"{directory} has no room left for {what}{need}; free some space{hint}"
+                "NoSpace", f"{directory} has no room left for {what}{needs}; free some space{hint}"
             ) from None
         if exc.errno in _BAD_DIRECTORY:
             raise FinalError(

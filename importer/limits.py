@@ -43,7 +43,7 @@ class Bound:
             )
 
 
-def usable_capacity(size: int, overhead: float) -> int:
+def usable_size(size: int, overhead: float) -> int:
     """Bytes an image may take in a Filesystem volume of `size` bytes: the volume less the
     filesystem's `overhead` fraction, rounded down to whole MiB (512 bytes when tiny)."""
     if not 0 <= overhead < 1:

@@ -50,10 +50,15 @@ from importer.formats import (
     outside_reference,
     unsupported_format,
 )
-from importer.limits import Bound, Deadline, check_expansion, expansion_guard, free_space_bound
-from importer.limits import usable_capacity as usable_bytes
+from importer.limits import (
+    Bound,
+    Deadline,
+    check_expansion,
+    expansion_guard,
+    free_space_bound,
+    usable_size,
+)
 from importer.progress import Progress
-from importer.reasons import Reason
 from importer.sources import HttpOptions, S3Options, Source, open_source
 from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
 from importer.target import SparseWriter, Target, wipe_head, zero_range
@@ -126,7 +131,7 @@ def usable_capacity(target: Target, options: ImportOptions) -> int | None:
         return options.size or target.device_size
     if options.size is None:
         return None
-    return usable_bytes(options.size, options.filesystem_overhead)
+    return usable_size(options.size, options.filesystem_overhead)
 
 
 def import_image(
@@ -147,10 +152,7 @@ def import_image(
     stoppers: list[Callable[[], None]] = []
     deadline = Deadline(options.deadline, lambda: [stop() for stop in list(stoppers)])
     try:
-        with (
-            writing_into(parent(destination), "the image"),
-            claimed(destination, directory=archive) as target,
-        ):
+        with claimed(destination, directory=archive) as target:
             job = _Job(target, options, progress, deadline, stoppers)
             if source == BLANK:
                 return _create_blank(job)
@@ -174,6 +176,8 @@ class _Job:
     stoppers: list[Callable[[], None]]
     started: float = field(default_factory=time.monotonic)
     downloaded: int = 0
+    raw_size: int | None = None
+    """The raw image's size, where the source tells it before the download."""
     verify: Callable[[], None] = lambda: None
 
     def __post_init__(self) -> None:
@@ -196,10 +200,8 @@ class _Job:
             progress=self.progress,
         )
 
-    def limits(self, limits: qemu.Limits | None = None) -> qemu.Limits:
-        """`limits` (by default `qemu-img info`'s) for a qemu-img run, its time cut to what
-        the deadline leaves."""
-        limits = limits or qemu.Limits()
+    def limits(self, limits: qemu.Limits) -> qemu.Limits:
+        """`limits` for a qemu-img run, its time cut to what the deadline leaves."""
         left = self.deadline.remaining()
         return limits if left is None else replace(limits, timeout=min(limits.timeout, left))
 
@@ -336,18 +338,23 @@ def _refuse_early(
         raise FinalError(*reference)
     if not head:
         raise FinalError("InvalidImage", f"{stream.description} is empty")
-    raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
+    job.raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
     # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
-    if raw_size is not None:
-        job.bound.check("size", raw_size, slack=VHD_FOOTER_SIZE)
+    if job.raw_size is not None:
+        job.bound.check("size", job.raw_size, slack=VHD_FOOTER_SIZE)
 
 
 def _write_raw(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
     """Stream raw bytes into the destination in one pass."""
     target = job.target
     # Room for a fixed VHD's footer in a file; a device ends where it ends.
-    bound = job.bound if target.is_block else replace(job.bound, limit=job.bound.limit + 512)
-    with published(job.target, job.progress.commit) as path:
+    bound = (
+        job.bound
+        if target.is_block
+        else replace(job.bound, limit=job.bound.limit + VHD_FOOTER_SIZE)
+    )
+    needs = f" (the image is {job.raw_size} bytes)" if job.raw_size else ""
+    with published(job.target, job.progress.commit, needs=needs) as path:
         writer = SparseWriter(
             path, block=target.is_block, bound=bound, preallocate=job.options.preallocate
         )
@@ -375,42 +382,40 @@ def _write_converted(
     target, capacity, progress = job.target, job.capacity, job.progress
     scratch_bound = None
     if capacity is not None:
-        scratch_bound = Bound(
-            capacity + capacity // 8 + SCRATCH_SLACK,
-            f"what an image for a usable capacity of {capacity} bytes can need",
-        )
-    with (
-        writing_into(
+        scratch_bound = _scratch_bound(capacity, f"a usable capacity of {capacity} bytes")
+    needs = f" (the download alone is {stream.size} bytes)" if stream.size else ""
+    with contextlib.ExitStack() as scratch_kept:
+        with writing_into(
             scratch_dir,
             f"the {fmt} image's scratch copy",
-            expected=stream.size,
+            needs=needs,
             hint=" or set --scratch-dir",
-        ),
-        owned_file(scratch_dir, SCRATCH_PREFIX) as scratch,
-    ):
-        writer = SparseWriter(scratch, block=False, bound=scratch_bound, scratch=True)
-        try:
-            _write_checking_header(writer, chunks, fmt, job, download_size=stream.size)
-        finally:
-            writer.close()
+        ):
+            scratch = scratch_kept.enter_context(owned_file(scratch_dir, SCRATCH_PREFIX))
+            writer = SparseWriter(scratch, block=False, bound=scratch_bound, scratch=True)
+            try:
+                _write_checking_header(writer, chunks, fmt, job, download_size=stream.size)
+            finally:
+                writer.close()
         job.verify()
-        virtual_size = qemu.validate(qemu.info(scratch, fmt, job.limits()), fmt, scratch)
+        details = qemu.info(scratch, fmt, job.limits(qemu.Limits()))
+        virtual_size = qemu.validate(details, fmt, scratch, adjust=job.limits)
         job.check_virtual_size(virtual_size, job.downloaded)
-        with published(job.target, job.progress.commit) as path:
+        needs = f" (the disk is {virtual_size} bytes, less its zeros)"
+        with published(job.target, job.progress.commit, needs=needs) as path:
             progress.stage("convert", virtual_size)
             try:
-                with _naming_a_full_destination(path, virtual_size):
-                    qemu.convert(
-                        scratch,
-                        fmt,
-                        path,
-                        existing=target.is_block,
-                        direct=supports_direct(path),
-                        on_progress=lambda percent: progress.set_done(
-                            int(virtual_size * percent / 100)
-                        ),
-                        limits=job.limits(qemu.Limits.for_size(virtual_size)),
-                    )
+                qemu.convert(
+                    scratch,
+                    fmt,
+                    path,
+                    existing=target.is_block,
+                    direct=supports_direct(path),
+                    on_progress=lambda percent: progress.set_done(
+                        int(virtual_size * percent / 100)
+                    ),
+                    limits=job.limits(qemu.Limits.for_size(virtual_size)),
+                )
                 if target.is_block:
                     job.progress.commit()
                     sync(path)
@@ -420,6 +425,13 @@ def _write_converted(
                 if target.is_block:
                     wipe_head(path)
                 raise
+
+
+def _scratch_bound(disk_size: int, of_what: str) -> Bound:
+    """What the image file of a disk of `disk_size` bytes may take in scratch space."""
+    return Bound(
+        disk_size + disk_size // 8 + SCRATCH_SLACK, f"what the image file of {of_what} can need"
+    )
 
 
 def _write_checking_header(
@@ -448,25 +460,13 @@ def _write_checking_header(
                 if size is not None:
                     # The expansion is judged against the whole download, where it is known.
                     job.check_virtual_size(size, download_size)
+                    # Nor may the file itself be much larger than the disk it describes: that
+                    # would fill the scratch directory (a node's /tmp) for nothing.
+                    writer.tighten(_scratch_bound(size, f"a {fmt} image of {size} bytes"))
                     checked = True
         writer.finish()
     finally:
         os.close(fd)
-
-
-@contextlib.contextmanager
-def _naming_a_full_destination(path: str, virtual_size: int) -> Iterator[None]:
-    """qemu-img only says the disk is full: say which, and how much the image needs."""
-    try:
-        yield
-    except FinalError as failure:
-        if failure.reason != Reason.NO_SPACE:
-            raise
-        raise FinalError(
-            Reason.NO_SPACE,
-            f"{parent(path)} has no room left for the raw image (its virtual size is "
-            f"{virtual_size} bytes, of which the zeros need no room); free some space",
-        ) from None
 
 
 def _create_blank(job: _Job) -> ImportResult:

@@ -4,7 +4,8 @@ Every run on an untrusted image gets an explicit `-f` (no probing of untrusted b
 resource limits (address space, CPU time, wall time), so a crafted image cannot exhaust the pod.
 qemu-img runs in a session of its own and its whole process group is killed and reaped on every
 way out (an error, an exception such as the one the CLI makes of SIGTERM, Ctrl-C); the kernel
-kills it too if the importer itself is killed (PR_SET_PDEATHSIG), so it never writes on alone.
+kills it too if the importer itself is killed (`setpriv --pdeathsig`), so it never writes on
+alone.
 
 The limits give the same answer every time for the same image. Left alone, glibc reserves a
 64 MiB malloc arena and an 8 MiB stack for each thread, and qemu's I/O thread pool starts
@@ -16,12 +17,11 @@ moves the peak by about 16 MiB at most.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import errno
 import json
 import logging
 import os
 import re
-import resource
 import selectors
 import shutil
 import signal
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import sh
 
-from importer.errors import FinalError
+from importer.errors import FinalError, TransientError
 from importer.formats import DiskFormat
 from importer.reasons import Reason
 
@@ -52,8 +52,6 @@ _OUT_OF_MEMORY = re.compile(
 )
 _PAST_END = re.compile(r"exceeding the end of the file.*offset (0x[0-9a-f]+) size (0x[0-9a-f]+)")
 _PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 @dataclass(frozen=True)
@@ -98,9 +96,16 @@ def info(path: str, fmt: DiskFormat, limits: Limits = Limits()) -> dict:
     return json.loads(out)
 
 
-def validate(details: dict, fmt: DiskFormat, path: str, limits: Limits | None = None) -> int:
+def validate(
+    details: dict,
+    fmt: DiskFormat,
+    path: str,
+    *,
+    adjust: Callable[[Limits], Limits] = lambda limits: limits,
+) -> int:
     """Reject images that reach outside themselves or are truncated (`check_complete`, under
-    `limits`, by default `Limits.for_size`); return the virtual size in bytes."""
+    `Limits.for_size` passed through `adjust`, which may cut their time to a deadline);
+    return the virtual size in bytes."""
     if details.get("format") != fmt.value:
         raise FinalError(
             "InvalidImage", f"qemu-img read the image as {details.get('format')}, not {fmt}"
@@ -126,7 +131,7 @@ def validate(details: dict, fmt: DiskFormat, path: str, limits: Limits | None = 
     if not isinstance(size, int) or size <= 0:
         raise FinalError("InvalidImage", f"the {fmt} image has no valid virtual size ({size!r})")
     # Only now: map and check would open any backing file or external extent named.
-    check_complete(path, fmt, limits or Limits.for_size(size))
+    check_complete(path, fmt, adjust(Limits.for_size(size)))
     return size
 
 
@@ -199,18 +204,15 @@ def convert(
     existing: bool,
     direct: bool,
     on_progress: Callable[[float], None],
-    limits: Limits | None = None,
+    limits: Limits,
 ) -> None:
-    """Convert `source` to raw at `destination`, reporting percent done, under `limits`
-    (by default `Limits.for_size` of the image's virtual size, read with `info`).
+    """Convert `source` (an image `validate` accepted) to raw at `destination`, reporting
+    percent done, under `limits` (`Limits.for_size` of its virtual size, or less).
 
     `existing` writes into what is there (a block device) instead of creating a file;
     `direct` writes with O_DIRECT (where the filesystem supports it). The source is read
     through the page cache, where the freshly written scratch file still is.
     """
-    if limits is None:
-        size = info(source, fmt).get("virtual-size")
-        limits = Limits.for_size(size if isinstance(size, int) else 0)
     args = ["convert", "-p", "-f", fmt.value, "-O", "raw", "-W", "-m", "16"]
     args += ["-t", "none" if direct else "writeback", "-T", "writeback"]
     if existing:
@@ -236,6 +238,9 @@ def run_with_progress(
                 on_progress(float(match.group(1)))
 
     status, _, err = _run(args, limits, f"qemu-img {args[0]}", on_output=progress)
+    if status != 0 and "No space left on device" in err:
+        # As any write that finds the disk full: the caller knows which disk, and for what.
+        raise OSError(errno.ENOSPC, f"qemu-img {args[0]}: no space left on device")
     if status != 0:
         fmt = DiskFormat(args[args.index("-f") + 1]) if "-f" in args else None
         raise _failure(
@@ -257,12 +262,11 @@ def _run(
     env = {**os.environ, "MALLOC_ARENA_MAX": "1", "LC_ALL": "C"}
     deadline = None if limits is None else time.monotonic() + limits.timeout
     process = subprocess.Popen(
-        [_qemu_img_path(), *args],
+        [*_confined(limits), _qemu_img_path(), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_in_child(limits, os.getpid()),
         env=env,
     )
     try:
@@ -274,8 +278,10 @@ def _run(
             status = process.wait(remaining)
         except (_TimedOut, subprocess.TimeoutExpired):
             assert limits is not None
-            raise FinalError(
-                "ResourceLimit", f"{what} took over {limits.timeout:g}s (its time limit)"
+            # Time depends on the volume and the machine as much as on the image: it may
+            # pass on another try, unlike the CPU and memory limits.
+            raise TransientError(
+                Reason.TIMED_OUT, f"{what} took over {limits.timeout:g}s (its time limit)"
             ) from None
     finally:
         _stop(process)
@@ -286,19 +292,28 @@ class _TimedOut(Exception):
     pass
 
 
-def _in_child(limits: Limits | None, parent: int) -> Callable[[], None]:
-    def setup() -> None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the importer died before prctl: nobody would kill this
-            os._exit(1)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file of a crash in the cwd
-        if limits is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (limits.address_space, limits.address_space))
-            # SIGXCPU at the soft limit tells a CPU limit apart from any other SIGKILL.
-            resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
-            resource.setrlimit(resource.RLIMIT_STACK, (_STACK, _STACK))
+def _confined(limits: Limits | None) -> list[str]:
+    """The commands qemu-img runs under: killed when the thread that started it dies
+    (`setpriv --pdeathsig`, kept across exec), no core file, and `limits`.
 
-    return setup
+    Set by util-linux's tools in the child rather than by a preexec function, which is not
+    safe in a process with threads (the import always has some)."""
+    command = [_tool("setpriv"), "--pdeathsig", "KILL", _tool("prlimit"), "--core=0"]
+    if limits is not None:
+        # SIGXCPU at the soft CPU limit tells that limit apart from any other kill.
+        command += [
+            f"--as={limits.address_space}",
+            f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 5}",
+            f"--stack={_STACK}",
+        ]
+    return [*command, "--"]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise FinalError(Reason.MISSING_TOOL, f"{name} is not installed (Debian: util-linux)")
+    return path
 
 
 def _read_all(
@@ -371,8 +386,6 @@ def _failure(
     cut = next((line for line in lines if "truncated" in line.lower()), None)
     if cut is not None:
         return FinalError(Reason.TRUNCATED_IMAGE, f"the {fmt} image is truncated: {cut}")
-    if "No space left on device" in stderr:
-        return FinalError(Reason.NO_SPACE, f"{prefix}: the destination's filesystem is full")
     if lines:
         detail = lines[-1]
     elif status < 0:

@@ -56,6 +56,7 @@ class Reason(StrEnum):
     NO_SPACE = "NoSpace"
     IO_ERROR = "IOError"
     RESOURCE_LIMIT = "ResourceLimit"
+    TIMED_OUT = "TimedOut"
     MISSING_TOOL = "MissingTool"
     # The run
     INVALID_ARGUMENT = "InvalidArgument"
@@ -79,6 +80,7 @@ _TRANSIENT = frozenset(
         Reason.TOO_SLOW,
         Reason.BAD_CONTENT_RANGE,
         Reason.SOURCE_CHANGED,
+        Reason.TIMED_OUT,
         Reason.TERMINATED,
     }
 )

@@ -114,6 +114,11 @@ class SparseWriter:
     def size(self) -> int:
         return self._offset + self._fill
 
+    def tighten(self, bound: Bound) -> None:
+        """Hold the rest of the stream to `bound` too, where it is the tighter one."""
+        if self._bound is None or bound.limit < self._bound.limit:
+            self._bound = bound
+
     def write(self, data: bytes | AlignedBuffer) -> None:
         """Append `data`; an AlignedBuffer is released once written."""
         if self._bound is not None and self.size + len(data) > self._bound.limit:
@@ -247,7 +252,18 @@ def syncfs(directory: str) -> None:
     """Make everything written to the filesystem holding `directory` durable, in one call."""
     fd = os.open(directory, os.O_RDONLY)
     try:
-        _libc.syncfs(fd)
+        if _libc.syncfs(fd) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"syncfs of {directory}: {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(path: str) -> None:
+    """Make renames in the directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -118,7 +118,19 @@ def redact_url(url: str) -> str:
     port = port if port.isdigit() else ""
     netloc = f"{host}:{port}" if port else host
     query = "<redacted>" if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    return urlunsplit((parts.scheme, netloc, _path_without_userinfo(parts.path), query, ""))
+
+
+def _path_without_userinfo(path: str) -> str:
+    # "http://user:pa/ss@host/x" parses as host "user", path "/ss@host/x": what comes before
+    # an '@' in a path may be the rest of a password.
+    return f"/<redacted>@{path.rpartition('@')[2]}" if "@" in path else path
+
+
+def misplaced_userinfo(url: str) -> bool:
+    """Whether `url` has an '@' in its path: perhaps user info whose password holds a '/',
+    which URL parsers take for the start of the path."""
+    return "@" in urlsplit(url).path
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
@@ -310,7 +322,8 @@ class HttpSource(ResumableSource):
             parts.port  # noqa: B018 - raises on a malformed port
         except ValueError:
             raise FinalError("InvalidURL", f"{redact_url(url)} has an invalid port") from None
-        self._secrets.update(s for s in (parts.query, parts.password) if s)
+        maybe_password = parts.path.rpartition("@")[0]  # see _path_without_userinfo
+        self._secrets.update(s for s in (parts.query, parts.password, maybe_password) if s)
 
 
 def _redirect_target(url: str, location: str) -> str:

@@ -23,6 +23,10 @@ class LocalSource:
             raise FinalError("InvalidSource", f"source {path} is a directory") from None
         except PermissionError:
             raise FinalError("Forbidden", f"source file {path} is not readable") from None
+        except OSError as exc:  # a name too long, a loop of links, ...
+            raise FinalError(
+                "InvalidSource", f"source {path} cannot be opened: {exc.strerror}"
+            ) from None
         st = os.fstat(self._file.fileno())
         regular = stat.S_ISREG(st.st_mode)
         self.size = st.st_size if regular else None

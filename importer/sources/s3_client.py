@@ -17,7 +17,7 @@ import botocore.exceptions
 import urllib3
 
 from importer.errors import FinalError, ImportFailure, TransientError
-from importer.sources.http import HttpOptions, redact_url
+from importer.sources.http import HttpOptions, misplaced_userinfo, redact_url
 from importer.sources.network import connect_problem, tls_problem
 from importer.sources.s3_options import S3Options, region_of
 
@@ -102,7 +102,7 @@ def _check_endpoint(endpoint: str) -> None:
     """Refuse an endpoint carrying credentials or a query: botocore would quote it in full in
     its errors, and keys belong in the credential chain, not in a URL."""
     parts = urlsplit(endpoint)
-    if parts.username is not None or parts.query or parts.fragment:
+    if parts.username is not None or parts.query or parts.fragment or misplaced_userinfo(endpoint):
         raise FinalError(
             "InvalidURL",
             f"the S3 endpoint {redact_url(endpoint)} must be scheme://host[:port] without "

@@ -500,3 +500,26 @@ def test_member_cap_from_the_cli(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "more than 10 members" in done.stderr and "[ResourceLimit]" in done.stderr
     assert list(dest.iterdir()) == []
+
+
+def test_a_destination_reached_through_a_symlink_gets_restrictive_modes(tmp_path: Path) -> None:
+    """The late modes were applied through an O_NOFOLLOW open of DEST: a DEST that is a
+    symlink failed after the members were already in place, and every retry failed too."""
+    locked = member("locked", tarfile.DIRTYPE)
+    locked.mode = 0o500
+    source = make_tar(tmp_path / "a.tar", [(locked, None), (member("locked/f"), b"x")])
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    import_image(str(source), str(tmp_path / "link"), options=ARCHIVE)
+    assert stat.S_IMODE((real / "locked").stat().st_mode) == 0o500
+    assert (real / "locked" / "f").read_bytes() == b"x"
+
+
+def test_a_staging_directory_left_by_a_killed_import_is_removed(tmp_path: Path) -> None:
+    dest = tmp_path / "volume"
+    (dest / ".diskflow-extract-left" / "deep" / "er").mkdir(parents=True)
+    (dest / ".diskflow-extract-left" / "deep" / "er" / "big").write_bytes(b"x" * MiB)
+    source = make_tar(tmp_path / "a.tar", [(member("f"), b"data")])
+    import_image(str(source), str(dest), options=ARCHIVE)
+    assert sorted(p.name for p in dest.iterdir()) == ["f"]

@@ -281,3 +281,62 @@ def test_progress_json_never_repeats_an_event(images: Images, tmp_path: Path) ->
     events = [json.loads(line) for line in done.stdout.splitlines()]
     progress = [(e["stage"], e["bytes_done"]) for e in events if e["event"] == "progress"]
     assert progress and len(progress) == len(set(progress))
+
+
+def test_files_the_sweep_must_leave_alone(images: Images, tmp_path: Path) -> None:
+    """A FIFO or another user's file under a swept name neither hangs nor fails the import."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    fifo = scratch / "diskflow-scratch-planted"
+    os.mkfifo(fifo)
+    foreign = scratch / "diskflow-scratch-foreign"
+    foreign.write_bytes(b"someone else's")
+    os.chown(foreign, 65534, 65534)
+    for path in (fifo, foreign):
+        age(path)
+    with ThreadPoolExecutor(1) as pool:
+        done = pool.submit(
+            import_image,
+            str(images.path("qcow2")),
+            str(tmp_path / "disk.img"),
+            options=ImportOptions(scratch_dir=str(scratch)),
+        )
+        done.result(timeout=60)  # a blocking open of the FIFO would never return
+    assert fifo.exists() and foreign.exists()
+
+
+def test_destinations_whose_names_differ_by_a_dot_have_locks_of_their_own(
+    images: Images, tmp_path: Path
+) -> None:
+    data = images.raw.read_bytes()
+    with importing_from_fifo(tmp_path / "slow.raw", tmp_path / "disk") as (writer, first):
+        writer.write(data[: 4 * MiB])
+        import_image(str(images.raw), str(tmp_path / "disk."))
+        writer.write(data[4 * MiB :])
+    first.result(timeout=60)
+    assert (tmp_path / "disk").read_bytes() == (tmp_path / "disk.").read_bytes() == data
+
+
+def test_a_full_destination_when_preallocating_names_it_not_the_scratch_directory(
+    small_fs: Path, tmp_path: Path
+) -> None:
+    sparse = tmp_path / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.write(os.urandom(MiB))
+        f.truncate(50 * MiB)
+    options = ImportOptions(size=100 * MiB, preallocate=True, scratch_dir=str(tmp_path))
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(sparse), str(small_fs / "disk.img"), options=options)
+    assert caught.value.reason == "NoSpace"
+    assert f"{small_fs} has no room left for the image" in caught.value.message
+    assert "scratch" not in caught.value.message
+    assert list(small_fs.iterdir()) == []
+
+
+def test_a_source_that_cannot_be_opened_is_not_blamed_on_the_destination(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(tmp_path / ("s" * 300)), str(tmp_path / "disk.img"))
+    assert caught.value.reason == "InvalidSource"
+    assert "File name too long" in caught.value.message

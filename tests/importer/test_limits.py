@@ -160,3 +160,22 @@ def test_cli_options_for_the_bounds(images: Images, tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "disk.img").read_bytes() == images.raw.read_bytes()
+
+
+def test_an_image_file_far_larger_than_its_disk_stops_filling_scratch(tmp_path: Path) -> None:
+    """Without --size nothing bounded the scratch copy: a qcow2 header saying 16 MiB, then
+    hundreds of MB more, went to scratch (a node's /tmp) in full."""
+    image = tmp_path / "padded.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, "16M")
+    with open(image, "ab") as f:
+        for _ in range(200):
+            f.write(os.urandom(MiB))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(ImportFailure) as caught:
+        import_image(
+            str(image), str(tmp_path / "disk.img"), options=ImportOptions(scratch_dir=str(scratch))
+        )
+    assert caught.value.reason == "ImageTooLarge"
+    assert "16777216 bytes" in caught.value.message
+    assert list(scratch.iterdir()) == []

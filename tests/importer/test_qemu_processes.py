@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from importer import qemu
-from importer.errors import FinalError
+from importer.errors import ImportFailure
 from importer.formats import DiskFormat
 from tests.conftest import MiB, run
 
@@ -133,11 +133,11 @@ def test_exception_during_convert_kills_and_reaps_qemu_img(
 
 def test_convert_runs_under_limits(slow_qcow2: Path, workdir: Path) -> None:
     out = str(workdir / "out" / "disk.img")
-    for limits, words in [
-        (qemu.Limits(address_space=16 * MiB), "address space limit of 16 MiB"),
-        (qemu.Limits(timeout=0.5), "took over 0.5s"),
+    for limits, reason, words in [
+        (qemu.Limits(address_space=16 * MiB), "ResourceLimit", "address space limit of 16 MiB"),
+        (qemu.Limits(timeout=0.5), "TimedOut", "took over 0.5s"),
     ]:
-        with pytest.raises(FinalError) as caught:
+        with pytest.raises(ImportFailure) as caught:
             qemu.convert(
                 str(slow_qcow2),
                 DiskFormat.QCOW2,
@@ -147,7 +147,8 @@ def test_convert_runs_under_limits(slow_qcow2: Path, workdir: Path) -> None:
                 on_progress=lambda percent: None,
                 limits=limits,
             )
-        assert caught.value.reason == "ResourceLimit"
+        assert caught.value.reason == reason
+        assert caught.value.final is (reason == "ResourceLimit")  # time may pass next time
         assert words in caught.value.message
         assert qemu_img_processes(workdir) == []
 

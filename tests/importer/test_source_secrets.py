@@ -51,3 +51,13 @@ def test_publish_errors_use_the_standard_phrase(faults: FaultServer) -> None:
     assert caught.value.message.endswith("answered HTTP 403 Forbidden")
     for secret in SECRETS:
         assert secret not in caught.value.message
+
+
+def test_a_password_holding_a_slash_is_not_printed(tmp_path: Path) -> None:
+    """ "http://admin:9000/Kz+pw@host/x" parses as host "admin", port 9000, and a path that
+    holds the rest of the password: the message must not quote it."""
+    url = "http://admin:9/Kz+pw-TOPSECRET@127.0.0.1:1/disk.img"
+    options = ImportOptions(http=HttpOptions(retries=0, connect_timeout=2))
+    with pytest.raises(ImportFailure) as caught:
+        import_image(url, str(tmp_path / "disk.img"), options=options)
+    assert "TOPSECRET" not in str(caught.value)

@@ -311,9 +311,9 @@ def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:
     from importer import qemu
     from importer.formats import DiskFormat
 
-    with pytest.raises(FinalError) as caught:
+    with pytest.raises(ImportFailure) as caught:
         qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(timeout=0.001))
-    assert caught.value.reason == "ResourceLimit"
+    assert caught.value.reason == "TimedOut"
     assert "took over" in caught.value.message
 
 
