@@ -193,30 +193,26 @@ def _vhdx_virtual_size(read: Callable[[int, int], bytes | None]) -> int | None:
     if header is None or header[:4] != b"regi":
         return None
     (count,) = struct.unpack_from("<I", header, 8)
-    entries = read(_VHDX_REGION_TABLE + 16, 32 * min(count, 2047))
-    if entries is None:
+    region = _vhdx_entry(read, _VHDX_REGION_TABLE + 16, count, _VHDX_METADATA_REGION, "<Q")
+    if region is None:
         return None
-    for i in range(min(count, 2047)):
-        guid, offset = (
-            entries[32 * i : 32 * i + 16],
-            struct.unpack_from("<Q", entries, 32 * i + 16)[0],
-        )
-        if guid == _VHDX_METADATA_REGION:
-            return _vhdx_metadata_item(read, offset)
-    return None
-
-
-def _vhdx_metadata_item(read: Callable[[int, int], bytes | None], region: int) -> int | None:
     table = read(region, 32)
     if table is None or table[:8] != b"metadata":
         return None
     (count,) = struct.unpack_from("<H", table, 10)
-    entries = read(region + 32, 32 * min(count, 2047))
+    item = _vhdx_entry(read, region + 32, count, _VHDX_VIRTUAL_DISK_SIZE, "<I")
+    return None if item is None else _field(read, region + item, "<Q")
+
+
+def _vhdx_entry(
+    read: Callable[[int, int], bytes | None], offset: int, count: int, guid: bytes, layout: str
+) -> int | None:
+    """The field (`layout`) after `guid` in a VHDX table of `count` 32-byte entries."""
+    count = min(count, 2047)  # the format's own limit: a lying header costs no more
+    entries = read(offset, 32 * count)
     if entries is None:
         return None
-    for i in range(min(count, 2047)):
-        guid = entries[32 * i : 32 * i + 16]
-        if guid == _VHDX_VIRTUAL_DISK_SIZE:
-            (offset,) = struct.unpack_from("<I", entries, 32 * i + 16)
-            return _field(read, region + offset, "<Q")
+    for i in range(count):
+        if entries[32 * i : 32 * i + 16] == guid:
+            return struct.unpack_from(layout, entries, 32 * i + 16)[0]
     return None

@@ -49,6 +49,8 @@ def inspect_target(path: str) -> Target:
         if not os.path.isdir(parent):
             raise FinalError("InvalidDestination", f"directory {parent} does not exist") from None
         return Target(path, False, None)
+    except OSError as exc:  # a name too long, a loop of links, a directory not searchable
+        raise FinalError("InvalidDestination", f"{path}: {exc.strerror}") from None
     if stat.S_ISBLK(mode):
         return Target(path, True, None)  # sized once claimed: see device_size
     if stat.S_ISREG(mode):

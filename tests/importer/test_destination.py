@@ -283,6 +283,7 @@ def test_progress_json_never_repeats_an_event(images: Images, tmp_path: Path) ->
     assert progress and len(progress) == len(set(progress))
 
 
+@pytest.mark.root  # gives a file to another user
 def test_files_the_sweep_must_leave_alone(images: Images, tmp_path: Path) -> None:
     """A FIFO or another user's file under a swept name neither hangs nor fails the import."""
     scratch = tmp_path / "scratch"
