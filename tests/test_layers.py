@@ -1,0 +1,40 @@
+"""The layers point one way: the CLI (diskflow) → the template pipelines → the importer, and the
+importer core imports no framework. Checked on the source, imports inside functions included,
+so a lazy import cannot slip a dependency in."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMEWORKS = ("typer", "click", "celery", "kopf", "kubernetes", "pykickstart")
+FORBIDDEN = {
+    "importer": ("diskflow", "pipelines", *FRAMEWORKS),
+    "pipelines": ("diskflow", "typer", "click", "kopf", "kubernetes"),
+}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module `path` imports, at any depth of the file."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_import_points_up_or_out(package: str) -> None:
+    wrong = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        where = str(path.relative_to(REPO))
+        for module in imports(path):
+            for banned in FORBIDDEN[package]:
+                if module == banned or module.startswith(banned + "."):
+                    wrong.append(f"{where} imports {module}")
+    assert not wrong, "\n".join(wrong)
