@@ -60,7 +60,16 @@ from importer.limits import (
 )
 from importer.progress import Progress
 from importer.sources import HttpOptions, S3Options, Source, open_source
-from importer.streams import QUEUE_DEPTH, Chunk, decompressed, hashed, peek, read_chunks, threaded
+from importer.streams import (
+    DECOMPRESSION_MEMORY,
+    QUEUE_DEPTH,
+    Chunk,
+    decompressed,
+    hashed,
+    peek,
+    read_chunks,
+    threaded,
+)
 from importer.target import SparseWriter, Target, wipe_head, zero_range
 
 BLANK = "blank:"  # the source of an empty disk, as CDI's `source: {blank: {}}`
@@ -98,7 +107,7 @@ class ImportOptions:
     max_expansion: float = 2000.0
     """Without `size`: the most bytes of image per byte downloaded, once past 1 GiB of image
     (a decompression bomb expands far more); 0: no limit."""
-    decompression_memory: int = 128 << 20
+    decompression_memory: int = DECOMPRESSION_MEMORY
     """The most memory an xz or zstd stream may ask for its window."""
     deadline: float | None = None
     """Seconds the whole import may take; None: no limit."""
@@ -307,13 +316,14 @@ def _extract(chunks: Iterator[Chunk], head: bytes, stream: Source, job: _Job) ->
         job.verify()
         job.progress.commit()  # members are moved into place next
 
-    return extract(
-        chunks,
-        job.target.path,
-        limit=job.bound.limit,
-        verify=verify_then_commit,
-        max_members=job.options.archive_max_members,
-    )
+    with writing_into(job.target.path, "the archive's files"):
+        return extract(
+            chunks,
+            job.target.path,
+            limit=job.bound.limit,
+            verify=verify_then_commit,
+            max_members=job.options.archive_max_members,
+        )
 
 
 def _refuse_early(

@@ -341,3 +341,16 @@ def test_a_source_that_cannot_be_opened_is_not_blamed_on_the_destination(
         import_image(str(tmp_path / ("s" * 300)), str(tmp_path / "disk.img"))
     assert caught.value.reason == "InvalidSource"
     assert "File name too long" in caught.value.message
+
+
+def test_a_full_archive_destination_is_no_space_naming_it(small_fs: Path, tmp_path: Path) -> None:
+    (tmp_path / "content").mkdir()
+    (tmp_path / "content" / "big").write_bytes(os.urandom(100 * MiB))
+    tar = tmp_path / "a.tar"
+    run("tar", "-C", tmp_path / "content", "-cf", tar, "big")
+    archive = ImportOptions(content_type=ContentType.ARCHIVE, size=200 * MiB)
+    with pytest.raises(ImportFailure) as caught:
+        import_image(str(tar), str(small_fs), options=archive)
+    assert caught.value.reason == "NoSpace"
+    assert f"{small_fs} has no room left for the archive's files" in caught.value.message
+    assert list(small_fs.iterdir()) == []
