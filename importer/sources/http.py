@@ -147,6 +147,7 @@ class HttpSource(ResumableSource):
             backoff=options.backoff,
             min_rate=options.min_rate,
             min_rate_window=options.min_rate_window,
+            stall_timeout=options.stall_timeout,
             stream_errors=(*STREAM_ERRORS, requests.RequestException),
         )
         self._url = url
@@ -234,7 +235,7 @@ class HttpSource(ResumableSource):
                 self._meter.check()
         except self._stream_errors as exc:
             response.close()
-            raise TransientError("ConnectionLost", self._describe(exc)) from None
+            raise TransientError("ConnectionLost", self._describe_break(exc)) from None
         except BaseException:
             response.close()
             raise

@@ -38,6 +38,25 @@ def connect_problem(exc: BaseException, url: str, *, timeout: float | None = Non
     return None
 
 
+def transfer_problem(exc: BaseException, *, stall_timeout: float | None = None) -> str | None:
+    """What broke a transfer under way ("the server closed the connection with 2097152 bytes
+    still to come", "no data for 60 s"), or None when `exc` says nothing more precise."""
+    causes = list(_causes(exc))
+    for cause in causes:
+        if isinstance(cause, urllib3.exceptions.IncompleteRead):
+            return f"the server closed the connection with {cause.expected} bytes still to come"
+    if any(
+        isinstance(c, urllib3.exceptions.ReadTimeoutError | TimeoutError | socket.timeout)
+        for c in causes
+    ):
+        return f"no data for {stall_timeout:g} s" if stall_timeout else "the read timed out"
+    if any(isinstance(c, ConnectionResetError) for c in causes):
+        return "the connection was reset"
+    if any(isinstance(c, urllib3.exceptions.ProtocolError) for c in causes):
+        return "the connection broke"
+    return None
+
+
 def tls_problem(exc: BaseException) -> str | None:
     """The TLS library's reason for a failed handshake, without the wrappers around it."""
     for cause in _causes(exc):

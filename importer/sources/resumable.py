@@ -36,6 +36,7 @@ from tenacity import (
 from importer.errors import FinalError, TransientError
 from importer.reasons import Reason
 from importer.redaction import describe
+from importer.sources.network import transfer_problem
 
 log = logging.getLogger("diskflow.importer")
 T = TypeVar("T")
@@ -101,9 +102,11 @@ class ResumableSource:
         backoff: float,
         min_rate: int = 0,
         min_rate_window: float = 60.0,
+        stall_timeout: float | None = None,
         stream_errors: tuple = STREAM_ERRORS,
     ) -> None:
         self._retries = retries
+        self._stall_timeout = stall_timeout
         self._backoff_wait = wait_exponential(multiplier=backoff, max=30) + wait_random(0, backoff)
         self._min_rate = min_rate
         self._min_rate_window = min_rate_window
@@ -154,7 +157,8 @@ class ResumableSource:
         except self._stream_errors as exc:
             raise TransientError(
                 "ConnectionLost",
-                f"ranged read of {self.description} at byte {start} failed: {self._describe(exc)}",
+                f"ranged read of {self.description} at byte {start} failed: "
+                f"{self._describe_break(exc)}",
             ) from None
         except Exception:
             # close() tore the response down under this read: urllib3 then fails in odd ways
@@ -254,7 +258,7 @@ class ResumableSource:
             failure = TransientError(
                 "ConnectionLost",
                 f"transfer from {self.description} failed at byte {self._offset + got}: "
-                f"{self._describe(exc)}",
+                f"{self._describe_break(exc)}",
             )
         self._offset += got
         self._attempt_bytes += got
@@ -277,6 +281,10 @@ class ResumableSource:
     def _describe(self, exc: BaseException) -> str:
         """The exception's text with every known secret, and any query string, removed."""
         return describe(exc, self._secrets)
+
+    def _describe_break(self, exc: BaseException) -> str:
+        """What broke a transfer under way, in words where the error tells."""
+        return transfer_problem(exc, stall_timeout=self._stall_timeout) or self._describe(exc)
 
     # --- retries ----------------------------------------------------------------------
 

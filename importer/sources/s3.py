@@ -28,6 +28,7 @@ class S3Source(ResumableSource):
             backoff=http.backoff,
             min_rate=http.min_rate,
             min_rate_window=http.min_rate_window,
+            stall_timeout=http.stall_timeout,
         )
         self._connect_timeout = http.connect_timeout
         self._bucket, self._key, endpoint = parse_location(location, s3)

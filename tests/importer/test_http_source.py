@@ -190,6 +190,9 @@ def test_a_byte_per_connection_is_no_progress(faults: FaultServer, tmp_path: Pat
     error = fails(faults.url(t, SOURCE, drop_after=1, times=1000), tmp_path, "ConnectionLost")
     assert not error.final
     assert len(faults.requests[t]) == FAST.retries + 1
+    # In words, not urllib3's nested "('Connection broken: IncompleteRead(...)', ...)".
+    assert "the server closed the connection with" in error.message, error.message
+    assert "IncompleteRead" not in error.message
 
 
 def test_a_flaky_but_healthy_server_completes(
