@@ -77,8 +77,7 @@ def expansion_guard(
     written = 0
     for chunk in chunks:
         written += len(chunk)
-        if written > floor:
-            check_expansion(written, downloaded(), ratio=ratio, floor=floor)
+        check_expansion(written, downloaded(), ratio=ratio, floor=floor)
         yield chunk
 
 

@@ -142,16 +142,8 @@ class HttpSource(ResumableSource):
     """Stream an image over HTTP(S), resuming after failures."""
 
     def __init__(self, url: str, options: HttpOptions) -> None:
-        super().__init__(
-            retries=options.retries,
-            backoff=options.backoff,
-            min_rate=options.min_rate,
-            min_rate_window=options.min_rate_window,
-            stall_timeout=options.stall_timeout,
-            stream_errors=(*STREAM_ERRORS, requests.RequestException),
-        )
+        super().__init__(options, stream_errors=(*STREAM_ERRORS, requests.RequestException))
         self._url = url
-        self._options = options
         self._remember_secrets(url)
         self._secrets.update(value for _, value in options.secret_headers if value)
         if options.auth and options.auth[1]:
@@ -207,7 +199,7 @@ class HttpSource(ResumableSource):
     def _resume(self, offset: int) -> requests.Response:
         response = self._request(offset)
         if response.status_code == 206:
-            self._checked_range(response, offset, None)
+            self._check_range(response, response.headers.get("Content-Range"), offset, None)
             log.info("resumed %s at byte %d", self.description, offset)
             return response
         # Compare like with like: ETag with ETag, else Last-Modified with Last-Modified.
@@ -240,13 +232,6 @@ class HttpSource(ResumableSource):
             response.close()
             raise
 
-    def _checked_range(self, response: requests.Response, start: int, end: int | None) -> None:
-        try:
-            self._check_range(response.headers.get("Content-Range"), start, end)
-        except TransientError:
-            response.close()
-            raise
-
     def _fetch_range(self, start: int, end: int) -> bytes:
         response = self._request(start, end)
         if response.status_code != 206:
@@ -255,7 +240,7 @@ class HttpSource(ResumableSource):
                 "SourceChanged",
                 f"{self.description} changed during the download; start the import again",
             )
-        self._checked_range(response, start, end)
+        self._check_range(response, response.headers.get("Content-Range"), start, end)
         return self._read_exactly(response.raw, end - start, start)
 
     def _request(self, offset: int, end: int | None = None) -> requests.Response:

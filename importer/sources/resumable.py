@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import urllib3
 from tenacity import (
@@ -37,6 +37,9 @@ from importer.errors import FinalError, TransientError
 from importer.reasons import Reason
 from importer.redaction import describe
 from importer.sources.network import transfer_problem
+
+if TYPE_CHECKING:  # http.py defines it, and builds on this module
+    from importer.sources.http import HttpOptions
 
 log = logging.getLogger("diskflow.importer")
 T = TypeVar("T")
@@ -95,21 +98,10 @@ class ResumableSource:
     ranges: bool = False
     """Whether `read_range` works (the server serves byte ranges of a pinned version)."""
 
-    def __init__(
-        self,
-        *,
-        retries: int,
-        backoff: float,
-        min_rate: int = 0,
-        min_rate_window: float = 60.0,
-        stall_timeout: float | None = None,
-        stream_errors: tuple = STREAM_ERRORS,
-    ) -> None:
-        self._retries = retries
-        self._stall_timeout = stall_timeout
+    def __init__(self, options: HttpOptions, *, stream_errors: tuple = STREAM_ERRORS) -> None:
+        self._options = options  # retries, backoff, timeouts and minimum rate: HTTP's and S3's
+        backoff = options.backoff
         self._backoff_wait = wait_exponential(multiplier=backoff, max=30) + wait_random(0, backoff)
-        self._min_rate = min_rate
-        self._min_rate_window = min_rate_window
         self._stream_errors = stream_errors
         self._closed = threading.Event()
         self._response: urllib3.BaseHTTPResponse | None = None
@@ -140,7 +132,8 @@ class ResumableSource:
         self._drop_response()
 
     def _new_meter(self) -> RateMeter:
-        return RateMeter(self._min_rate, self._min_rate_window, self.description)
+        options = self._options
+        return RateMeter(options.min_rate, options.min_rate_window, self.description)
 
     def _read_exactly(self, response: urllib3.BaseHTTPResponse, count: int, start: int) -> bytes:
         self._ranged.add(response)
@@ -175,9 +168,16 @@ class ResumableSource:
             )
         return b"".join(parts)
 
-    def _check_range(self, value: str | None, start: int, end: int | None) -> None:
-        """Raise unless the Content-Range `value` of a ranged response is bytes [start, end)
+    def _check_range(self, response: Any, value: str | None, start: int, end: int | None) -> None:
+        """Raise (closing `response`) unless its Content-Range `value` is bytes [start, end)
         (end None: to the end) of the object first seen, `size` bytes long."""
+        try:
+            self._check_content_range(value, start, end)
+        except TransientError:
+            response.close()
+            raise
+
+    def _check_content_range(self, value: str | None, start: int, end: int | None) -> None:
         match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", (value or "").strip())
         if match and match.group(3) != "*" and self.size not in (None, int(match.group(3))):
             raise TransientError(
@@ -284,7 +284,8 @@ class ResumableSource:
 
     def _describe_break(self, exc: BaseException) -> str:
         """What broke a transfer under way, in words where the error tells."""
-        return transfer_problem(exc, stall_timeout=self._stall_timeout) or self._describe(exc)
+        stall = self._options.stall_timeout
+        return transfer_problem(exc, stall_timeout=stall) or self._describe(exc)
 
     # --- retries ----------------------------------------------------------------------
 
@@ -300,7 +301,7 @@ class ResumableSource:
             self._failures = 0  # a resume after progress is free, but still backed off
         else:
             self._failures += 1
-            if self._failures > self._retries:
+            if self._failures > self._options.retries:
                 raise failure
         attempt = max(self._failures, 1)
         # Tenacity's wait strategies read only the attempt number: this one is ours.
@@ -311,7 +312,7 @@ class ResumableSource:
 
     def _retrying(self, fn: Callable[..., T], *args: Any) -> T:
         retrying = Retrying(
-            stop=stop_after_attempt(self._retries + 1),
+            stop=stop_after_attempt(self._options.retries + 1),
             wait=self._wait,
             retry=retry_if_exception(lambda exc: _retryable(exc) and not self._closed.is_set()),
             sleep=self._closed.wait,

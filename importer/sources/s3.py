@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import urllib3
 
-from importer.errors import TransientError
 from importer.sources.http import HttpOptions
 from importer.sources.resumable import ResumableSource
 from importer.sources.s3_client import S3_ERRORS, connect, failure
@@ -23,14 +22,7 @@ class S3Source(ResumableSource):
     ranges = True  # every S3 store serves byte ranges
 
     def __init__(self, location: str, s3: S3Options, http: HttpOptions) -> None:
-        super().__init__(
-            retries=http.retries,
-            backoff=http.backoff,
-            min_rate=http.min_rate,
-            min_rate_window=http.min_rate_window,
-            stall_timeout=http.stall_timeout,
-        )
-        self._connect_timeout = http.connect_timeout
+        super().__init__(http)
         self._bucket, self._key, endpoint = parse_location(location, s3)
         self.description = f"s3://{self._bucket}/{self._key}"
         # One attempt per request: retried here, resuming where it stopped.
@@ -59,16 +51,12 @@ class S3Source(ResumableSource):
                 exc,
                 what=self.description,
                 describe=self._describe,
-                connect_timeout=self._connect_timeout,
+                connect_timeout=self._options.connect_timeout,
             ) from None
         # The urllib3 response under botocore's StreamingBody: read1, and shutdown on close.
         body = response["Body"]._raw_stream
         if "Range" in request:
-            try:
-                self._check_range(response.get("ContentRange"), offset, end)
-            except TransientError:
-                body.close()
-                raise
+            self._check_range(body, response.get("ContentRange"), offset, end)
         if self.size is None:  # the first response: what later ones are pinned to
             self.size = response["ContentLength"]
             self._etag = response.get("ETag")
