@@ -9,7 +9,6 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict
 from enum import StrEnum
 from importlib.metadata import version
 from pathlib import Path
@@ -36,16 +35,12 @@ from importer import (
     Progress,
     import_image,
 )
+from importer.capacity import DEFAULT_OVERHEAD
 from importer.errors import FinalError, TransientError
-from importer.progress import (
-    JsonReporter,
-    MetricsReporter,
-    Reporter,
-    RichReporter,
-    reporting,
-    write_termination_log,
-)
+from importer.outcome import EXIT_FINAL, Outcome
+from importer.progress import JsonReporter, MetricsReporter, Reporter, RichReporter, reporting
 from importer.quantity import parse_quantity
+from importer.reasons import Reason
 from importer.sources.http import parse_header
 
 app = typer.Typer(
@@ -55,8 +50,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_FINAL = 1
-EXIT_TRANSIENT = 75  # EX_TEMPFAIL: trying again later may work
 T = TypeVar("T")
 USER_ENV, PASSWORD_ENV = "DISKFLOW_HTTP_USER", "DISKFLOW_HTTP_PASSWORD"
 
@@ -195,9 +188,9 @@ def import_command(
     filesystem_overhead: Annotated[
         float,
         typer.Option(
-            min=0, max=0.99, help="Fraction of a file destination's --size kept for the filesystem."
+            min=0, max=0.99, help="The filesystem's share: the image may use --size ÷ (1 + F)."
         ),
-    ] = 0.055,
+    ] = DEFAULT_OVERHEAD,
     content_type: Annotated[
         ContentType,
         typer.Option(help="kubevirt: a disk image, to raw; archive: a tar, extracted into DEST."),
@@ -316,19 +309,21 @@ def _run(
 
     result = guarded(
         job_with_progress,
-        lambda record: _finish(record, mode, termination_log),
+        lambda outcome: _finish(outcome, mode, termination_log),
         completed=lambda: state.committed,
+        stage=lambda: state.current_stage,
     )
-    _finish({"ok": True, **asdict(result)}, mode, termination_log)
+    _finish(Outcome.success(result, state.current_stage), mode, termination_log)
 
 
 def guarded(
     job: Callable[[], T],
-    finish: Callable[[dict], None],
+    finish: Callable[[Outcome], None],
     *,
     completed: Callable[[], bool] = lambda: False,
+    stage: Callable[[], str | None] = lambda: None,
 ) -> T:
-    """Run `job`; on failure hand `finish` the failure record and exit 1 (final) or 75.
+    """Run `job`; on failure hand `finish` the outcome and exit 1 (final) or 75.
 
     A SIGTERM unwinds the job like an error, unless `completed()` says the job has already
     reached the point where it stands (then it finishes and reports success)."""
@@ -346,19 +341,20 @@ def guarded(
     try:
         return job()
     except ImportFailure as failure:
-        finish({"ok": False, "reason": failure.reason, "message": failure.message,
-                "final": failure.final})  # fmt: skip
-        raise typer.Exit(EXIT_FINAL if failure.final else EXIT_TRANSIENT) from None
+        outcome = Outcome(ok=False, reason=failure.reason, message=failure.message,
+                          final=failure.final, stage=stage())  # fmt: skip
+        finish(outcome)
+        raise typer.Exit(outcome.exit_code) from None
     except OSError as exc:
         # Disk full, permission denied on the destination, ...: the message names the file.
-        finish({"ok": False, "reason": "IOError", "message": str(exc), "final": True})
+        finish(Outcome.failure(Reason.IO_ERROR, str(exc), stage()))
         raise typer.Exit(EXIT_FINAL) from None
     except Exception as exc:
         # A bug of ours: say so without repeating a message that might quote an input.
         if os.environ.get("DISKFLOW_DEBUG"):
             logging.getLogger("diskflow").exception("internal error")
         message = f"internal error ({type(exc).__name__}); set DISKFLOW_DEBUG=1 for a traceback"
-        finish({"ok": False, "reason": "InternalError", "message": message, "final": True})
+        finish(Outcome.failure(Reason.INTERNAL_ERROR, message, stage()))
         raise typer.Exit(EXIT_FINAL) from None
 
 
@@ -381,18 +377,19 @@ def _reporting(
     return reporting(state, reporters, interval=1.0 if mode is ProgressMode.JSON else 0.2)
 
 
-def _finish(record: dict, mode: ProgressMode, termination_log: Path | None) -> None:
+def _finish(outcome: Outcome, mode: ProgressMode, termination_log: Path | None) -> None:
     if termination_log:
-        write_termination_log(str(termination_log), record)
+        outcome.write(str(termination_log))
     if mode is ProgressMode.JSON:
-        print(json.dumps({"event": "done" if record["ok"] else "failed", **record}), flush=True)
-    if not record["ok"]:
-        typer.echo(f"error: {record['message']} [{record['reason']}]", err=True)
-    elif mode is not ProgressMode.JSON:
+        event = "done" if outcome.ok else "failed"
+        print(json.dumps({"event": event, **outcome.to_dict()}), flush=True)
+    if not outcome.ok:
+        typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)
+    elif outcome.result and mode is not ProgressMode.JSON:
+        result = outcome.result
         typer.echo(
-            f"imported {record['source']} ({record['format']}, "
-            f"compression {record['compression']}) into {record['destination']}: "
-            f"{record['size']} bytes in {record['seconds']}s"
+            f"imported {result.source} ({result.format}, compression {result.compression}) "
+            f"into {result.destination}: {result.size} bytes in {result.seconds}s"
         )
 
 

@@ -23,6 +23,7 @@ from diskflow.options import (
     s3_options,
 )
 from importer.errors import ImportFailure
+from importer.outcome import Outcome
 from pipelines.accel import Accel
 from pipelines.build import BuildOptions
 from pipelines.events import Emit, discard, json_lines, log_lines
@@ -415,11 +416,11 @@ def _queued(request: BuildRequest, emit: Emit) -> BuildState:
     return follow(results, emit)
 
 
-def _failure_reporter(mode: EventMode) -> Callable[[dict[str, Any]], None]:
-    def finish(record: dict[str, Any]) -> None:
+def _failure_reporter(mode: EventMode) -> Callable[[Outcome], None]:
+    def finish(outcome: Outcome) -> None:
         if mode is EventMode.JSON:
-            print(json.dumps({"kind": "failed", **record}), flush=True)
-        _print_failure(record)
+            print(json.dumps({"kind": "failed", **outcome.to_dict()}), flush=True)
+        _print_failure(outcome)
 
     return finish
 
@@ -445,8 +446,8 @@ def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
         )
 
 
-def _print_failure(record: dict[str, Any]) -> None:
-    typer.echo(f"error: {record['message']} [{record['reason']}]", err=True)
+def _print_failure(outcome: Outcome) -> None:
+    typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)
 
 
 def _resolve(mode: EventMode) -> EventMode:

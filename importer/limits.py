@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from importer.buffers import AlignedBuffer
 from importer.errors import FinalError
 
-ALIGNMENT = 1 << 20  # usable capacity is rounded down to whole MiB, as CDI does
 EXPANSION_FLOOR = 1 << 30  # below this much output, no ratio is suspicious
 GiB = 1 << 30
 
@@ -41,17 +40,6 @@ class Bound:
                 f"the image's {what} {size} bytes is larger than {self.what} ({self.limit} "
                 f"bytes){self.hint}",
             )
-
-
-def usable_size(size: int, overhead: float) -> int:
-    """Bytes an image may take in a Filesystem volume of `size` bytes: the volume less the
-    filesystem's `overhead` fraction, rounded down to whole MiB (512 bytes when tiny)."""
-    if not 0 <= overhead < 1:
-        raise FinalError(
-            "InvalidArgument", "the filesystem overhead must be at least 0 and below 1"
-        )
-    usable = int(size * (1 - overhead))
-    return usable - usable % ALIGNMENT if usable >= ALIGNMENT else usable - usable % 512
 
 
 def free_space_bound(directory: str) -> Bound:

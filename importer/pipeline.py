@@ -26,6 +26,7 @@ from enum import StrEnum
 from importer import qemu
 from importer.archive import extract, is_tar
 from importer.buffers import BufferPool
+from importer.capacity import DEFAULT_OVERHEAD, usable_size
 from importer.checksum import Checksum
 from importer.claims import SCRATCH_PREFIX, owned_file, sweep
 from importer.destination import (
@@ -56,8 +57,8 @@ from importer.limits import (
     check_expansion,
     expansion_guard,
     free_space_bound,
-    usable_size,
 )
+from importer.outcome import ImportResult
 from importer.progress import Progress
 from importer.sources import HttpOptions, S3Options, Source, open_source
 from importer.streams import (
@@ -96,8 +97,8 @@ class ImportOptions:
     """Parallel ranged GETs for HTTP and S3 sources that allow them, used only when one
     stream turns out slow (under 100 MB/s over the first 8 MiB); 1: always one stream."""
     preallocate: bool = False
-    filesystem_overhead: float = 0.055
-    """Fraction of a Filesystem volume kept free for the filesystem itself."""
+    filesystem_overhead: float = DEFAULT_OVERHEAD
+    """The filesystem's share of a Filesystem volume: the image may use size ÷ (1 + overhead)."""
     scratch_dir: str | None = None
     """Where non-raw images wait for qemu-img; default: the system's temporary directory."""
     content_type: ContentType = ContentType.KUBEVIRT
@@ -111,20 +112,6 @@ class ImportOptions:
     """The most memory an xz or zstd stream may ask for its window."""
     deadline: float | None = None
     """Seconds the whole import may take; None: no limit."""
-
-
-@dataclass(frozen=True)
-class ImportResult:
-    source: str
-    destination: str
-    compression: str
-    format: str
-    bytes_downloaded: int
-    size: int
-    """Length in bytes of the raw image at the destination, after any resize (for an
-    archive: the bytes of file data extracted)."""
-    checksum: str | None
-    seconds: float
 
 
 def usable_capacity(target: Target, options: ImportOptions) -> int | None:

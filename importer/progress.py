@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import IO, Protocol
 
-TERMINATION_MESSAGE_LIMIT = 4096  # what Kubernetes keeps of /dev/termination-log
-
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -60,6 +58,11 @@ class Progress:
             self._stage, self._done, self._total = name, 0, total
             self._started = time.monotonic()
         self.changed.set()
+
+    @property
+    def current_stage(self) -> str | None:
+        """The stage under way; None before the first."""
+        return None if self._stage == "pending" else self._stage
 
     def commit(self) -> None:
         """The import reached the point where it completes (the rename, the device's head):
@@ -238,17 +241,3 @@ class MetricsReporter:
 
     def close(self) -> None:
         self._server.shutdown()
-
-
-def write_termination_log(path: str, record: dict) -> None:
-    """Write the import's outcome as JSON, cut to what Kubernetes keeps."""
-    text = json.dumps(record)
-    if len(text) > TERMINATION_MESSAGE_LIMIT and "message" in record:
-        overflow = len(text) - TERMINATION_MESSAGE_LIMIT + 3
-        record = {
-            **record,
-            "message": record["message"][: max(0, len(record["message"]) - overflow)] + "...",
-        }
-        text = json.dumps(record)
-    with open(path, "w") as out:
-        out.write(text[:TERMINATION_MESSAGE_LIMIT])

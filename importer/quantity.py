@@ -1,32 +1,56 @@
-"""Sizes as people and Kubernetes write them: 10Gi, 512Mi, 20G, 1.5Ti, 1048576."""
+"""Sizes as Kubernetes writes them: the whole quantity grammar, in and out.
+
+    quantity ::= signedNumber suffix
+    suffix   ::= binarySI (Ki Mi Gi Ti Pi Ei) | decimalSI (m "" k M G T P E)
+               | decimalExponent (e or E, then a signed integer)
+
+Parsing is exact (fractions, never floats); a size in bytes is rounded up to a whole byte, as
+Kubernetes does for storage requests.
+"""
 
 from __future__ import annotations
 
+import math
 import re
-from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 
 from importer.errors import FinalError
 
-_SUFFIXES = {
-    "": 1,
-    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-}  # fmt: skip
+_BINARY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50, "Ei": 1 << 60}
+_DECIMAL = {"m": Fraction(1, 1000), "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "P": 10**15, "E": 10**18}  # fmt: skip
+_QUANTITY = re.compile(
+    r"(?P<number>[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
+    r"(?:(?P<binary>[KMGTPE]i)|[eE](?P<exponent>[+-]?[0-9]+)|(?P<decimal>[mkMGTPE]?))"
+)
+_EXAMPLES = "a quantity like 10Gi, 512Mi, 20G, 1.5e9 or 1048576"
+
+
+def parse_quantity_exact(text: str) -> Fraction:
+    """The exact value of a Kubernetes quantity; the error repeats what was wrong."""
+    match = _QUANTITY.fullmatch(text.strip())
+    if not match or (match["exponent"] and abs(int(match["exponent"])) > 100):
+        raise FinalError("InvalidArgument", f"size {text!r} is not {_EXAMPLES}")
+    number = Fraction(match["number"])
+    if match["binary"]:
+        return number * _BINARY[match["binary"]]
+    if match["exponent"] is not None:
+        return number * Fraction(10) ** int(match["exponent"])
+    return number * _DECIMAL[match["decimal"]]
 
 
 def parse_quantity(text: str) -> int:
-    """Bytes in a Kubernetes-style quantity; the error repeats what was wrong."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*(k|[KMGTP]i|[MGTP])?\s*", text)
-    try:
-        if not match:
-            raise InvalidOperation
-        value = Decimal(match.group(1)) * _SUFFIXES[match.group(2) or ""]
-    except InvalidOperation:
-        raise FinalError(
-            "InvalidArgument", f"size {text!r} is not a quantity like 10Gi, 512Mi, 20G or 1048576"
-        ) from None
-    if value <= 0 or value != int(value):
-        raise FinalError(
-            "InvalidArgument", f"size {text!r} must be a positive whole number of bytes"
-        )
-    return int(value)
+    """Bytes in a Kubernetes quantity, rounded up to a whole byte; it must be positive."""
+    value = parse_quantity_exact(text)
+    if value <= 0:
+        raise FinalError("InvalidArgument", f"size {text!r} must be a positive number of bytes")
+    return math.ceil(value)
+
+
+def format_quantity(size: int) -> str:
+    """`size` bytes in the shortest exact form (binary first on a tie): 10Gi, 2G, 1048577."""
+    candidates = []
+    for units in (_BINARY, {k: v for k, v in _DECIMAL.items() if k not in ("m", "")}):
+        exact = [f"{size // unit}{suffix}" for suffix, unit in units.items() if size % unit == 0]
+        candidates += exact[-1:] if size else []
+    return min([*candidates, str(size)], key=len)

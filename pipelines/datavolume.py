@@ -8,13 +8,12 @@ from typing import Any
 
 import yaml
 
+from importer.capacity import MiB
 from importer.errors import FinalError
-from importer.pipeline import ImportOptions, usable_capacity
-from importer.target import Target
+from importer.quantity import format_quantity
 from pipelines.publish.publication import Published
 
 API_VERSION = "diskflow.io/v1beta1"
-GiB = 1 << 30
 VOLUME_MODES = ("Filesystem", "Block")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
@@ -52,7 +51,7 @@ def datavolume(
     if secret_ref:
         source["secretRef"] = secret_ref
     storage: dict[str, Any] = {
-        "resources": {"requests": {"storage": storage_request(published.virtual_size, volume_mode)}}
+        "resources": {"requests": {"storage": storage_request(published.virtual_size)}}
     }
     if storage_class:
         storage["storageClassName"] = storage_class
@@ -73,18 +72,10 @@ def datavolume(
     }
 
 
-def storage_request(virtual_size: int, volume_mode: str | None = None) -> str:
-    """The smallest whole number of GiB that holds `virtual_size`: on a Filesystem volume, after
-    the importer keeps its filesystem overhead (5.5%) free, exactly as it computes it."""
-    gib = -(-virtual_size // GiB)
-    if volume_mode == "Block":
-        return f"{gib}Gi"
-    overhead = ImportOptions().filesystem_overhead
-    gib = max(gib, int(virtual_size / (1 - overhead) // GiB))
-    # The importer also rounds what it may use down to whole MiB: ask until it fits.
-    while usable_capacity(Target("", False, None), ImportOptions(size=gib * GiB)) < virtual_size:
-        gib += 1
-    return f"{gib}Gi"
+def storage_request(virtual_size: int) -> str:
+    """The storage request for an image of `virtual_size` bytes: the image's own size, as CDI
+    means it (the controller adds the filesystem overhead when it sizes the PVC)."""
+    return format_quantity(max(virtual_size, MiB))
 
 
 def to_yaml(manifest: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import requests
 from tests.support.faultserver import FaultServer
 
 MiB = 1 << 20
+GiB = 1 << 30
 FORMATS = ["raw", "qcow2", "vmdk", "vdi", "vpc", "vpc-fixed", "vhdx"]
 COMPRESSORS = {
     "gz": ["gzip", "-k", "-1"],

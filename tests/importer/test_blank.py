@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from importer import ImportOptions, import_image
+from importer.capacity import usable_size
 from importer.errors import ImportFailure
 from tests.conftest import DEVICE_SIZE, MiB, allocated, read_device
 
@@ -16,7 +17,7 @@ from tests.conftest import DEVICE_SIZE, MiB, allocated, read_device
 def test_blank_file_is_sparse_at_the_usable_capacity(tmp_path: Path) -> None:
     dest = tmp_path / "disk.img"
     result = import_image("blank:", str(dest), options=ImportOptions(size=10 << 30))
-    usable = int((10 << 30) * (1 - 0.055)) // MiB * MiB
+    usable = usable_size(10 << 30)
     assert result.size == usable == dest.stat().st_size
     assert allocated(dest) < MiB
     assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]
@@ -52,4 +53,4 @@ def test_blank_from_the_cli(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert dest.stat().st_size == int((1 << 30) * 0.945) // MiB * MiB
+    assert dest.stat().st_size == usable_size(1 << 30)

@@ -14,6 +14,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from importer.capacity import usable_size
 from tests.conftest import Images, MiB, free_port
 from tests.support.faultserver import FaultServer
 
@@ -49,7 +50,7 @@ def test_success_prints_json_progress_and_writes_the_termination_log(
     assert download["bytes_done"] == download["bytes_total"] == source.stat().st_size
     assert events[-1]["event"] == "done" and events[-1]["format"] == "qcow2"
     result = json.loads(log.read_text())
-    assert result["ok"] is True and result["size"] == int(64 * MiB * 0.945) // MiB * MiB
+    assert result["ok"] is True and result["size"] == usable_size(64 * MiB)
 
 
 def test_final_failure_exits_1_with_reason(faults: FaultServer, tmp_path: Path) -> None:
@@ -170,7 +171,7 @@ def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> No
     )
     assert result["checksum"].startswith("sha256:")
     disk = tmp_path / "demo" / "disk.img"
-    assert disk.stat().st_size == result["size"] == int(512 * MiB * 0.945) // MiB * MiB
+    assert disk.stat().st_size == result["size"] == usable_size(512 * MiB)
     with open(disk, "rb") as f:
         assert f.read(21) == b"diskflow sample disk\n"
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["disk.img"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from importer import ImportOptions, import_image
+from importer.capacity import usable_size
 from importer.formats import Compression
 from tests.conftest import FORMATS, Images, MiB, allocated, run
 
@@ -102,9 +103,9 @@ def test_file_grows_to_usable_capacity(fmt: str, images: Images, tmp_path: Path)
     result = import_image(
         str(images.path(fmt, "gz")),
         str(dest),
-        options=ImportOptions(size=size, filesystem_overhead=0.055),
+        options=ImportOptions(size=size),
     )
-    usable = int(size * (1 - 0.055)) // MiB * MiB
+    usable = usable_size(size)
     assert result.size == usable == os.path.getsize(dest)
     with open(dest, "rb") as f:
         assert f.read(40 * MiB) == images.raw.read_bytes()

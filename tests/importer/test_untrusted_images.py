@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from importer import Checksum, FinalError, ImportOptions, import_image
+from importer.capacity import usable_size
 from importer.errors import ImportFailure
 from tests.conftest import Images, MiB, run
 
@@ -107,7 +108,7 @@ def test_corrupt_qcow2_is_an_invalid_image(tmp_path: Path) -> None:
 
 def test_virtual_size_larger_than_capacity_names_both_sizes(images: Images, tmp_path: Path) -> None:
     error = import_fails(images.path("qcow2", "xz"), tmp_path, "ImageTooLarge", size=20 * MiB)
-    usable = int(20 * MiB * (1 - 0.055)) // MiB * MiB
+    usable = usable_size(20 * MiB)
     assert str(40 * MiB) in error.message and str(usable) in error.message
 
 
