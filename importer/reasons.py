@@ -64,6 +64,13 @@ class Reason(StrEnum):
     TERMINATED = "Terminated"
     CANCELLED = "Cancelled"
     INTERNAL_ERROR = "InternalError"
+    # The importer pod, as the controller sees it
+    POD_LOST = "PodLost"
+    EVICTED = "Evicted"
+    OOM_KILLED = "OOMKilled"
+    STALLED = "Stalled"
+    IMPORTER_CRASHED = "ImporterCrashed"
+    RETRY_LIMIT_EXCEEDED = "RetryLimitExceeded"
 
     @property
     def final(self) -> bool:
@@ -82,5 +89,10 @@ _TRANSIENT = frozenset(
         Reason.SOURCE_CHANGED,
         Reason.TIMED_OUT,
         Reason.TERMINATED,
+        Reason.POD_LOST,
+        Reason.EVICTED,
+        Reason.OOM_KILLED,
+        Reason.STALLED,
+        Reason.IMPORTER_CRASHED,
     }
 )
