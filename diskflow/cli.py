@@ -221,8 +221,16 @@ def import_command(
         ProgressMode, typer.Option(help="auto: a bar on a terminal, JSON lines otherwise.")
     ] = ProgressMode.AUTO,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve progress as Prometheus metrics on this port.")
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve progress as Prometheus metrics on this port."),
     ] = None,
+    metrics_addr: Annotated[
+        str,
+        typer.Option(
+            help="The IP address (IPv4 or IPv6) the metrics are served on: the pod's own, so "
+            "that importers sharing a network do not collide."
+        ),
+    ] = "0.0.0.0",
     termination_log: Annotated[
         Path | None,
         typer.Option(help="Write the JSON result or failure here (e.g. /dev/termination-log)."),
@@ -270,7 +278,8 @@ def import_command(
         )
         return import_image(source, dest, options=options, progress=state)
 
-    _run(job, progress, metrics_port=metrics_port, termination_log=termination_log)
+    metrics = (metrics_addr, metrics_port) if metrics_port is not None else None
+    _run(job, progress, metrics=metrics, termination_log=termination_log)
 
 
 @app.command()
@@ -296,7 +305,7 @@ def _run(
     job: Callable[[Progress], ImportResult],
     progress: ProgressMode,
     *,
-    metrics_port: int | None = None,
+    metrics: tuple[str, int] | None = None,
     termination_log: Path | None = None,
 ) -> None:
     """Run an import with progress shown as asked; report the outcome; exit 0, 1 or 75."""
@@ -304,7 +313,7 @@ def _run(
     state = Progress()
 
     def job_with_progress() -> ImportResult:
-        with _reporting(state, mode, metrics_port):
+        with _reporting(state, mode, metrics):
             return job(state)
 
     result = guarded(
@@ -365,15 +374,18 @@ def _resolve(mode: ProgressMode) -> ProgressMode:
 
 
 def _reporting(
-    state: Progress, mode: ProgressMode, metrics_port: int | None
+    state: Progress, mode: ProgressMode, metrics: tuple[str, int] | None
 ) -> AbstractContextManager[None]:
     reporters: list[Reporter] = []
+    # First: a metrics address that cannot be bound fails the import before anything else
+    # has started (a bar left running, a byte read).
+    if metrics is not None:
+        addr, port = metrics
+        reporters.append(MetricsReporter(port, addr))
     if mode is ProgressMode.BAR:
         reporters.append(RichReporter())
     elif mode is ProgressMode.JSON:
         reporters.append(JsonReporter())
-    if metrics_port is not None:
-        reporters.append(MetricsReporter(metrics_port))
     return reporting(state, reporters, interval=1.0 if mode is ProgressMode.JSON else 0.2)
 
 

@@ -7,6 +7,8 @@ shell around it. The pod's termination message is written here too.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
 import sys
 import threading
@@ -15,6 +17,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import IO, Protocol
+
+from importer.errors import FinalError, ImportFailure, TransientError
+from importer.reasons import Reason
 
 
 @dataclass(frozen=True)
@@ -199,45 +204,85 @@ class RichReporter:
 
 
 class MetricsReporter:
-    """The same numbers as Prometheus gauges, served on `port` for the controller to scrape."""
+    """The same numbers as Prometheus gauges, served on `addr`:`port` for the controller to
+    scrape: bytes done and total (-1: unknown), throughput and percent of the current stage,
+    and `diskflow_import_stage{stage=...}` 1 for the current stage alone, so that a scraper
+    reads the stage instead of guessing it from which series moved last."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
         from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+        where = _metrics_address(addr, port)
         registry = CollectorRegistry()
-        labels = ["stage"]
         self._done = Gauge(
-            "diskflow_import_bytes_done",
-            "Bytes done in the current stage",
-            labels,
-            registry=registry,
+            "diskflow_import_bytes_done", "Bytes done in the current stage", registry=registry
         )
         self._total = Gauge(
             "diskflow_import_bytes_total",
             "Bytes in the current stage (-1: unknown)",
-            labels,
             registry=registry,
         )
         self._rate = Gauge(
             "diskflow_import_throughput_bytes",
             "Bytes per second in the current stage",
-            labels,
             registry=registry,
         )
         self._percent = Gauge(
             "diskflow_import_progress_percent",
             "Percent done of the current stage",
-            labels,
             registry=registry,
         )
-        self._server, self._thread = start_http_server(port, registry=registry)
+        self._stage = Gauge(
+            "diskflow_import_stage",
+            "1 for the stage the import is in (one series)",
+            ["stage"],
+            registry=registry,
+        )
+        self._shown: str | None = None
+        try:
+            self._server, self._thread = start_http_server(port, addr, registry=registry)
+        except OSError as exc:
+            raise _bind_failure(exc, where) from None
 
     def show(self, snapshot: Snapshot) -> None:
-        stage = snapshot.stage
-        self._done.labels(stage).set(snapshot.bytes_done)
-        self._total.labels(stage).set(-1 if snapshot.bytes_total is None else snapshot.bytes_total)
-        self._rate.labels(stage).set(snapshot.throughput)
-        self._percent.labels(stage).set(snapshot.percent or 0.0)
+        if snapshot.stage != self._shown:
+            if self._shown is not None:
+                self._stage.remove(self._shown)
+            self._stage.labels(snapshot.stage).set(1)
+            self._shown = snapshot.stage
+        self._done.set(snapshot.bytes_done)
+        self._total.set(-1 if snapshot.bytes_total is None else snapshot.bytes_total)
+        self._rate.set(snapshot.throughput)
+        self._percent.set(snapshot.percent or 0.0)
 
     def close(self) -> None:
         self._server.shutdown()
+        self._server.server_close()
+
+
+def _metrics_address(addr: str, port: int) -> str:
+    """ADDR:PORT as people write it ([fd00::5]:8443), once `addr` proved an IP address: a
+    host name could resolve to an address of another machine, or to several."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        raise FinalError(
+            Reason.INVALID_ARGUMENT,
+            f"--metrics-addr {addr!r} is not an IPv4 or IPv6 address (such as 10.0.0.5 or fd00::5)",
+        ) from None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def _bind_failure(exc: OSError, where: str) -> ImportFailure:
+    said = f"cannot serve metrics on {where}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        # Another process holds the port: it may be gone when the import is tried again.
+        return TransientError(
+            Reason.ADDRESS_IN_USE, f"{said}; another process listens there (--metrics-port)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return FinalError(
+            Reason.INVALID_ARGUMENT,
+            f"{said}; it is not an address of this machine (--metrics-addr)",
+        )
+    return FinalError(Reason.INVALID_ARGUMENT, said)

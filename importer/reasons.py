@@ -57,6 +57,7 @@ class Reason(StrEnum):
     IO_ERROR = "IOError"
     RESOURCE_LIMIT = "ResourceLimit"
     TIMED_OUT = "TimedOut"
+    ADDRESS_IN_USE = "AddressInUse"
     MISSING_TOOL = "MissingTool"
     # The run
     INVALID_ARGUMENT = "InvalidArgument"
@@ -88,6 +89,7 @@ _TRANSIENT = frozenset(
         Reason.BAD_CONTENT_RANGE,
         Reason.SOURCE_CHANGED,
         Reason.TIMED_OUT,
+        Reason.ADDRESS_IN_USE,
         Reason.TERMINATED,
         Reason.POD_LOST,
         Reason.EVICTED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from importer.capacity import usable_size
+from importer.progress import MetricsReporter, Snapshot
 from tests.conftest import Images, MiB, free_port
 from tests.support.faultserver import FaultServer
 
@@ -119,12 +122,35 @@ def test_half_set_credentials_are_refused(images: Images, tmp_path: Path) -> Non
     assert done.returncode == 1 and "DISKFLOW_HTTP_PASSWORD" in done.stderr
 
 
-def download_metric(text: str, name: str) -> float | None:
+def scrape(address: str, port: int) -> dict[str, list[Sample]] | None:
+    """The samples of /metrics on `address`:`port` by name; None while nothing answers."""
+    host = f"[{address}]" if ":" in address else address
+    try:
+        text = requests.get(f"http://{host}:{port}/metrics", timeout=1).text
+    except requests.ConnectionError:
+        return None
+    samples: dict[str, list[Sample]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name and sample.labels == {"stage": "download"}:
-                return sample.value
-    return None
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def value(samples: dict[str, list[Sample]], name: str) -> float:
+    (sample,) = samples[name]
+    assert sample.labels == {}, f"{name} has labels: {sample.labels}"
+    return sample.value
+
+
+def stages(samples: dict[str, list[Sample]]) -> list[tuple[str, float]]:
+    return [(s.labels["stage"], s.value) for s in samples.get("diskflow_import_stage", [])]
+
+
+def importing(url: str, dest: Path, *args: str | int | Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "diskflow", "import", url, str(dest), "--progress", "none",
+         "--stall-timeout", "30", *map(str, args)],
+    )  # fmt: skip
 
 
 def test_metrics_are_served_while_importing(
@@ -133,28 +159,98 @@ def test_metrics_are_served_while_importing(
     port = free_port()
     stall_at = 3 * MiB + 1000
     url = faults.url(uuid.uuid4().hex, "disk.qcow2.gz", stall_after=stall_at, stall=4)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "diskflow", "import", url, str(tmp_path / "d.img"),
-         "--progress", "none", "--metrics-port", str(port), "--stall-timeout", "30"],
-    )  # fmt: skip
+    process = importing(url, tmp_path / "d.img", "--metrics-port", port)
     try:
         deadline = time.monotonic() + 30
         done: float | None = None
         while done is None or done < 3 * MiB:  # the transfer pauses at stall_at for 4 s
             assert time.monotonic() < deadline, f"no download progress in the metrics: {done}"
             time.sleep(0.05)
-            try:
-                text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text
-            except requests.ConnectionError:
-                continue
-            done = download_metric(text, "diskflow_import_bytes_done")
+            samples = scrape("127.0.0.1", port)  # the default address, 0.0.0.0, has it too
+            if samples and stages(samples) == [("download", 1.0)]:
+                done = value(samples, "diskflow_import_bytes_done")
         assert 3 * MiB <= done <= stall_at
         assert process.poll() is None, "measured during the import, not after"
-        total = download_metric(text, "diskflow_import_bytes_total")
+        total = value(samples, "diskflow_import_bytes_total")
         assert total == images.path("qcow2", "gz").stat().st_size
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+def test_the_stage_gauge_holds_the_current_stage_alone() -> None:
+    port = free_port()
+    reporter = MetricsReporter(port, "::1")  # an IPv6 address, as a pod's may be
+    try:
+        reporter.show(Snapshot("download", 5 * MiB, 10 * MiB, elapsed=1.0, throughput=5.0 * MiB))
+        samples = scrape("::1", port)
+        assert samples and stages(samples) == [("download", 1.0)]
+        assert value(samples, "diskflow_import_progress_percent") == 50.0
+        reporter.show(Snapshot("convert", 0, None, elapsed=0.0, throughput=0.0))
+        samples = scrape("::1", port)
+        assert samples and stages(samples) == [("convert", 1.0)]
+        assert value(samples, "diskflow_import_bytes_done") == 0
+        assert value(samples, "diskflow_import_bytes_total") == -1
+        assert value(samples, "diskflow_import_throughput_bytes") == 0
+    finally:
+        reporter.close()
+
+
+def test_importers_on_different_addresses_share_a_port(faults: FaultServer, tmp_path: Path) -> None:
+    port = free_port()
+    url = faults.url(uuid.uuid4().hex, "disk.raw.gz", stall_after=MiB, stall=5, times=2)
+    addresses = ["127.0.0.2", "127.0.0.3"]
+    processes = [
+        importing(url, tmp_path / f"{n}.img", "--metrics-addr", address, "--metrics-port", port)
+        for n, address in enumerate(addresses)
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        serving: set[str] = set()
+        while serving != set(addresses):
+            assert time.monotonic() < deadline, f"only {serving} serve metrics"
+            assert all(p.poll() is None for p in processes), "an importer ended early"
+            time.sleep(0.05)
+            serving |= {
+                a for a in addresses if (scrape(a, port) or {}).get("diskflow_import_stage")
+            }
+        assert [p.wait(timeout=60) for p in processes] == [0, 0]
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def test_a_taken_metrics_port_fails_for_now_before_reading(
+    faults: FaultServer, tmp_path: Path
+) -> None:
+    token, log = uuid.uuid4().hex, tmp_path / "termination-log"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = diskflow(
+            faults.url(token, "disk.raw.gz"), tmp_path / "d.img", "--progress", "none",
+            "--metrics-addr", "127.0.0.1", "--metrics-port", port, "--termination-log", log,
+        )  # fmt: skip
+    assert done.returncode == 75, done.stderr
+    assert f"127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "[AddressInUse]" in done.stderr and "Traceback" not in done.stderr
+    record = json.loads(log.read_text())
+    assert record["reason"] == "AddressInUse" and record["final"] is False
+    assert faults.requests[token] == [], "the source was read before the metrics were bound"
+    assert not (tmp_path / "d.img").exists()
+
+
+def test_a_metrics_address_of_no_interface_is_refused(images: Images, tmp_path: Path) -> None:
+    port = free_port()
+    for address, said in (
+        ("192.0.2.1", f"192.0.2.1:{port}: Cannot assign requested address"),  # TEST-NET-1
+        ("metrics.example", "'metrics.example' is not an IPv4 or IPv6 address"),
+    ):
+        done = diskflow(
+            images.raw, tmp_path / "d.img", "--progress", "none",
+            "--metrics-addr", address, "--metrics-port", port,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert said in done.stderr and "[InvalidArgument]" in done.stderr, done.stderr
 
 
 def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> None:
