@@ -61,6 +61,7 @@ class Reason(StrEnum):
     MISSING_TOOL = "MissingTool"
     # The run
     INVALID_ARGUMENT = "InvalidArgument"
+    INVALID_MANIFEST = "InvalidManifest"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     TERMINATED = "Terminated"
     CANCELLED = "Cancelled"
