@@ -7,15 +7,17 @@
 
 Fetching, hashing, inflating and writing run in threads joined by bounded queues, so memory
 stays bounded and the stages overlap. The raw-or-scratch decision is made from the first
-bytes of the stream, never by a failed first attempt. A file destination is written under a
-temporary name and renamed only when complete; a block device gets its first MiB last. The
-destination is claimed for the whole import (importer.claims), and what the image may take is
-bounded even without a size (importer.limits).
+bytes of the stream, never by a failed first attempt; `probe()` makes it without importing,
+with the same code stopped after those bytes. A file destination is written under a temporary
+name and renamed only when complete; a block device gets its first MiB last. The destination
+is claimed for the whole import (importer.claims), and what the image may take is bounded
+even without a size (importer.limits).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 import time
@@ -25,7 +27,7 @@ from enum import StrEnum
 
 from importer import qemu
 from importer.archive import extract, is_tar
-from importer.buffers import BufferPool
+from importer.buffers import CHUNK, BufferPool
 from importer.capacity import DEFAULT_OVERHEAD, usable_size
 from importer.checksum import Checksum
 from importer.claims import SCRATCH_PREFIX, owned_file, sweep
@@ -142,8 +144,7 @@ def import_image(
     options = options or ImportOptions()
     progress = progress or Progress()
     archive = options.content_type is ContentType.ARCHIVE
-    if archive and source == BLANK:
-        raise FinalError("InvalidArgument", "blank: makes a disk; it is not an archive")
+    _refuse_blank_archive(source, options)
     # What the deadline stops: the transfer and its stages, once they exist.
     stoppers: list[Callable[[], None]] = []
     deadline = Deadline(options.deadline, lambda: [stop() for stop in list(stoppers)])
@@ -159,6 +160,168 @@ def import_image(
         raise
     finally:
         deadline.stop()
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What an import of a source would find, told from the source's first bytes: what a
+    controller needs to know before it starts an importer (scratch space or not, how much)."""
+
+    source: str
+    """Where the bytes come from, safe to log (no credentials, no signed query string)."""
+    compression: str
+    """none, gzip, xz, zstd or bzip2."""
+    format: str
+    """raw, iso, qcow2, vmdk, vdi, vpc (VHD) or vhdx; "tar" for an archive. A fixed VHD is
+    raw here: it streams as raw, and its footer (at the end) is seen only by the import."""
+    download_size: int | None
+    """Bytes to download, where the source says (Content-Length, the S3 object's size)."""
+    virtual_size: int | None
+    """The disk's size: from the header for the formats qemu-img converts (where the header
+    lies within the bytes read); for raw and iso the download's size when not compressed;
+    otherwise (and for an archive) unknown."""
+    needs_scratch: bool
+    """Whether the import lands the image in scratch space for qemu-img to convert: the
+    format does not stream straight to the destination."""
+
+
+def probe(source: str, options: ImportOptions | None = None) -> Probe:
+    """Tell what importing `source` would find, with the code the import decides by, reading
+    only what that takes (SNIFF_BYTES once decompressed: typically the first FETCH_CHUNK
+    downloaded); then close it.
+
+    HTTP and S3 settings of `options` (TLS, headers, auth, endpoint) apply; the checksum
+    does not (only a whole download proves it). Fails with the reasons the import would:
+    NotFound, HtmlInsteadOfImage, UnsupportedFormat, InvalidArchive..."""
+    options = options or ImportOptions()
+    _refuse_blank_archive(source, options)
+    if source == BLANK:
+        return Probe(BLANK, "none", "raw", 0, None, needs_scratch=False)
+    # One connection: ranged parts fetched ahead would be thrown away unread.
+    reading = _Reading(source, options, connections=1, importing=False)
+    try:
+        found, _ = reading.sniff()
+    finally:
+        reading.close()
+    return found
+
+
+def _refuse_blank_archive(source: str, options: ImportOptions) -> None:
+    if source == BLANK and options.content_type is ContentType.ARCHIVE:
+        raise FinalError("InvalidArgument", "blank: makes a disk; it is not an archive")
+
+
+class _Reading:
+    """A source opened for reading, and its stream's stages up to the first decompressed
+    bytes: the part of an import that a probe runs too.
+
+    An import runs each stage in a thread of its own, so that they overlap, and inflates into
+    CHUNK-sized buffers for the writer. A probe runs them in its own thread and inflates into
+    SNIFF_BYTES-sized buffers, so that it reads no further than it looks: the first fetch
+    (FETCH_CHUNK bytes), for any compression."""
+
+    def __init__(
+        self, source: str, options: ImportOptions, *, connections: int, importing: bool
+    ) -> None:
+        self.stream = open_source(source, options.http, options.s3, connections=connections)
+        self._options = options
+        self._importing = importing
+        self._stages: list[Iterator[Chunk]] = []
+        # Every buffer the decompress stage may hold: its queue, one being filled, one written.
+        self._pool = BufferPool(count=QUEUE_DEPTH + 2, size=CHUNK if importing else SNIFF_BYTES)
+
+    def sniff(
+        self,
+        *,
+        digest: hashlib._Hash | None = None,
+        on_bytes: Callable[[int], None] = lambda n: None,
+    ) -> tuple[Probe, Iterator[Chunk]]:
+        """Start the stream (fetch, counting bytes with `on_bytes`; hash into `digest`;
+        decompress) and tell from its first bytes what it holds, refusing what they already
+        disprove. Returns that and the whole decompressed stream, its first bytes included."""
+        chunks = self._stage(read_chunks(self.stream.read, on_bytes=on_bytes), "fetch")
+        if digest is not None:
+            chunks = self._stage(hashed(chunks, digest), "hash")
+        head, chunks = peek(chunks, 8)
+        compression = detect_compression(head)
+        if compression is not Compression.NONE:
+            memory = self._options.decompression_memory
+            chunks = self._stage(
+                decompressed(chunks, compression, self._pool, memory=memory), "decompress"
+            )
+        head, chunks = peek(chunks, SNIFF_BYTES)
+        return _identify(head, compression, self.stream, self._options.content_type), chunks
+
+    def cancel(self) -> None:
+        """Stop the transfer and the stages waiting on it; from any thread."""
+        self.stream.close()
+        self._pool.close()
+
+    def close(self) -> None:
+        """Close the source and end every stage."""
+        self.stream.close()
+        for stage in reversed(self._stages):
+            stage.close()  # type: ignore[attr-defined]
+
+    def _stage(self, chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
+        if self._importing:
+            chunks = threaded(chunks, name=name, cancel=self.cancel)
+        self._stages.append(chunks)
+        return chunks
+
+
+def _identify(
+    head: bytes, compression: Compression, stream: Source, content_type: ContentType
+) -> Probe:
+    """What the first decompressed bytes of `stream` say it is, as a Probe."""
+    if content_type is ContentType.ARCHIVE:
+        if not is_tar(head):
+            raise FinalError(
+                "InvalidArchive", f"{stream.description} is not a tar archive (once decompressed)"
+            )
+        return Probe(
+            stream.description, compression.value, "tar", stream.size, None, needs_scratch=False
+        )
+    fmt = detect_format(head)
+    _refuse_early(fmt, head, stream)
+    if fmt.streams:
+        size = stream.size if compression is Compression.NONE else None
+    else:
+
+        def read(offset: int, length: int) -> bytes | None:
+            return head[offset : offset + length] if offset + length <= len(head) else None
+
+        size = header_virtual_size(fmt, read)
+    return Probe(
+        stream.description,
+        compression.value,
+        fmt.value,
+        stream.size,
+        size,
+        needs_scratch=not fmt.streams,
+    )
+
+
+def _refuse_early(fmt: DiskFormat, head: bytes, stream: Source) -> None:
+    """Errors the first bytes already prove, before anything is written."""
+    if fmt is DiskFormat.HTML:
+        raise FinalError(
+            "HtmlInsteadOfImage",
+            f"{stream.description} holds an HTML page, not a disk image; the link may have "
+            "expired or need a login",
+        )
+    unsupported = unsupported_format(head)
+    if unsupported:
+        raise FinalError(
+            "UnsupportedFormat",
+            f"the image is {unsupported}, which diskflow does not import; supported formats: "
+            "raw, iso, qcow2, vmdk, vdi, vhd, vhdx",
+        )
+    reference = outside_reference(fmt, head)
+    if reference:
+        raise FinalError(*reference)
+    if not head:
+        raise FinalError("InvalidImage", f"{stream.description} is empty")
 
 
 @dataclass
@@ -226,24 +389,13 @@ def _transfer(source: str, job: _Job) -> ImportResult:
     scratch_dir = options.scratch_dir or tempfile.gettempdir()
     sweep(scratch_dir, SCRATCH_PREFIX)  # left by imports killed outright
     digest = options.checksum.new_hash() if options.checksum else None
-    stream = open_source(source, options.http, options.s3, connections=options.connections)
-    stages: list[Iterator[Chunk]] = []
-    # Every buffer the decompress stage may hold: its queue, one being filled, one written.
-    pool = BufferPool(count=QUEUE_DEPTH + 2)
-
-    def cancel() -> None:
-        stream.close()
-        pool.close()
-
-    job.stoppers.append(cancel)
+    reading = _Reading(source, options, connections=options.connections, importing=True)
+    stream = reading.stream
+    job.stoppers.append(reading.cancel)
 
     def fetched(n: int) -> None:
         job.downloaded += n
         progress.advance(n)
-
-    def in_thread(chunks: Iterator[Chunk], name: str) -> Iterator[Chunk]:
-        stages.append(threaded(chunks, name=name, cancel=cancel))
-        return stages[-1]
 
     def verify() -> None:
         if options.checksum and digest is not None:
@@ -254,37 +406,29 @@ def _transfer(source: str, job: _Job) -> ImportResult:
         if job.deadline.passed():  # opening the source took all the time there was
             raise job.deadline.error()
         progress.stage("download", stream.size)
-        chunks = in_thread(read_chunks(stream.read, on_bytes=fetched), "fetch")
-        if digest is not None:
-            chunks = in_thread(hashed(chunks, digest), "hash")
-        head, chunks = peek(chunks, 8)
-        compression = detect_compression(head)
-        if compression is not Compression.NONE:
-            chunks = in_thread(
-                decompressed(chunks, compression, pool, memory=options.decompression_memory),
-                "decompress",
-            )
+        found, chunks = reading.sniff(digest=digest, on_bytes=fetched)
         if job.expansion:
             chunks = expansion_guard(chunks, downloaded=lambda: job.downloaded, ratio=job.expansion)
-        head, chunks = peek(chunks, SNIFF_BYTES)
+        kind = found.format
         if options.content_type is ContentType.ARCHIVE:
-            size, kind = _extract(chunks, head, stream, job), "tar"
+            size = _extract(chunks, job)
         else:
-            fmt = detect_format(head)
-            _refuse_early(fmt, head, stream, compression, job)
-            if fmt.streams:
-                size, fmt = _write_raw(chunks, fmt, job)
-            else:
+            fmt = DiskFormat(found.format)
+            if found.needs_scratch:
                 size = _write_converted(chunks, fmt, scratch_dir, stream, job)
+            else:
+                job.raw_size = found.virtual_size
+                # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
+                if job.raw_size is not None:
+                    job.bound.check("size", job.raw_size, slack=VHD_FOOTER_SIZE)
+                size, fmt = _write_raw(chunks, fmt, job)
             kind = fmt.value
     finally:
-        stream.close()
-        for stage in reversed(stages):
-            stage.close()  # type: ignore[attr-defined]
+        reading.close()
     return ImportResult(
         source=stream.description,
         destination=job.target.path,
-        compression=compression.value,
+        compression=found.compression,
         format=kind,
         bytes_downloaded=job.downloaded,
         size=size,
@@ -293,12 +437,7 @@ def _transfer(source: str, job: _Job) -> ImportResult:
     )
 
 
-def _extract(chunks: Iterator[Chunk], head: bytes, stream: Source, job: _Job) -> int:
-    if not is_tar(head):
-        raise FinalError(
-            "InvalidArchive", f"{stream.description} is not a tar archive (once decompressed)"
-        )
-
+def _extract(chunks: Iterator[Chunk], job: _Job) -> int:
     def verify_then_commit() -> None:
         job.verify()
         job.progress.commit()  # members are moved into place next
@@ -311,34 +450,6 @@ def _extract(chunks: Iterator[Chunk], head: bytes, stream: Source, job: _Job) ->
             verify=verify_then_commit,
             max_members=job.options.archive_max_members,
         )
-
-
-def _refuse_early(
-    fmt: DiskFormat, head: bytes, stream: Source, compression: Compression, job: _Job
-) -> None:
-    """Errors the first bytes already prove, before anything is written."""
-    if fmt is DiskFormat.HTML:
-        raise FinalError(
-            "HtmlInsteadOfImage",
-            f"{stream.description} holds an HTML page, not a disk image; the link may have "
-            "expired or need a login",
-        )
-    unsupported = unsupported_format(head)
-    if unsupported:
-        raise FinalError(
-            "UnsupportedFormat",
-            f"the image is {unsupported}, which diskflow does not import; supported formats: "
-            "raw, iso, qcow2, vmdk, vdi, vhd, vhdx",
-        )
-    reference = outside_reference(fmt, head)
-    if reference:
-        raise FinalError(*reference)
-    if not head:
-        raise FinalError("InvalidImage", f"{stream.description} is empty")
-    job.raw_size = stream.size if compression is Compression.NONE and fmt.streams else None
-    # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
-    if job.raw_size is not None:
-        job.bound.check("size", job.raw_size, slack=VHD_FOOTER_SIZE)
 
 
 def _write_raw(chunks: Iterator[Chunk], fmt: DiskFormat, job: _Job) -> tuple[int, DiskFormat]:
