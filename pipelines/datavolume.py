@@ -1,21 +1,28 @@
-"""The DataVolume that imports a published image: diskflow's API (diskflow.io/v1beta1), whose
-spec is CDI's field for field, plus the image's checksum on the http and s3 sources."""
+"""The DataVolume that imports a published build: importer.api's model (diskflow.io/v1beta1,
+CDI's spec field for field) filled from the build, with the image's checksum on its http or
+s3 source, written out as a manifest."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import yaml
 
+from importer.api import (
+    VOLUME_MODES,
+    DataVolume,
+    HttpSource,
+    S3Source,
+    Spec,
+    Storage,
+    is_dns_subdomain,
+)
 from importer.capacity import MiB
 from importer.errors import FinalError
 from importer.quantity import format_quantity
 from pipelines.publish.publication import Published
 
-API_VERSION = "diskflow.io/v1beta1"
-VOLUME_MODES = ("Filesystem", "Block")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_SOURCES = {HttpSource.KIND: HttpSource, S3Source.KIND: S3Source}
 
 
 def datavolume(
@@ -27,9 +34,10 @@ def datavolume(
     volume_mode: str | None = None,
     secret_ref: str | None = None,
 ) -> dict[str, Any]:
-    """A DataVolume importing `published`: its URL and checksum, and a volume just large
-    enough for its virtual size. `secret_ref` names a Secret with the store's credentials."""
-    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(name):
+    """The manifest of a DataVolume importing `published`: its URL and checksum, and a volume
+    just large enough for its virtual size. `secret_ref` names a Secret with the store's
+    credentials."""
+    if not is_dns_subdomain(name):
         raise FinalError(
             "InvalidArgument",
             f"DataVolume name {name!r} must be lowercase letters, digits, '-' and '.' "
@@ -47,35 +55,35 @@ def datavolume(
         raise FinalError(
             "InvalidArgument", "the manifest has no output.virtual_size to size the volume from"
         )
-    source: dict[str, Any] = {"url": published.source.url, "checksum": f"sha256:{published.sha256}"}
-    if secret_ref:
-        source["secretRef"] = secret_ref
-    storage: dict[str, Any] = {
-        "resources": {"requests": {"storage": storage_request(published.virtual_size)}}
-    }
-    if storage_class:
-        storage["storageClassName"] = storage_class
-    if volume_mode:
-        storage["volumeMode"] = volume_mode
-    metadata: dict[str, Any] = {"name": name}
-    if namespace:
-        metadata["namespace"] = namespace
-    metadata["annotations"] = {
-        "diskflow.io/template": published.template,
-        "diskflow.io/build-id": published.build_id,
-    }
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "DataVolume",
-        "metadata": metadata,
-        "spec": {"source": {published.source.kind: source}, "storage": storage},
-    }
+    source = _SOURCES[published.source.kind](
+        url=published.source.url, secret_ref=secret_ref, checksum=f"sha256:{published.sha256}"
+    )
+    storage = Storage(
+        request=_request(published.virtual_size),
+        storage_class_name=storage_class,
+        volume_mode=volume_mode,
+    )
+    model = DataVolume(
+        name=name,
+        namespace=namespace,
+        annotations={
+            "diskflow.io/template": published.template,
+            "diskflow.io/build-id": published.build_id,
+        },
+        spec=Spec(source=source, storage=storage),
+    )
+    return model.to_manifest()
 
 
 def storage_request(virtual_size: int) -> str:
     """The storage request for an image of `virtual_size` bytes: the image's own size, as CDI
     means it (the controller adds the filesystem overhead when it sizes the PVC)."""
-    return format_quantity(max(virtual_size, MiB))
+    return format_quantity(_request(virtual_size))
+
+
+def _request(virtual_size: int) -> int:
+    # A volume is at least 1 MiB (CDI refuses smaller requests); a tiny image gets that.
+    return max(virtual_size, MiB)
 
 
 def to_yaml(manifest: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """DataVolume manifests for published images: the URL a cluster fetches really serves the image,
 the checksum is the image's, the volume is just large enough for diskflow's importer, and the
-manifest survives YAML."""
+manifest survives YAML, is what importer.api reads, and passes the CRD's schema."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import requests
 import yaml
 
 from importer import Checksum, HttpOptions, ImportOptions, S3Options, import_image
+from importer.api import DataVolume
 from importer.capacity import required_volume_size, usable_size
 from importer.errors import FinalError
 from importer.quantity import parse_quantity
@@ -21,6 +22,7 @@ from pipelines.datavolume import datavolume, storage_request, to_yaml
 from pipelines.publish import Published, find_published, open_store, publish_build
 from pipelines.publish.s3 import S3Store
 from tests.conftest import GiB, MiB, run
+from tests.contracts.test_crd import schema_errors
 from tests.support.stores import BUCKET, DAV_PASSWORD, DAV_USER, Dav, Image
 
 pytest_plugins = ["tests.support.stores"]
@@ -46,6 +48,8 @@ def fetched_sha256(url: str) -> str:
 def round_trip(manifest: dict) -> dict:
     text = to_yaml(manifest)
     assert yaml.safe_load(text) == manifest
+    assert schema_errors(manifest) == []
+    assert DataVolume.from_manifest(manifest).to_manifest() == manifest
     return manifest
 
 
@@ -72,7 +76,7 @@ def test_http_store_datavolume(webdav: Dav, qcow2: Image) -> None:
 def test_http_store_url_never_carries_credentials(webdav: Dav, qcow2: Image) -> None:
     base = f"{webdav.base}/basic/{uuid.uuid4().hex[:12]}"
     published = publish(base.replace("//", f"//{DAV_USER}:{DAV_PASSWORD}@", 1), qcow2)
-    dv = datavolume("centos9", published, secret_ref="artifactory-credentials")
+    dv = round_trip(datavolume("centos9", published, secret_ref="artifactory-credentials"))
     text = to_yaml(dv)
     assert DAV_PASSWORD not in text and DAV_USER not in text
     assert dv["spec"]["source"]["http"]["url"].startswith(base + "/")
