@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
+import ssl
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from enum import StrEnum
 from importlib.metadata import version
 from pathlib import Path
@@ -108,11 +112,11 @@ def import_command(
         list[str] | None, typer.Option(help="Extra request header 'Name: value'; repeatable.")
     ] = None,
     header_file: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             exists=True,
-            dir_okay=False,
-            help="File of secret 'Name: value' header lines, sent only to the URL's own host.",
+            help="File of secret 'Name: value' header lines, or a directory of such files (a "
+            "mounted Secret); repeatable. Sent only to the URL's own host.",
         ),
     ] = None,
     auth_file: Annotated[
@@ -124,9 +128,22 @@ def import_command(
             f"{PASSWORD_ENV}). Sent only to the URL's own host.",
         ),
     ] = None,
+    secret_dir: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="A mounted Secret holding accessKeyId and secretKey: basic auth (user, "
+            "password) for an http(s) SOURCE, the static key pair for an S3 one.",
+        ),
+    ] = None,
     ca_bundle: Annotated[
         Path | None,
-        typer.Option(exists=True, dir_okay=False, help="PEM file of CA certificates to trust."),
+        typer.Option(
+            exists=True,
+            help="PEM file of CA certificates to trust, or a directory whose files hold them "
+            "(a mounted ConfigMap).",
+        ),
     ] = None,
     insecure: Annotated[
         bool, typer.Option(help="Do not verify the server's TLS certificate.")
@@ -245,38 +262,50 @@ def import_command(
     def job(state: Progress) -> ImportResult:
         if ca_bundle and insecure:
             raise FinalError("InvalidArgument", "--ca-bundle and --insecure contradict each other")
-        options = ImportOptions(
-            size=parse_quantity(size) if size else None,
-            checksum=Checksum.parse(checksum) if checksum else None,
-            http=HttpOptions(
-                headers=tuple(
-                    parse_header(line, where=f"--header number {n}")
-                    for n, line in enumerate(header or [], 1)
+        auth, s3_keys = _credentials(auth_file, secret_dir, s3=source.startswith("s3://") or s3)
+        access_key, secret_key = s3_keys or (None, None)
+        with _ca_bundle(ca_bundle) as trusted:
+            options = ImportOptions(
+                size=parse_quantity(size) if size else None,
+                checksum=Checksum.parse(checksum) if checksum else None,
+                http=HttpOptions(
+                    headers=tuple(
+                        parse_header(line, where=f"--header number {n}")
+                        for n, line in enumerate(header or [], 1)
+                    ),
+                    secret_headers=_read_secret_headers(header_file or []),
+                    auth=auth,
+                    ca_bundle=trusted,
+                    insecure=insecure,
+                    retries=retries,
+                    backoff=retry_backoff,
+                    stall_timeout=stall_timeout,
+                    min_rate=min_rate,
+                    min_rate_window=min_rate_window,
                 ),
-                secret_headers=_read_secret_headers(header_file),
-                auth=_read_auth(auth_file),
-                ca_bundle=str(ca_bundle) if ca_bundle else None,
-                insecure=insecure,
-                retries=retries,
-                backoff=retry_backoff,
-                stall_timeout=stall_timeout,
-                min_rate=min_rate,
-                min_rate_window=min_rate_window,
-            ),
-            s3=s3_options(
-                s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file, cdi_url=s3
-            ),
-            connections=connections,
-            preallocate=preallocate,
-            filesystem_overhead=filesystem_overhead,
-            scratch_dir=str(scratch_dir) if scratch_dir else None,
-            content_type=content_type,
-            max_expansion=max_expansion,
-            decompression_memory=parse_quantity(decompression_memory),
-            archive_max_members=archive_max_members,
-            deadline=deadline,
-        )
-        return import_image(source, dest, options=options, progress=state)
+                s3=replace(
+                    s3_options(
+                        s3_endpoint,
+                        s3_region,
+                        s3_addressing,
+                        s3_profile,
+                        s3_credentials_file,
+                        cdi_url=s3,
+                    ),
+                    access_key=access_key,
+                    secret_key=secret_key,
+                ),
+                connections=connections,
+                preallocate=preallocate,
+                filesystem_overhead=filesystem_overhead,
+                scratch_dir=str(scratch_dir) if scratch_dir else None,
+                content_type=content_type,
+                max_expansion=max_expansion,
+                decompression_memory=parse_quantity(decompression_memory),
+                archive_max_members=archive_max_members,
+                deadline=deadline,
+            )
+            return import_image(source, dest, options=options, progress=state)
 
     metrics = (metrics_addr, metrics_port) if metrics_port is not None else None
     _run(job, progress, metrics=metrics, termination_log=termination_log)
@@ -405,6 +434,41 @@ def _finish(outcome: Outcome, mode: ProgressMode, termination_log: Path | None) 
         )
 
 
+def _credentials(
+    auth_file: Path | None, secret_dir: Path | None, *, s3: bool
+) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """(basic auth, static S3 keys): from --secret-dir, as basic auth for an http(s) source
+    and as the key pair for an S3 one; or basic auth from --auth-file or the environment."""
+    if secret_dir is None:
+        return _read_auth(auth_file), None
+    env = {USER_ENV, PASSWORD_ENV} & set(os.environ)
+    other = "--auth-file" if auth_file else f"{USER_ENV}/{PASSWORD_ENV}" if env else None
+    if other:
+        raise FinalError(
+            "InvalidArgument", f"--secret-dir and {other} both give credentials; give one of them"
+        )
+    keys = _secret_value(secret_dir, "accessKeyId"), _secret_value(secret_dir, "secretKey")
+    if s3:
+        return None, keys
+    return _basic_auth(*keys, where=f"--secret-dir {secret_dir}"), None
+
+
+def _secret_value(directory: Path, key: str) -> str:
+    """The value of `key` in a mounted Secret (one line; a final newline is not part of it).
+    Errors name the directory and the key, never what the file holds."""
+    path = directory / key
+    if not path.is_file():
+        raise FinalError("InvalidArgument", f"--secret-dir {directory} has no {key} file")
+    value = _read_secret_file(path).removesuffix("\n").removesuffix("\r")
+    if not value:
+        raise FinalError("InvalidArgument", f"{key} in --secret-dir {directory} is empty")
+    if "\n" in value or "\r" in value:
+        raise FinalError(
+            "InvalidArgument", f"{key} in --secret-dir {directory} holds more than one line"
+        )
+    return value
+
+
 def _read_auth(path: Path | None) -> tuple[str, str] | None:
     if path is not None:
         text = _read_secret_file(path).strip()
@@ -433,15 +497,21 @@ def _basic_auth(user: str, password: str, *, where: str) -> tuple[str, str]:
     return user, password
 
 
-def _read_secret_headers(path: Path | None) -> tuple[tuple[str, str], ...]:
-    if path is None:
-        return ()
-    lines = _read_secret_file(path).splitlines()
-    return tuple(
-        parse_header(line, where=f"line {n} of {path}")
-        for n, line in enumerate(lines, 1)
-        if line.strip()
-    )
+def _read_secret_headers(paths: list[Path]) -> tuple[tuple[str, str], ...]:
+    """The header lines of every --header-file: a file, or every file in a directory (a
+    mounted Secret of CDI's secretExtraHeaders). Errors name the file and line, never the
+    line itself: it may be a secret pasted without its name."""
+    headers: list[tuple[str, str]] = []
+    for path in paths:
+        files = _files_in(path, "--header-file") if path.is_dir() else [path]
+        for file in files:
+            lines = _read_secret_file(file).splitlines()
+            headers += (
+                parse_header(line, where=f"line {n} of {file}")
+                for n, line in enumerate(lines, 1)
+                if line.strip()
+            )
+    return tuple(headers)
 
 
 def _read_secret_file(path: Path) -> str:
@@ -449,6 +519,54 @@ def _read_secret_file(path: Path) -> str:
         return path.read_text()
     except OSError as exc:
         raise FinalError("InvalidArgument", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise FinalError("InvalidArgument", f"{path} is not UTF-8 text") from None
+
+
+def _files_in(directory: Path, option: str) -> list[Path]:
+    """The regular files of a directory, by name; for a mounted Secret or ConfigMap, its keys
+    (links to files in a hidden directory, which is left out like any directory)."""
+    files = sorted(path for path in directory.iterdir() if path.is_file())
+    if not files:
+        raise FinalError("InvalidArgument", f"{option} {directory} is a directory with no file")
+    return files
+
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?\r?\n-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+@contextmanager
+def _ca_bundle(path: Path | None) -> Iterator[str | None]:
+    """The --ca-bundle file to verify with: as given, or for a directory (a mounted
+    ConfigMap, as CDI's certConfigMap) a temporary file of the PEM certificates that all of its
+    files hold, for as long as the import runs (requests and botocore take only files)."""
+    if path is None or not path.is_dir():
+        yield str(path) if path else None
+        return
+    certificates: list[bytes] = []
+    for file in _files_in(path, "--ca-bundle"):
+        found = _PEM_CERTIFICATE.findall(file.read_bytes())
+        if not found:
+            continue  # a ConfigMap may hold other keys too
+        try:  # a broken certificate is named here, not blamed on the server's TLS later
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(
+                cadata=b"\n".join(found).decode("ascii")
+            )
+        except (ssl.SSLError, UnicodeDecodeError):
+            raise FinalError(
+                "InvalidArgument", f"{file} in --ca-bundle {path} holds a malformed certificate"
+            ) from None
+        certificates += found
+    if not certificates:
+        raise FinalError(
+            "InvalidArgument", f"--ca-bundle {path} holds no PEM certificate in any of its files"
+        )
+    with tempfile.NamedTemporaryFile(prefix="diskflow-ca-", suffix=".pem") as bundle:
+        bundle.write(b"\n".join(certificates) + b"\n")
+        bundle.flush()
+        yield bundle.name
 
 
 # The template half's commands live in their own module; registered here so there is one app.

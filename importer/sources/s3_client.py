@@ -58,14 +58,19 @@ def connect(
     attempts: int,
     sign_payload: bool | None = None,
 ) -> S3Connection:
-    """A client for the store at `endpoint` (None: AWS) with credentials from boto3's chain or
-    `s3.credentials_file`, making `attempts` tries per request (1: the caller retries).
+    """A client for the store at `endpoint` (None: AWS) with `s3`'s static keys, or else
+    credentials from boto3's chain or `s3.credentials_file`, making `attempts` tries per
+    request (1: the caller retries).
     `sign_payload=False` spares the sha256 of each body that SigV4 takes over plain http; only
     for a caller whose every body carries its own (signed) x-amz-checksum header."""
     if endpoint:
         _check_endpoint(endpoint)
     try:
-        session = boto3.session.Session(profile_name=s3.profile)
+        session = boto3.session.Session(
+            aws_access_key_id=s3.access_key,
+            aws_secret_access_key=s3.secret_key,
+            profile_name=s3.profile,
+        )
     except botocore.exceptions.ProfileNotFound:
         raise FinalError("InvalidArgument", f"there is no AWS profile {s3.profile!r}") from None
     if s3.credentials_file:

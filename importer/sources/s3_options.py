@@ -4,7 +4,7 @@ without boto3 (which takes a noticeable part of a second to import)."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from importer.errors import FinalError
@@ -24,8 +24,16 @@ class S3Options:
     profile: str | None = None
     credentials_file: str | None = None
     """An AWS shared-credentials file (INI) to read keys from, instead of the default."""
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    """A static key pair (CDI's `accessKeyId`/`secretKey`), used instead of boto3's chain;
+    neither is shown by repr()."""
     cdi_url: bool = False
     """Read an http(s) URL as CDI's S3 form https://host[:port]/bucket/key."""
+
+    def __post_init__(self) -> None:
+        if (self.access_key is None) != (self.secret_key is None):
+            raise FinalError("InvalidArgument", "a static S3 key needs both its id and its secret")
 
 
 def parse_location(location: str, options: S3Options) -> tuple[str, str, str | None]:
