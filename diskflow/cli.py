@@ -396,6 +396,11 @@ def guarded(
         raise typer.Exit(EXIT_FINAL) from None
 
 
+def print_failure(outcome: Outcome) -> None:
+    """The line every command prints when it fails: `error: MESSAGE [Reason]`."""
+    typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)
+
+
 def _resolve(mode: ProgressMode) -> ProgressMode:
     if mode is ProgressMode.AUTO:
         return ProgressMode.BAR if sys.stderr.isatty() else ProgressMode.JSON
@@ -425,7 +430,7 @@ def _finish(outcome: Outcome, mode: ProgressMode, termination_log: Path | None) 
         event = "done" if outcome.ok else "failed"
         print(json.dumps({"event": event, **outcome.to_dict()}), flush=True)
     if not outcome.ok:
-        typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)
+        print_failure(outcome)
     elif outcome.result and mode is not ProgressMode.JSON:
         result = outcome.result
         typer.echo(
@@ -577,3 +582,9 @@ app.command()(templates_cli.build)
 app.command()(templates_cli.publish)
 app.command()(templates_cli.worker)
 app.add_typer(templates_cli.ci_app, name="ci")
+
+# The Kubernetes side: the operator, and manifests from CDI.
+from diskflow import controller_cli, manifest_cli  # noqa: E402
+
+app.command()(controller_cli.controller)
+app.add_typer(manifest_cli.manifest_app, name="manifest")

@@ -447,7 +447,9 @@ def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
 
 
 def _print_failure(outcome: Outcome) -> None:
-    typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)
+    from diskflow.cli import print_failure  # cli registers this module's commands
+
+    print_failure(outcome)
 
 
 def _resolve(mode: EventMode) -> EventMode:

@@ -91,10 +91,12 @@ class Controller:
         self.scratch: dict[tuple[str, int], Scratch | None] = {}
         self.classes: dict[str, tuple[bool, float]] = {}  # binds on consumer?, when read
         self.tasks: list[asyncio.Task[None]] = []
+        self.ticking: asyncio.Task[None] | None = None
 
     # Events
 
     async def on_datavolume(self, event: dict[str, Any]) -> None:
+        self.tick_in_handler_context()
         body = event["object"]
         if event["type"] == "DELETED":
             self.forget(body)
@@ -107,6 +109,7 @@ class Controller:
             await self.reconcile(body["metadata"]["uid"])
 
     async def on_owned(self, event: dict[str, Any]) -> None:
+        self.tick_in_handler_context()
         body = event["object"]
         if event["type"] == "DELETED":
             self.store.remove(body)
@@ -138,7 +141,10 @@ class Controller:
                 return
             if dv.keep_pvc and KEEP_PVC_FINALIZER not in body["metadata"].get("finalizers", []):
                 await self.add_finalizer(body)
-            await self.carry_out(body, dv, decide(await self.observe(dv), self.config))
+            try:
+                await self.carry_out(body, dv, decide(await self.observe(dv), self.config))
+            finally:
+                self.starting.pop(uid, None)  # the slot is the pod's now, or not needed
             self.metrics.reconcile.observe(time.monotonic() - started)
 
     async def observe(self, dv: DataVolume) -> Observed:
@@ -160,14 +166,15 @@ class Controller:
             and (bound or (on_consumer and dv.bind_immediately))
             and phase not in (*TERMINAL, Phase.IMPORT_IN_PROGRESS)
         )
+        missing = await self.missing(dv) if may_start else ()
         return Observed(
             dv=dv,
             pvc=pvc,
             pod=pod,
             previous=previous,
             binds_on_consumer=on_consumer,
-            missing=await self.missing(dv) if may_start else (),
-            no_slot=self.no_slot(dv) if may_start else None,
+            missing=missing,
+            no_slot=self.reserve(dv) if may_start else None,
             sample=self.samples.get(dv.uid),
             stalled=self.stalled(dv.uid, pod),
             now=time.time(),
@@ -202,11 +209,7 @@ class Controller:
             else volume_size(dv, self.config)
         )
         pod = plan_pod(dv, pvc, attempt=attempt, size=size, scratch=scratch, config=self.config)
-        self.starting[dv.uid] = source_host(dv)
-        try:
-            await self.create(pod)
-        finally:
-            self.starting.pop(dv.uid, None)
+        await self.create(pod)
 
     async def create(self, obj: Body) -> Body | None:
         """Create `obj`, or read the one of its name that exists already."""
@@ -299,6 +302,15 @@ class Controller:
             if await self.kube.read(kind, dv.namespace, name) is None:
                 absent.append(f"{kind} {dv.namespace}/{name}")
         return tuple(absent)
+
+    def reserve(self, dv: DataVolume) -> str | None:
+        """Take an import slot for `dv` (at once: no other reconcile may see it free in
+        between), or say why there is none. `start` gives it back once the pod exists."""
+        assert dv.uid is not None
+        why = self.no_slot(dv)
+        if why is None:
+            self.starting[dv.uid] = source_host(dv)
+        return why
 
     def no_slot(self, dv: DataVolume) -> str | None:
         running = [
@@ -402,7 +414,12 @@ class Controller:
                 os._exit(1)  # the Deployment restarts the process, as a follower
 
             self.tasks.append(asyncio.create_task(hold()))
-        self.tasks.append(asyncio.create_task(self.tick_forever()))
+
+    def tick_in_handler_context(self) -> None:
+        """Start the tick from a handler: a task copies its creator's context, and kopf's
+        event posting works only in the handlers' context."""
+        if self.ticking is None:
+            self.ticking = asyncio.create_task(self.tick_forever())
 
     # The tick
 
@@ -429,7 +446,10 @@ class Controller:
             due = self.wake.get(uid, float("inf")) <= now
             if phase in (Phase.IMPORT_IN_PROGRESS, Phase.IMPORT_SCHEDULED, Phase.PVC_BOUND) or due:
                 self.wake.pop(uid, None)
-                await self.reconcile(uid)
+                try:
+                    await self.reconcile(uid)
+                except Exception:  # one DataVolume's trouble must not stop the others'
+                    log.exception("reconciling %s failed", _describe_body(body))
         self.metrics.count(
             (b.get("status", {}).get("phase", "Pending") for b in self.store.datavolumes.values()),
             len(self.active_pods()),
@@ -481,6 +501,11 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _describe_body(body: Body) -> str:
+    meta = body["metadata"]
+    return f"{body.get('kind', 'object')} {meta.get('namespace')}/{meta.get('name')}"
+
+
 def _phase(obj: Body | None) -> str | None:
     return (obj or {}).get("status", {}).get("phase")
 
@@ -496,6 +521,11 @@ def registry() -> kopf.OperatorRegistry:
         settings.watching.label_selectors["v1/persistentvolumeclaims"] = _MANAGED
         settings.watching.server_timeout = 300
         await memo.controller.lead()
+
+    @kopf.on.login(registry=handlers)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """The same credentials as the `kubernetes` client: in-cluster, else kubeconfig."""
+        return kopf.login_via_client(**kwargs)
 
     @kopf.index("v1", "pods", labels=MANAGED_BY, registry=handlers)
     @kopf.index("v1", "persistentvolumeclaims", labels=MANAGED_BY, registry=handlers)

@@ -215,6 +215,10 @@ def plan_pod(
         "containers": [container],
         "volumes": volumes,
     }
+    if spec.service_account_name:
+        # For ambient S3 credentials (IRSA, workload identity): their token is projected by
+        # the cluster's webhook, not the automounted API token, which stays off.
+        pod_spec["serviceAccountName"] = spec.service_account_name
     priority = spec.priority_class_name or config.priority_class_name
     if priority:
         pod_spec["priorityClassName"] = priority

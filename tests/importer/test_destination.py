@@ -206,12 +206,13 @@ def test_sigterm_after_the_commit_point_reports_success() -> None:
     """The CLI turns SIGTERM into an error, except once the import stands (renamed into
     place): then it must not report a completed import as `Terminated`."""
     from diskflow.cli import guarded
+    from importer.outcome import Outcome
 
     def job() -> str:
         os.kill(os.getpid(), signal.SIGTERM)
         return "done"
 
-    records: list[dict] = []
+    records: list[Outcome] = []
     previous = signal.getsignal(signal.SIGTERM)
     try:
         assert guarded(job, records.append, completed=lambda: True) == "done"
@@ -219,7 +220,7 @@ def test_sigterm_after_the_commit_point_reports_success() -> None:
         with pytest.raises(typer.Exit) as caught:
             guarded(job, records.append, completed=lambda: False)
         assert caught.value.exit_code == 75
-        assert records[-1]["reason"] == "Terminated"
+        assert records[-1].reason == "Terminated" and not records[-1].final
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -1,0 +1,523 @@
+"""The DataVolume controller end to end: the real operator process (`diskflow controller`)
+against the emulated API server, importer pods run by the kubelet stand-in as real
+`diskflow import` processes, images from real nginx / fault server / moto S3. What the
+stand-ins emulate and what they do not: tests/support/kube/README.md."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.conftest import Images, MiB, sha256
+from tests.controller.conftest import StartOperator
+from tests.support.faultserver import FaultServer
+from tests.support.kube import KubeServer
+from tests.support.kube.client import ApiError, poll
+from tests.support.kube.kubelet import Kubelet
+
+# Fast settings for tests: retries after a third of a second, progress every 0.2 s, and an
+# importer that gives up on a failing server at once (so the controller's retry is what runs).
+pytest_plugins = ["tests.support.stores"]
+
+FAST = (
+    "--progress-interval",
+    "0.2",
+    "--status-interval",
+    "0.5",
+    "--backoff-base",
+    "0.3",
+    "--backoff-max",
+    "1",
+    "--importer-arg=--retries",
+    "--importer-arg=0",
+    "--importer-arg=--retry-backoff",
+    "--importer-arg=0",
+)
+TIMEOUT = 90
+
+
+def start(operator: StartOperator, namespace: str, *extra: str) -> Any:
+    process = operator("diskflow", "controller", "--namespace", namespace, *FAST, *extra)
+    return process
+
+
+def datavolume(
+    name: str,
+    namespace: str,
+    source: dict[str, Any],
+    *,
+    size: str = "64Mi",
+    api: str = "cdi.kubevirt.io/v1beta1",
+    **spec: Any,
+) -> dict[str, Any]:
+    """A DataVolume as CDI users write them (apiVersion rewritten to diskflow's)."""
+    del api  # the emulator serves diskflow's API; CDI's manifests differ only in apiVersion
+    annotations = spec.pop("annotations", {})
+    return {
+        "apiVersion": "diskflow.io/v1beta1",
+        "kind": "DataVolume",
+        "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
+        "spec": {
+            "source": source,
+            "storage": {"resources": {"requests": {"storage": size}}},
+            **spec,
+        },
+    }
+
+
+def phase_is(*phases: str) -> Any:
+    return lambda dv: dv.get("status", {}).get("phase") in phases
+
+
+def wait_phase(
+    kube: KubeServer, namespace: str, name: str, *phases: str, timeout: float = TIMEOUT
+) -> dict[str, Any]:
+    return kube.client.wait_for(
+        "datavolumes", name, phase_is(*phases), namespace=namespace, timeout=timeout
+    )
+
+
+def disk(kubelet: Kubelet, namespace: str, claim: str) -> Path:
+    return kubelet.volume_path(namespace, claim) / "disk.img"
+
+
+def same_content(path: Path, reference: Path) -> bool:
+    """The raw image holds the reference's bytes, then zeros up to its (larger) size."""
+    with path.open("rb") as made, reference.open("rb") as want:
+        while chunk := want.read(MiB):
+            if made.read(len(chunk)) != chunk:
+                return False
+        return not made.read(MiB * 64).strip(b"\0")
+
+
+def test_http_import_shows_progress_and_fills_the_volume(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    images: Images,
+    faults: FaultServer,
+) -> None:
+    source = images.path("raw", "xz")
+    # Slow enough that progress shows up in status while it runs.
+    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 3, times=99)
+    kube.client.create(
+        datavolume(
+            "fedora", namespace, {"http": {"url": url, "checksum": f"sha256:{sha256(source)}"}}
+        )
+    )
+    start(operator, namespace)
+    running = kube.client.wait_for(
+        "datavolumes",
+        "fedora",
+        lambda dv: (
+            dv.get("status", {}).get("bytesDone", 0) > 0
+            and dv["status"]["phase"] == "ImportInProgress"
+        ),
+        namespace=namespace,
+        timeout=TIMEOUT,
+    )
+    assert running["status"]["progress"].endswith("%") and running["status"]["stage"] == "download"
+    assert running["status"]["bytesTotal"] == source.stat().st_size
+    done = wait_phase(kube, namespace, "fedora", "Succeeded", "Failed")
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["progress"] == "100.00%" and status["restartCount"] == 0
+    assert status["claimName"] == "fedora"
+    assert status["result"]["checksumVerified"] is True and status["result"]["format"] == "raw"
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Bound": "True", "Running": "False", "Ready": "True"}
+    assert same_content(disk(kubelet, namespace, "fedora"), images.raw)
+    # The completed pod is gone; the PVC stays, owned by the DataVolume.
+    kube.client.wait_gone("pods", "importer-fedora-0", namespace=namespace)
+    pvc = kube.client.get("persistentvolumeclaims", "fedora", namespace=namespace)
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
+    reasons = [e["reason"] for e in kube.client.events(namespace=namespace, involving="fedora")]
+    assert "ImportScheduled" in reasons and "Succeeded" in reasons
+
+
+def test_qcow2_gets_scratch_space_and_raw_does_not(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    images: Images,
+    nginx: str,
+    tmp_path: Path,
+) -> None:
+    kube.client.create(datavolume("q", namespace, {"http": {"url": f"{nginx}/disk.qcow2.gz"}}))
+    kube.client.create(datavolume("r", namespace, {"http": {"url": f"{nginx}/disk.raw.zst"}}))
+    start(operator, namespace)
+    for name in ("q", "r"):
+        assert wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]["phase"] == (
+            "Succeeded"
+        )
+    spec = {p.pod: p for p in kubelet.processes(namespace)}
+    assert "--scratch-dir" in spec["importer-q-0"].argv
+    assert "--scratch-dir" not in spec["importer-r-0"].argv
+    assert same_content(disk(kubelet, namespace, "q"), images.reference("qcow2", tmp_path))
+    assert same_content(disk(kubelet, namespace, "r"), images.raw)
+
+
+def test_blank_and_archive(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+    images: Images,
+) -> None:
+    import tarfile
+
+    archive = images.dir / "controller-archive.tar"
+    if not archive.exists():
+        with tarfile.open(archive, "w") as tar:
+            tar.add(images.path("raw"), arcname="inside/disk.raw")
+    kube.client.create(datavolume("blank", namespace, {"blank": {}}, size="16Mi"))
+    kube.client.create(
+        datavolume(
+            "tar", namespace, {"http": {"url": f"{nginx}/{archive.name}"}}, contentType="archive"
+        )
+    )
+    start(operator, namespace)
+    for name in ("blank", "tar"):
+        assert wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]["phase"] == (
+            "Succeeded"
+        )
+    blank = disk(kubelet, namespace, "blank")
+    assert blank.stat().st_size >= 16 * MiB and not blank.read_bytes().strip(b"\0")
+    extracted = kubelet.volume_path(namespace, "tar") / "inside" / "disk.raw"
+    assert sha256(extracted) == sha256(images.path("raw"))
+
+
+def test_s3_with_a_secret_in_cdis_layout(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    images: Images,
+    moto_s3: str,
+) -> None:
+    bucket, key = f"b{uuid.uuid4().hex[:10]}", "images/disk.qcow2.xz"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_s3,
+        region_name="us-east-1",
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="s3cr3t",
+    )
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(images.path("qcow2", "xz")), bucket, key)
+    secret = {"accessKeyId": "AKIDEXAMPLE", "secretKey": "s3cr3t-never-shown"}
+    kube.client.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s3-creds", "namespace": namespace},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret.items()},
+        }
+    )
+    kube.client.create(
+        datavolume(
+            "s3", namespace, {"s3": {"url": f"{moto_s3}/{bucket}/{key}", "secretRef": "s3-creds"}}
+        )
+    )
+    start(operator, namespace)
+    done = wait_phase(kube, namespace, "s3", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    pod_args = " ".join(kubelet.processes(namespace)[0].argv)
+    assert "s3cr3t" not in pod_args and "AKIDEXAMPLE" not in pod_args
+    assert "s3cr3t" not in str(done) and "s3cr3t" not in str(
+        kube.client.events(namespace=namespace)
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [({"status": 404, "times": 99}, "NotFound"), ({"html": 1, "times": 99}, "HtmlInsteadOfImage")],
+)
+def test_final_failures_fail_at_once_without_retry(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    fault: dict[str, Any],
+    reason: str,
+) -> None:
+    url = faults.url(uuid.uuid4().hex, "disk.raw.xz", **fault)
+    kube.client.create(datavolume("bad", namespace, {"http": {"url": url}}))
+    start(operator, namespace)
+    status = wait_phase(kube, namespace, "bad", "Failed", "Succeeded")["status"]
+    assert status["phase"] == "Failed" and status["reason"] == reason
+    assert status["restartCount"] == 0 and len(kubelet.processes(namespace)) == 1
+    events = kube.client.events(namespace=namespace, involving="bad")
+    assert any(e["type"] == "Warning" and e["reason"] == reason for e in events)
+
+
+def test_checksum_mismatch_and_an_image_too_large_for_its_volume(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+) -> None:
+    kube.client.create(
+        datavolume(
+            "sum",
+            namespace,
+            {"http": {"url": f"{nginx}/disk.raw.gz", "checksum": "sha256:" + "0" * 64}},
+        )
+    )
+    kube.client.create(
+        datavolume("small", namespace, {"http": {"url": f"{nginx}/disk.raw.gz"}}, size="8Mi")
+    )
+    start(operator, namespace)
+    checksum = wait_phase(kube, namespace, "sum", "Failed", "Succeeded")["status"]
+    assert checksum["reason"] == "ChecksumMismatch"
+    small = wait_phase(kube, namespace, "small", "Failed", "Succeeded")["status"]
+    assert small["reason"] == "ImageTooLarge" and small["restartCount"] == 0
+    assert not disk(kubelet, namespace, "sum").exists()  # nothing half-written looks complete
+
+
+def test_a_transient_failure_is_retried_with_a_new_pod(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    images: Images,
+) -> None:
+    url = faults.url(uuid.uuid4().hex, "disk.raw.xz", status=503, times=1)
+    kube.client.create(datavolume("flaky", namespace, {"http": {"url": url}}))
+    start(operator, namespace, "--no-probe")  # the probe would take the one failure
+    status = wait_phase(kube, namespace, "flaky", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded" and status["restartCount"] == 1
+    assert [p.pod for p in kubelet.processes(namespace)] == [
+        "importer-flaky-0",
+        "importer-flaky-1",
+    ]
+    assert same_content(disk(kubelet, namespace, "flaky"), images.raw)
+    reasons = [e["reason"] for e in kube.client.events(namespace=namespace, involving="flaky")]
+    assert "ServerError" in reasons
+
+
+def test_the_retry_limit_ends_in_failed(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+) -> None:
+    url = faults.url(uuid.uuid4().hex, "disk.raw.xz", status=503, times=99)
+    kube.client.create(datavolume("down", namespace, {"http": {"url": url}}, retryLimit=1))
+    start(operator, namespace)
+    status = wait_phase(kube, namespace, "down", "Failed", "Succeeded")["status"]
+    assert status["reason"] == "RetryLimitExceeded" and "[ServerError]" in status["message"]
+    assert status["restartCount"] == 1 and len(kubelet.processes(namespace)) == 2
+
+
+def test_a_pod_deleted_mid_import_is_replaced(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    images: Images,
+) -> None:
+    source = images.path("raw", "xz")
+    token = uuid.uuid4().hex
+    url = faults.url(token, source.name, rate=source.stat().st_size // 4, times=1)
+    kube.client.create(datavolume("gone", namespace, {"http": {"url": url}}))
+    start(operator, namespace)
+    wait_phase(kube, namespace, "gone", "ImportInProgress")
+    kubelet.vanish(namespace, "importer-gone-0")
+    status = wait_phase(kube, namespace, "gone", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded" and status["restartCount"] == 1
+    reasons = [e["reason"] for e in kube.client.events(namespace=namespace, involving="gone")]
+    assert "PodLost" in reasons
+
+
+def test_deleting_a_datavolume_mid_import_leaves_nothing(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    images: Images,
+) -> None:
+    source = images.path("raw", "xz")
+    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 10, times=9)
+    kube.client.create(datavolume("bye", namespace, {"http": {"url": url}}))
+    start(operator, namespace)
+    wait_phase(kube, namespace, "bye", "ImportInProgress")
+    kube.client.delete("datavolumes", "bye", namespace=namespace)
+    kube.client.wait_gone("datavolumes", "bye", namespace=namespace)
+    kube.client.wait_gone("persistentvolumeclaims", "bye", namespace=namespace, timeout=30)
+    kube.client.wait_gone("pods", "importer-bye-0", namespace=namespace, timeout=30)
+    poll(lambda: not kubelet.running(namespace), timeout=30, what="the importer still runs")
+
+
+def test_a_restarted_controller_adopts_the_running_pod(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    images: Images,
+) -> None:
+    source = images.path("raw", "xz")
+    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 4, times=9)
+    kube.client.create(datavolume("adopt", namespace, {"http": {"url": url}}))
+    first = start(operator, namespace)
+    wait_phase(kube, namespace, "adopt", "ImportInProgress")
+    first.kill()
+    start(operator, namespace)
+    status = wait_phase(kube, namespace, "adopt", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded" and status["restartCount"] == 0
+    assert [p.pod for p in kubelet.processes(namespace)] == ["importer-adopt-0"]
+
+
+def test_the_admission_limit_makes_the_next_one_wait_then_run(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    images: Images,
+) -> None:
+    source = images.path("raw", "xz")
+    token = uuid.uuid4().hex
+    slow = faults.url(token, source.name, rate=source.stat().st_size // 3, times=99)
+    for name in ("one", "two"):
+        kube.client.create(datavolume(name, namespace, {"http": {"url": slow}}))
+    start(operator, namespace, "--max-imports", "1")
+    waiting = kube.client.wait_for(
+        "datavolumes",
+        "two",
+        lambda dv: any(
+            c["reason"] == "WaitingForImportSlot"
+            for c in dv.get("status", {}).get("conditions", [])
+        ),
+        namespace=namespace,
+        timeout=TIMEOUT,
+    )
+    assert waiting["status"]["phase"] == "ImportScheduled"
+    assert "1 of at most 1" in waiting["status"]["message"]
+    for name in ("one", "two"):
+        assert wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]["phase"] == (
+            "Succeeded"
+        )
+    assert len(kubelet.processes(namespace)) == 2
+
+
+def test_a_missing_secret_is_a_condition_until_it_appears(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+) -> None:
+    kube.client.create(
+        datavolume(
+            "auth", namespace, {"http": {"url": f"{nginx}/disk.raw.gz", "secretRef": "later"}}
+        )
+    )
+    start(operator, namespace)
+    waiting = kube.client.wait_for(
+        "datavolumes",
+        "auth",
+        lambda dv: "Secret" in dv.get("status", {}).get("message", ""),
+        namespace=namespace,
+        timeout=TIMEOUT,
+    )
+    assert f"Secret {namespace}/later" in waiting["status"]["message"]
+    assert not kubelet.processes(namespace)  # no crash-looping pod
+    events = kube.client.events(namespace=namespace, involving="auth")
+    assert any(e["reason"] == "WaitingForObjects" for e in events)
+    data = {
+        "accessKeyId": base64.b64encode(b"u").decode(),
+        "secretKey": base64.b64encode(b"p").decode(),
+    }
+    kube.client.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "later", "namespace": namespace},
+            "data": data,
+        }
+    )
+    status = wait_phase(kube, namespace, "auth", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded", status  # nginx ignores the credentials
+
+
+def test_wait_for_first_consumer_is_honoured_unless_immediate_binding_is_asked(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+) -> None:
+    source = {"http": {"url": f"{nginx}/disk.raw.gz"}}
+    waits = datavolume("waits", namespace, source)
+    waits["spec"]["storage"]["storageClassName"] = "wffc"
+    now = datavolume(
+        "now",
+        namespace,
+        source,
+        annotations={"cdi.kubevirt.io/storage.bind.immediate.requested": "true"},
+    )
+    now["spec"]["storage"]["storageClassName"] = "wffc"
+    kube.client.create(waits)
+    kube.client.create(now)
+    start(operator, namespace)
+    assert (
+        wait_phase(kube, namespace, "now", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
+    )
+    assert wait_phase(kube, namespace, "waits", "WaitForFirstConsumer")
+    assert [p.pod for p in kubelet.processes(namespace)] == ["importer-now-0"]
+
+
+def test_the_schema_refuses_malformed_datavolumes_naming_the_field(
+    kube: KubeServer,
+    namespace: str,
+) -> None:
+    two = datavolume("two", namespace, {"http": {"url": "https://x/y"}, "blank": {}})
+    with pytest.raises(ApiError) as caught:
+        kube.client.create(two)
+    assert caught.value.code == 422 and "spec.source" in str(caught.value)
+    mode = datavolume("mode", namespace, {"blank": {}})
+    mode["spec"]["storage"]["volumeMode"] = "block"
+    with pytest.raises(ApiError) as caught:
+        kube.client.create(mode)
+    assert "volumeMode" in str(caught.value)
+
+
+def test_only_the_lease_holder_acts(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+) -> None:
+    lease = ("--lease-namespace", namespace)
+    leader = start(operator, namespace, *lease)
+    leader.wait_for_output("holding lease")
+    follower = start(operator, namespace, *lease)
+    follower.wait_for_output("waiting for lease")
+    kube.client.create(datavolume("one", namespace, {"http": {"url": f"{nginx}/disk.raw.gz"}}))
+    assert (
+        wait_phase(kube, namespace, "one", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
+    )
+    assert [p.pod for p in kubelet.processes(namespace)] == ["importer-one-0"]
+    leader.kill()
+    follower.wait_for_output("holding lease", timeout=60)
+    kube.client.create(datavolume("two", namespace, {"http": {"url": f"{nginx}/disk.raw.gz"}}))
+    assert (
+        wait_phase(kube, namespace, "two", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
+    )
