@@ -12,17 +12,20 @@ from typing import Any
 
 import boto3
 import pytest
+import yaml
 
-from tests.conftest import Images, MiB, sha256
+from tests.conftest import Images, MiB, run, sha256
 from tests.controller.conftest import StartOperator
 from tests.support.faultserver import FaultServer
+from tests.support.installer import Installer, write_template
 from tests.support.kube import KubeServer
 from tests.support.kube.client import ApiError, poll
 from tests.support.kube.kubelet import Kubelet
+from tests.support.stores import ACCESS_KEY, BUCKET, SECRET_KEY
 
 # Fast settings for tests: retries after a third of a second, progress every 0.2 s, and an
 # importer that gives up on a failing server at once (so the controller's retry is what runs).
-pytest_plugins = ["tests.support.stores"]
+pytest_plugins = ["tests.support.installer", "tests.support.stores"]
 
 FAST = (
     "--progress-interval",
@@ -521,3 +524,49 @@ def test_only_the_lease_holder_acts(
     assert (
         wait_phase(kube, namespace, "two", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
     )
+
+
+def test_the_template_pipelines_datavolume_applied_as_is(
+    kube: KubeServer,
+    operator: StartOperator,
+    minimal_installer: Installer,
+    vm_dir: Path,
+    tmp_path: Path,
+    moto_s3: str,
+) -> None:
+    """A template built with the test installer and published to S3; the datavolume.yaml the
+    build wrote is applied unchanged, and the volume ends up holding the published image."""
+    from importer import S3Options
+    from pipelines.accel import Accel
+    from pipelines.build import BuildOptions
+    from pipelines.steps import BuildRequest, PublishOptions, build_template
+
+    kickstart = write_template(tmp_path, minimal_installer, "golden")
+    build = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)
+    publish = PublishOptions(s3=S3Options(endpoint=moto_s3), namespace="golden-images")
+    state = build_template(
+        BuildRequest(
+            kickstart=str(kickstart),
+            output=str(tmp_path / "out"),
+            workdir=str(vm_dir),
+            build=build,
+            publish_to=f"s3://{BUCKET}/t-{uuid.uuid4().hex[:8]}",
+            publish=publish,
+        )
+    )
+    manifest = yaml.safe_load((tmp_path / "out/golden/datavolume.yaml").read_text())
+    kube.client.create(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "golden-images"}}
+    )
+    kube.client.create(manifest)
+    start(operator, "golden-images")
+    name = manifest["metadata"]["name"]
+    # The DataVolume names no Secret: its pods read S3 with the node's ambient identity.
+    ambient = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    with Kubelet(kube, tmp_path / "node", extra_env=ambient) as kubelet:
+        status = wait_phase(kube, "golden-images", name, "Succeeded", "Failed")["status"]
+        assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
+        assert status["result"]["format"] == "qcow2" and status["result"]["checksumVerified"]
+        published = tmp_path / "published.raw"
+        run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", state.image or "", published)
+        assert same_content(disk(kubelet, "golden-images", name), published)

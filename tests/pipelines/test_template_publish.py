@@ -87,7 +87,7 @@ def test_build_published_to_s3_with_a_datavolume_then_skipped_until_forced(
         "url": f"{moto_s3}/{BUCKET}/{key}/s3golden.qcow2",
         "checksum": f"sha256:{stored['output']['sha256']}",
     }
-    assert datavolume["spec"]["storage"]["resources"]["requests"]["storage"] == "1Gi"
+    assert datavolume["spec"]["storage"]["resources"]["requests"]["storage"] == "64Mi"
     assert_imports_to_the_installed_disk(
         datavolume, kickstart, tmp_path, s3=S3Options(endpoint=moto_s3, cdi_url=True)
     )
