@@ -101,8 +101,12 @@ class Controller:
         if event["type"] == "DELETED":
             self.forget(body)
             return
+        before = self.store.datavolumes.get(body["metadata"]["uid"])
         if not self.store.put(body):
             return
+        if before is not None and _spec_changed_after_the_end(before, body):
+            message = "the import has ended: a changed spec is ignored (make a new DataVolume)"
+            self.post(body, Event("Warning", "SpecChangeIgnored", message))
         if body["metadata"].get("deletionTimestamp"):
             await self.release(body)
         else:
@@ -415,6 +419,13 @@ class Controller:
 
             self.tasks.append(asyncio.create_task(hold()))
 
+    async def stop(self) -> None:
+        """Stop the tick and the lease's renewal (kopf waits for what still runs)."""
+        tasks = [t for t in (*self.tasks, self.ticking) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def tick_in_handler_context(self) -> None:
         """Start the tick from a handler: a task copies its creator's context, and kopf's
         event posting works only in the handlers' context."""
@@ -501,6 +512,12 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _spec_changed_after_the_end(before: Body, after: Body) -> bool:
+    phase = before.get("status", {}).get("phase")
+    generations = (before["metadata"].get("generation"), after["metadata"].get("generation"))
+    return phase in TERMINAL and generations[0] != generations[1]
+
+
 def _describe_body(body: Body) -> str:
     meta = body["metadata"]
     return f"{body.get('kind', 'object')} {meta.get('namespace')}/{meta.get('name')}"
@@ -517,10 +534,15 @@ def registry() -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=handlers)
     async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         settings.posting.level = logging.WARNING  # kopf's own chatter is no user's event
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # a line per event
         settings.watching.label_selectors["v1/pods"] = _MANAGED
         settings.watching.label_selectors["v1/persistentvolumeclaims"] = _MANAGED
         settings.watching.server_timeout = 300
         await memo.controller.lead()
+
+    @kopf.on.cleanup(registry=handlers)
+    async def stop(memo: kopf.Memo, **_: Any) -> None:
+        await memo.controller.stop()
 
     @kopf.on.login(registry=handlers)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -196,6 +196,22 @@ def test_blank_and_archive(
     assert blank.stat().st_size >= 16 * MiB and not blank.read_bytes().strip(b"\0")
     extracted = kubelet.volume_path(namespace, "tar") / "inside" / "disk.raw"
     assert sha256(extracted) == sha256(images.path("raw"))
+    # A finished DataVolume is not imported again: a spec change is ignored, saying so.
+    kube.client.patch(
+        "datavolumes", "blank", {"spec": {"preallocation": True}}, namespace=namespace
+    )
+    poll(
+        lambda: any(
+            e["reason"] == "SpecChangeIgnored"
+            for e in kube.client.events(namespace=namespace, involving="blank")
+        ),
+        timeout=30,
+        what="no SpecChangeIgnored event",
+    )
+    assert kube.client.get("datavolumes", "blank", namespace=namespace)["status"]["phase"] == (
+        "Succeeded"
+    )
+    assert len(kubelet.processes(namespace)) == 2
 
 
 def test_s3_with_a_secret_in_cdis_layout(
