@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything and run the whole test suite (lint included). Run as root on Debian 12.
-# Then the importer's tests and the demo run again on Debian's own Python (/usr/bin/python3,
+# Then the importer's and the contracts' tests, the controller's pure parts and the demo run
+# again on Debian's own Python (/usr/bin/python3,
 # 3.11.2 on Debian 12: what container images built from Debian packages have), when the
 # Python that made .venv is another one.
 set -euo pipefail
@@ -27,13 +28,14 @@ pytest .venv "$@"
 debian_python=/usr/bin/python3
 if [[ $# -eq 0 && -x $debian_python ]] &&
    [[ "$("$debian_python" -VV)" != "$(.venv/bin/python -VV)" ]]; then
-    echo "== the importer's tests and the demo on $("$debian_python" -V) ($debian_python)"
+    echo "== the importer's tests, the contracts and the demo on $("$debian_python" -V) ($debian_python)"
     if [[ ! -x .venv-debian/bin/python ]]; then
         "$debian_python" -m venv .venv-debian
     fi
     .venv-debian/bin/python -m pip install -q --upgrade "pip>=24"
     .venv-debian/bin/python -m pip install -q -e ".[test]"
-    pytest .venv-debian tests/importer
+    pytest .venv-debian tests/importer tests/contracts tests/controller/test_plan.py \
+        tests/controller/test_decide.py
     demo=$(mktemp -d)
     .venv-debian/bin/diskflow demo "$demo" --progress none
     rm -rf "$demo"
