@@ -24,6 +24,8 @@ from importer.reasons import Reason
 TERMINAL = (Phase.SUCCEEDED, Phase.FAILED)
 WAITING_FOR_SLOT = "WaitingForImportSlot"
 WAITING_FOR_OBJECTS = "WaitingForObjects"
+STARTING = ("False", "Pending", "the importer pod is starting")
+UNBOUND = ("False", "Pending", "waiting for the PVC to bind")
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,7 @@ def decide(seen: Observed, config: ControllerConfig) -> Plan:
     status = dataclasses.replace(status, claim_name=dv.name)
     step = _Step(seen, config, status)
     if seen.pvc is None:
-        return step.plan(
-            Phase.PENDING, create_pvc=True, bound=("False", "Pending", "the PVC is being created")
-        )
+        return step.plan(Phase.PENDING, create_pvc=True, bound=UNBOUND)
     bound = _pvc_phase(seen.pvc) == "Bound"
     if not bound:
         if seen.binds_on_consumer and not dv.bind_immediately:
@@ -136,7 +136,7 @@ class _Step:
             old.conditions, self.seen.now, Bound=bound, Running=running, Ready=ready
         )
         new = dataclasses.replace(old, phase=phase, conditions=conditions)
-        if new.phase != old.phase:
+        if new.phase != old.phase and phase is not Phase.PENDING:  # Pending: nothing yet
             failed = phase is Phase.FAILED
             message = new.message if failed and new.message else _phase_message(phase, new)
             self.events.append(
@@ -187,7 +187,7 @@ class _Step:
             Phase.IMPORT_SCHEDULED,
             start_attempt=self.attempt,
             delete_pods=stale,
-            running=("False", "Pending", "the importer pod is starting"),
+            running=STARTING,
         )
 
     def with_pod(self, pod: dict[str, Any]) -> Plan:
@@ -196,9 +196,11 @@ class _Step:
             return self.ended(pod)
         if phase != "Running":
             waiting = _container_state(pod).get("waiting", {})
-            reason = waiting.get("reason", "Pending")
+            if "reason" not in waiting:  # as when it was made: no status write for nothing
+                return self.plan(Phase.IMPORT_SCHEDULED, running=STARTING)
             return self.plan(
-                Phase.IMPORT_SCHEDULED, running=("False", reason, waiting.get("message", ""))
+                Phase.IMPORT_SCHEDULED,
+                running=("False", waiting["reason"], waiting.get("message", "")),
             )
         if self.seen.stalled:
             message = f"no progress for {self.config.stall_timeout:g}s; the importer pod is ended"
@@ -355,7 +357,6 @@ def _conditions(
 
 def _phase_message(phase: Phase, status: Status) -> str:
     return {
-        Phase.PENDING: "waiting for the PVC",
         Phase.WAIT_FOR_FIRST_CONSUMER: "the PVC waits for its first consumer",
         Phase.PVC_BOUND: f"PVC {status.claim_name} bound",
         Phase.IMPORT_SCHEDULED: "the importer pod is scheduled",

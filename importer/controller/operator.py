@@ -32,7 +32,15 @@ from importer.api import (
 from importer.capacity import required_volume_size
 from importer.controller.admission import no_slot
 from importer.controller.config import ControllerConfig
-from importer.controller.decide import TERMINAL, Event, Observed, Plan, decide
+from importer.controller.decide import (
+    TERMINAL,
+    WAITING_FOR_OBJECTS,
+    WAITING_FOR_SLOT,
+    Event,
+    Observed,
+    Plan,
+    decide,
+)
 from importer.controller.kube import Kube
 from importer.controller.lease import Lease
 from importer.controller.metrics import ControllerMetrics
@@ -55,6 +63,7 @@ from importer.quantity import parse_quantity
 
 log = logging.getLogger("diskflow.controller")
 KEEP_PVC_FINALIZER = "diskflow.io/keep-pvc"
+PROBE_TTL = 600.0  # seconds a probe's answer about a source stands
 PROGRESS_FIELDS = ("progress", "stage", "bytes_done", "bytes_total", "throughput")
 _MANAGED = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
 
@@ -88,7 +97,7 @@ class Controller:
         self.written: dict[str, float] = {}  # last status write (monotonic)
         self.wake: dict[str, float] = {}  # reconcile again at (epoch seconds)
         self.starting: dict[str, str | None] = {}  # dv uid → source host, pods being made
-        self.scratch: dict[tuple[str, int], Scratch | None] = {}
+        self.probes: dict[tuple[Any, ...], tuple[asyncio.Future[bool | str], float]] = {}
         self.classes: dict[str, tuple[bool, float]] = {}  # binds on consumer?, when read
         self.tasks: list[asyncio.Task[None]] = []
         self.ticking: asyncio.Task[None] | None = None
@@ -342,38 +351,46 @@ class Controller:
         """Scratch space, decided before the pod starts: none for what streams (raw and iso,
         compressed or not; archives; blank), sized by the request for what converts. The
         source is probed from here to tell; where it cannot be, scratch is given anyway."""
-        assert dv.uid is not None
         source = dv.spec.source
         if isinstance(source, BlankSource) or dv.spec.content_type is ContentType.ARCHIVE:
             return None
-        key = (dv.uid, self.store.datavolumes[dv.uid]["metadata"].get("generation", 0))
-        if key in self.scratch:
-            return self.scratch[key]
-        request = dv.spec.storage.request or 0
-        scratch: Scratch | None = Scratch(required_volume_size(request))
-        reason = None
+        scratch = Scratch(required_volume_size(dv.spec.storage.request))
         if not self.config.probe:
-            reason = "probing is off (--no-probe)"
+            why = "probing is off (--no-probe)"
         elif (
             source.secret_ref
             or source.cert_config_map
             or (isinstance(source, HttpSource) and source.secret_extra_headers)
         ):
-            reason = "the source needs credentials or a CA the controller does not read"
+            why = "the source needs credentials or a CA the controller does not read"
         else:
-            try:
-                found = await asyncio.wait_for(
-                    asyncio.to_thread(_probe, dv), self.config.probe_timeout
-                )
-            except (ImportFailure, OSError, TimeoutError) as exc:
-                reason = f"probing the source failed ({_describe(exc)})"
-            else:
-                scratch = scratch if found.needs_scratch else None
-        if reason is not None:
-            message = f"a scratch volume is given because {reason}"
-            self.post(self.store.datavolumes[dv.uid], Event("Normal", "ScratchAssumed", message))
-        self.scratch[key] = scratch
+            found = await self.probe(dv)
+            if isinstance(found, bool):
+                return scratch if found else None
+            why = f"probing the source failed ({found})"
+        assert dv.uid is not None
+        message = f"a scratch volume is given because {why}"
+        self.post(self.store.datavolumes[dv.uid], Event("Normal", "ScratchAssumed", message))
         return scratch
+
+    async def probe(self, dv: DataVolume) -> bool | str:
+        """Whether `dv`'s source needs scratch space, or why that could not be told. Each
+        source is probed once and remembered for PROBE_TTL: a batch of DataVolumes of one
+        image costs one probe, not one each."""
+        now = time.monotonic()
+        for stale in [k for k, (_, when) in self.probes.items() if now - when > PROBE_TTL]:
+            del self.probes[stale]
+        key = _source_key(dv)
+        if key not in self.probes:
+            self.probes[key] = (asyncio.ensure_future(self._probe_once(dv)), now)
+        return await asyncio.shield(self.probes[key][0])
+
+    async def _probe_once(self, dv: DataVolume) -> bool | str:
+        try:
+            found = await asyncio.wait_for(asyncio.to_thread(_probe, dv), self.config.probe_timeout)
+        except (ImportFailure, OSError, TimeoutError) as exc:
+            return _describe(exc)
+        return bool(found.needs_scratch)
 
     # Deletion
 
@@ -453,9 +470,15 @@ class Controller:
         )
         for body in bodies:
             uid = body["metadata"]["uid"]
-            phase = body.get("status", {}).get("phase")
+            status = body.get("status", {})
             due = self.wake.get(uid, float("inf")) <= now
-            if phase in (Phase.IMPORT_IN_PROGRESS, Phase.IMPORT_SCHEDULED, Phase.PVC_BOUND) or due:
+            # Only what time alone moves: progress, a backoff's end, a slot or Secret that
+            # may have come; every other change arrives as an event.
+            if (
+                due
+                or status.get("phase") == Phase.IMPORT_IN_PROGRESS
+                or status.get("reason") in (WAITING_FOR_SLOT, WAITING_FOR_OBJECTS)
+            ):
                 self.wake.pop(uid, None)
                 try:
                     await self.reconcile(uid)
@@ -502,6 +525,17 @@ def _probe(dv: DataVolume) -> Any:
     else:
         s3 = S3Options(cdi_url=True, endpoint=source.endpoint, region=source.region)
     return probe(source.url, ImportOptions(http=http, s3=s3, content_type=dv.spec.content_type))
+
+
+def _source_key(dv: DataVolume) -> tuple[Any, ...]:
+    """What a probe's answer depends on: the source as the probe opens it."""
+    source = dv.spec.source
+    if isinstance(source, HttpSource):
+        where: tuple[Any, ...] = (source.extra_headers, source.insecure_skip_verify)
+    else:
+        assert isinstance(source, S3Source)
+        where = (source.endpoint, source.region)
+    return (type(source).__name__, source.url, *where, dv.spec.content_type)
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,11 +26,13 @@ class Store:
         self._gone: set[str] = set()
 
     def put(self, obj: Body) -> bool:
-        """Record `obj` unless a newer version of it is known; True if recorded."""
+        """Record `obj` unless this version of it or a newer one is known; True if recorded
+        (the watch's echo of the controller's own write is nothing new)."""
         meta = obj["metadata"]
         uid = meta["uid"]
         version = _version(meta)
-        if uid in self._gone or version < self._versions.get(uid, -1):
+        known = self._versions.get(uid)
+        if uid in self._gone or (known is not None and version >= 0 and version <= known):
             return False
         self._versions[uid] = version
         if obj.get("kind") == "DataVolume":
