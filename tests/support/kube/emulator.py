@@ -41,7 +41,7 @@ _ACTIONS = {
 }
 _PATCH_KINDS = {
     "application/merge-patch+json": "merge",
-    "application/strategic-merge-patch+json": "merge",  # lists replaced, not merged by key
+    "application/strategic-merge-patch+json": "strategic",
     "application/json-patch+json": "json",
 }
 

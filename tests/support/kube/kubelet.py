@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import itertools
 import os
+import random
 import re
 import signal
 import sys
@@ -31,6 +31,9 @@ from tests.support.kube.storage import Storage
 from tests.support.kube.store import TERMINAL, ApiError, Change, Store
 
 MESSAGE_LIMIT = 4096  # bytes of a termination message the kubelet keeps
+# Pod addresses handed out by any kubelet of this process: never given twice, so a socket
+# lingering from an earlier test (TIME_WAIT) cannot make a new pod's bind fail.
+_ADDRESSES_GIVEN: set[str] = set()
 _SUPPORTED_VOLUMES = ("persistentVolumeClaim", "emptyDir", "secret", "configMap")
 _REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _OPTION_PATH = re.compile(r"(--?[A-Za-z0-9][-A-Za-z0-9_.]*=)(/.*)")
@@ -82,6 +85,7 @@ class Worker:
     process: PodProcess | None = None
     action: tuple[str, asyncio.Future[None]] | None = None  # a test hook's request
     shown: tuple[str, str] | None = None  # the waiting reason and message last written
+    exited: asyncio.Future[int] | None = None  # the process's end, once started
 
 
 class Kubelet:
@@ -109,9 +113,6 @@ class Kubelet:
         self._processes: list[PodProcess] = []
         self._workers: dict[str, Worker] = {}
         self._ips: dict[str, str] = {}
-        self._addresses = (
-            f"127.0.{x}.{y}" for x, y in itertools.product(range(1, 256), range(1, 255))
-        )
         self._logs: dict[tuple[str, str], Path] = {}
         self._emitted: set[tuple[str, str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -222,9 +223,12 @@ class Kubelet:
     async def _detach(self) -> None:
         self.store.listeners.remove(self._notice)
         self.kube.emulator.pod_logs = None
+        ending = [w.exited for w in self._workers.values() if w.exited is not None]
         for worker in self._workers.values():
             if worker.process is not None:
                 _kill_group(worker.process.pid)
+        if ending:  # leave no process behind, nor its sockets
+            await asyncio.wait(ending, timeout=10)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -328,7 +332,7 @@ class Kubelet:
                 component="default-scheduler",
             )
         if meta["uid"] not in self._ips:
-            self._ips[meta["uid"]] = next(self._addresses)
+            self._ips[meta["uid"]] = _pod_address()
         ip = self._ips[meta["uid"]]
         pod_dir = self.root / "pods" / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
         (pod_dir / "tmp").mkdir(parents=True, exist_ok=True)
@@ -526,7 +530,7 @@ class Kubelet:
         self._emit(
             pod, "Normal", "Started", f"Started container {pod['spec']['containers'][0]['name']}"
         )
-        exited = asyncio.ensure_future(proc.wait())
+        exited = worker.exited = asyncio.ensure_future(proc.wait())
         outcome = await self._watch_process(worker, exited)
         process.returncode = _exit_code(exited.result())
         _kill_group(proc.pid)  # when a container's main process ends, the rest of it goes too
@@ -818,6 +822,16 @@ def _container_status(pod: dict[str, Any], state: dict[str, Any], *, ready: bool
         "state": state,
         "lastState": {},
     }
+
+
+def _pod_address() -> str:
+    """A loopback address of its own: random, so that test sessions running side by side on
+    one machine do not collide either (all of 127.0.0.0/8 reaches the host)."""
+    while True:
+        address = f"127.{random.randint(1, 254)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        if address not in _ADDRESSES_GIVEN:
+            _ADDRESSES_GIVEN.add(address)
+            return address
 
 
 def _exit_code(returncode: int) -> int:

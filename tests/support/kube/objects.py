@@ -114,6 +114,79 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
+# Lists a strategic merge patch merges rather than replaces (Kubernetes' patchStrategy
+# "merge"), by path in built-in objects: the merge key of their items, or None for a list of
+# scalars merged as a set.
+_MERGE_KEYS: dict[str, str | None] = {
+    "metadata.finalizers": None,
+    "metadata.ownerReferences": "uid",
+    "spec.containers": "name",
+    "spec.initContainers": "name",
+    "spec.volumes": "name",
+    "spec.imagePullSecrets": "name",
+    "spec.containers[].env": "name",
+    "spec.containers[].volumeMounts": "mountPath",
+    "spec.containers[].volumeDevices": "devicePath",
+    "spec.containers[].ports": "containerPort",
+    "spec.ports": "port",
+    "status.conditions": "type",
+    "status.addresses": "type",
+}
+
+
+def strategic_merge_patch(target: Any, patch: Any, path: str = "") -> Any:
+    """Kubernetes' strategic merge patch for built-in objects: a merge patch, except that
+    the lists above merge by key, and the `$patch` (replace, delete) and
+    `$deleteFromPrimitiveList` directives apply; ordering hints are ignored."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {key: copy.deepcopy(value) for key, value in patch.items() if key != "$patch"}
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        where = f"{path}.{key}" if path else key
+        if key.startswith("$deleteFromPrimitiveList/"):
+            field = key.partition("/")[2]
+            out[field] = [item for item in out.get(field) or [] if item not in value]
+        elif key.startswith("$"):
+            continue  # $setElementOrder, $retainKeys
+        elif value is None or (isinstance(value, dict) and value.get("$patch") == "delete"):
+            out.pop(key, None)
+        elif isinstance(value, list) and where in _MERGE_KEYS:
+            out[key] = _merge_list(out.get(key) or [], value, _MERGE_KEYS[where], where)
+        else:
+            out[key] = strategic_merge_patch(out.get(key), value, where)
+    return out
+
+
+def _merge_list(current: list[Any], items: list[Any], key: str | None, path: str) -> list[Any]:
+    if any(isinstance(item, dict) and item.get("$patch") == "replace" for item in items):
+        return [
+            copy.deepcopy(item)
+            for item in items
+            if not (isinstance(item, dict) and "$patch" in item)
+        ]
+    merged = list(current)
+    for item in items:
+        if key is None:
+            if item not in merged:
+                merged.append(item)
+            continue
+        at = next((n for n, old in enumerate(merged) if old.get(key) == item.get(key)), None)
+        if item.get("$patch") == "delete":
+            if at is not None:
+                del merged[at]
+        else:
+            merged_item = strategic_merge_patch(
+                None if at is None else merged[at], item, f"{path}[]"
+            )
+            if at is None:
+                merged.append(merged_item)
+            else:
+                merged[at] = merged_item
+    return merged
+
+
 def json_patch(target: dict[str, Any], operations: list[Any]) -> dict[str, Any]:
     """RFC 6902 JSON patch; raises ValueError (the server's 422) when it does not apply."""
     try:

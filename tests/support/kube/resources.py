@@ -69,9 +69,7 @@ BUILTIN = (
     _builtin("v1", "events", "Event", short=("ev",)),
     _builtin("v1", "services", "Service", short=("svc",), sub=("status",)),
     _builtin("v1", "serviceaccounts", "ServiceAccount", short=("sa",)),
-    _builtin(
-        "v1", "namespaces", "Namespace", namespaced=False, short=("ns",), sub=("status", "finalize")
-    ),
+    _builtin("v1", "namespaces", "Namespace", namespaced=False, short=("ns",), sub=("status",)),
     _builtin("v1", "nodes", "Node", namespaced=False, short=("no",), sub=("status",)),
     _builtin("events.k8s.io/v1", "events", "Event", short=("ev",)),
     _builtin(

@@ -297,8 +297,17 @@ class Store:
         subresource: str | None = None,
         dry_run: bool = False,
     ) -> dict[str, Any]:
-        """`kind` is "merge" (merge and strategic merge patches) or "json"."""
+        """`kind` is "merge", "strategic" or "json"."""
         old = self.get(rt, namespace, name)
+        if kind == "strategic" and rt.custom:
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types "
+                "include: application/json-patch+json, application/merge-patch+json, "
+                "application/apply-patch+yaml (strategic merge patches do not apply to "
+                "custom resources)",
+            )
         if kind == "json":
             if not isinstance(patch, list):
                 raise ApiError(
@@ -325,7 +334,8 @@ class Store:
             wanted = (patch.get("metadata") or {}).get("resourceVersion")
             if wanted and wanted != old["metadata"]["resourceVersion"]:
                 raise conflict(rt, name)
-            patched = objects.merge_patch(clone(old), patch)
+            merge = objects.strategic_merge_patch if kind == "strategic" else objects.merge_patch
+            patched = merge(clone(old), patch)
         return self._update(rt, old, patched, subresource, dry_run=dry_run)
 
     def modify(
