@@ -5,14 +5,18 @@ operator logging in; the kubelet stand-in running pods as processes)."""
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 import statistics
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kmock
+import kubernetes
 import pytest
 import requests
 
@@ -195,6 +199,7 @@ def test_names_labels_and_namespaces_are_checked(kube: KubeServer, namespace: st
         ("tier", ["a", "c"]),
         ("!tier", ["b", "d"]),
         ("app=db,!tier", ["b"]),
+        ("tier>0,app!=db", ["c"]),
     ],
 )
 def test_label_selectors(
@@ -310,28 +315,96 @@ def test_put_replaces_and_stale_resource_versions_conflict(
     assert client.get("wg", "a", namespace=namespace)["spec"]["size"] == 5
 
 
-def test_patch_content_types_as_the_real_server(kube: KubeServer, namespace: str) -> None:
-    kube.client.create(configmap("a", namespace) | {"data": {"k": "v", "gone": "soon"}})
+SMP = {"Content-Type": "application/strategic-merge-patch+json"}
+
+
+def test_patch_content_types_as_the_real_server(widgets: KubeServer, namespace: str) -> None:
+    client = widgets.client
+    client.create(configmap("a", namespace, finalizers=["x/a"]) | {"data": {"k": "v", "gone": "1"}})
     path = f"/api/v1/namespaces/{namespace}/configmaps/a"
-    for kind in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
-        kube.client.request(
-            "PATCH", path, json={"data": {"gone": None}}, headers={"Content-Type": kind}
+
+    def finalizers() -> list[str]:
+        return client.get("cm", "a", namespace=namespace)["metadata"]["finalizers"]
+
+    # A strategic merge patch merges the lists Kubernetes declares mergeable...
+    client.request("PATCH", path, json={"metadata": {"finalizers": ["x/b"]}}, headers=SMP)
+    assert finalizers() == ["x/a", "x/b"]
+    drop = {"metadata": {"$deleteFromPrimitiveList/finalizers": ["x/a"]}, "data": {"gone": None}}
+    client.request("PATCH", path, json=drop, headers=SMP)
+    assert finalizers() == ["x/b"]
+    # ...where a merge patch replaces them.
+    client.patch("cm", "a", {"metadata": {"finalizers": ["x/c"]}}, namespace=namespace)
+    assert finalizers() == ["x/c"] and client.get("cm", "a", namespace=namespace)["data"] == {
+        "k": "v"
+    }
+    for refused, code, body, kind in (
+        ("a dict as a JSON patch", 400, {"data": {}}, "application/json-patch+json"),
+        ("server-side apply", 415, {}, "application/apply-patch+yaml"),
+    ):
+        with pytest.raises(ApiError) as answer:
+            client.request("PATCH", path, json=body, headers={"Content-Type": kind})
+        assert answer.value.code == code, refused
+    client.create(widget("w", namespace))
+    with pytest.raises(ApiError) as custom:
+        client.request(
+            "PATCH", f"/apis/example.com/v1/namespaces/{namespace}/widgets/w", json={}, headers=SMP
         )
-    assert kube.client.get("cm", "a", namespace=namespace)["data"] == {"k": "v"}
-    # The kubernetes client (v37) sends a dict as a JSON patch unless told otherwise: refused.
-    with pytest.raises(ApiError) as not_a_json_patch:
+    assert custom.value.code == 415  # custom resources take no strategic merge patches
+
+
+def test_strategic_merge_patches_merge_conditions_by_type(kube: KubeServer, namespace: str) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": namespace},
+        "spec": {"containers": [{"name": "c", "image": "x"}]},
+    }
+    kube.client.create(pod)
+    path = f"/api/v1/namespaces/{namespace}/pods/p/status"
+    for condition in (
+        {"type": "A", "status": "True"},
+        {"type": "B", "status": "True"},
+        {"type": "A", "status": "False"},
+    ):
         kube.client.request(
-            "PATCH",
-            path,
-            json={"data": {}},
-            headers={"Content-Type": "application/json-patch+json"},
+            "PATCH", path, json={"status": {"conditions": [condition]}}, headers=SMP
         )
-    assert not_a_json_patch.value.code == 400
-    with pytest.raises(ApiError) as apply:
-        kube.client.request(
-            "PATCH", path, data="{}", headers={"Content-Type": "application/apply-patch+yaml"}
-        )
-    assert apply.value.code == 415
+    conditions = kube.client.get("pods", "p", namespace=namespace)["status"]["conditions"]
+    assert conditions == [{"type": "A", "status": "False"}, {"type": "B", "status": "True"}]
+
+
+def test_the_kubernetes_client_works_with_the_kubeconfig(
+    widgets: KubeServer, namespace: str
+) -> None:
+    """As an operator using it would: its dict patches go as strategic merge patches, and it
+    takes owner references only to objects with a uid."""
+    api = kubernetes.config.new_client_from_config(config_file=str(widgets.kubeconfig))
+    owner = widgets.client.create(widget("w", namespace))
+    core = kubernetes.client.CoreV1Api(api)
+    made = core.create_namespaced_config_map(
+        namespace,
+        kubernetes.client.V1ConfigMap(
+            metadata=kubernetes.client.V1ObjectMeta(
+                name="owned",
+                finalizers=["x/a"],
+                owner_references=[
+                    kubernetes.client.V1OwnerReference(
+                        api_version="example.com/v1",
+                        kind="Widget",
+                        name="w",
+                        uid=owner["metadata"]["uid"],
+                    )
+                ],
+            )
+        ),
+    )
+    assert made.metadata.uid and made.metadata.resource_version
+    patched = core.patch_namespaced_config_map(
+        "owned", namespace, {"metadata": {"finalizers": ["x/b"]}}
+    )
+    assert patched.metadata.finalizers == ["x/a", "x/b"]
+    listed = core.list_namespaced_config_map(namespace, label_selector="")
+    assert [cm.metadata.name for cm in listed.items] == ["owned"]
 
 
 @pytest.mark.parametrize("resource", ["wg", "pods", "pvc"])
@@ -542,10 +615,47 @@ def test_orphaned_dependents_stay_and_dangling_ones_go(widgets: KubeServer, name
 
 
 def test_deleting_a_namespace_deletes_what_is_in_it(kube: KubeServer, namespace: str) -> None:
-    kube.client.create(configmap("a", namespace))
-    kube.client.delete("namespaces", namespace)
-    kube.client.wait_gone("namespaces", namespace)
-    assert kube.client.list("configmaps", namespace=namespace) == []
+    client = kube.client
+    client.create(configmap("a", namespace))
+    client.create(configmap("held", namespace, finalizers=["example.com/hold"]))
+    client.delete("namespaces", namespace)
+    client.wait_gone("cm", "a", namespace=namespace)
+    assert client.get("namespaces", namespace)["status"]["phase"] == "Terminating"
+    with pytest.raises(ApiError) as refused:
+        client.create(configmap("b", namespace))
+    assert refused.value.code == 403
+    client.patch("cm", "held", {"metadata": {"finalizers": None}}, namespace=namespace)
+    client.wait_gone("namespaces", namespace)
+
+
+def test_list_pages_dry_runs_and_delete_collection(kube: KubeServer, namespace: str) -> None:
+    client = kube.client
+    for name in "abcde":
+        client.create(configmap(name, namespace, {"batch": "1" if name < "d" else "2"}))
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    pages, params = [], {"limit": "2"}
+    while True:
+        page = client.request("GET", path, params=params).json()
+        pages.append([obj["metadata"]["name"] for obj in page["items"]])
+        if not page["metadata"].get("continue"):
+            break
+        params["continue"] = page["metadata"]["continue"]
+    assert pages == [["a", "b"], ["c", "d"], ["e"]]
+    dry = client.request("POST", path, params={"dryRun": "All"}, json=configmap("f", namespace))
+    assert (
+        dry.json()["metadata"]["name"] == "f"
+        and client.find("cm", "f", namespace=namespace) is None
+    )
+    client.request("DELETE", path, params={"labelSelector": "batch=1"})
+    assert [o["metadata"]["name"] for o in client.list("cm", namespace=namespace)] == ["d", "e"]
+
+
+def test_reactions_added_with_kmocks_dsl_come_first(kube: KubeServer, namespace: str) -> None:
+    kube.call(lambda: kube.emulator["post", kmock.resource("v1/configmaps")][:1] << 503)
+    with pytest.raises(ApiError) as injected:
+        kube.client.create(configmap("a", namespace))
+    assert injected.value.code == 503
+    kube.client.create(configmap("a", namespace))  # only the first one
 
 
 # API server: custom resources
@@ -729,7 +839,8 @@ def container_state(pod: Obj) -> Obj:
 
 WRITER = """
 import os, sys
-token_file, message_file, data_dir = sys.argv[1:]
+token_file, message_option, data_dir = sys.argv[1:]
+message_file = message_option.removeprefix("--message=")
 print("password", os.environ["PASSWORD"], "ip", os.environ["POD_IP"], "pod", os.environ["POD_NAME"])
 token = open(token_file).read()
 open(os.path.join(data_dir, "disk.img"), "w").write(token)
@@ -767,7 +878,7 @@ def test_a_pod_runs_its_command_with_secrets_volumes_and_termination_message(
             namespace,
             WRITER,
             "/etc/creds/token",
-            "/dev/termination-log",
+            "--message=/dev/termination-log",
             "/data",
             env=[
                 {
@@ -839,7 +950,7 @@ def test_pods_get_their_own_address_and_sigterm_on_deletion(
     ips = {
         client.get("pods", name, namespace=namespace)["status"]["podIP"] for name in ("one", "two")
     }
-    assert len(ips) == 2 and all(ip.startswith("127.0.") for ip in ips)
+    assert len(ips) == 2 and all(ipaddress.ip_address(ip).is_loopback for ip in ips)
     for name in ("one", "two"):
         client.delete("pods", name, namespace=namespace)
         client.wait_gone("pods", name, namespace=namespace)
@@ -1087,3 +1198,106 @@ def test_block_volumes_get_a_loop_device(
     assert str(device).startswith("/dev/loop")
     with open(device, "rb") as f:
         assert f.read(26) == b"written through the device"
+
+
+FAILING = """
+import os, sys
+print("greeting", sys.argv[1], "level", os.environ["CFG_level"], open(sys.argv[2]).read())
+sys.exit(3)
+"""
+
+
+def test_config_maps_env_from_and_messages_from_logs(
+    kube: KubeServer, kubelet: Kubelet, namespace: str
+) -> None:
+    client = kube.client
+    client.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "cfg", "namespace": namespace},
+            "data": {"level": "debug", "greeting": "hello", "ca.pem": "PEM"},
+        }
+    )
+    client.create(
+        python_pod(
+            "failing",
+            namespace,
+            FAILING,
+            "$(GREETING)",
+            "/certs/bundle/ca.pem",
+            envFrom=[{"configMapRef": {"name": "cfg"}, "prefix": "CFG_"}],
+            env=[
+                {
+                    "name": "GREETING",
+                    "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "greeting"}},
+                }
+            ],
+            terminationMessagePolicy="FallbackToLogsOnError",
+            volumeMounts=[{"name": "certs", "mountPath": "/certs"}],
+            volumes=[
+                {
+                    "name": "certs",
+                    "configMap": {
+                        "name": "cfg",
+                        "items": [{"key": "ca.pem", "path": "bundle/ca.pem"}],
+                    },
+                }
+            ],
+        )
+    )
+    pod = client.wait_for("pods", "failing", phase("Failed"), namespace=namespace)
+    terminated = container_state(pod)["terminated"]
+    assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
+    assert terminated["message"] == "greeting hello level debug PEM\n"  # from the log
+
+
+def test_diskflow_commands_run_from_the_checkout(
+    kube: KubeServer, kubelet: Kubelet, namespace: str
+) -> None:
+    pod = python_pod("version", namespace, "")
+    pod["spec"]["containers"][0]["command"] = ["diskflow", "--version"]
+    kube.client.create(pod)
+    kube.client.wait_for("pods", "version", phase("Succeeded"), namespace=namespace)
+    assert kubelet.processes(namespace)[0].argv[:3] == [sys.executable, "-m", "diskflow"]
+    assert re.search(r"\d+\.\d+", kube.client.log("version", namespace=namespace))
+
+
+def test_pods_and_claims_wait_for_what_they_lack(
+    kube: KubeServer, kubelet: Kubelet, namespace: str
+) -> None:
+    client = kube.client
+    client.create(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "classless", "namespace": namespace},
+            "spec": {"storageClassName": "nope", "resources": {"requests": {"storage": "1Mi"}}},
+        }
+    )
+    client.create(
+        python_pod(
+            "orphan",
+            namespace,
+            "print('ran')",
+            volumeMounts=[{"name": "d", "mountPath": "/d"}],
+            volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "ghost"}}],
+        )
+    )
+
+    def reasons() -> set[tuple[str, str, str]]:
+        events = client.events(namespace=namespace)
+        return {(e["involvedObject"]["name"], e["reason"], e["message"]) for e in events}
+
+    expected = {
+        ("classless", "ProvisioningFailed", 'storageclass.storage.k8s.io "nope" not found'),
+        (
+            "orphan",
+            "FailedScheduling",
+            '0/1 nodes are available: persistentvolumeclaim "ghost" not found.',
+        ),
+    }
+    poll(lambda: expected <= reasons(), timeout=10, what=lambda: f"events {reasons()}")
+    pod = client.get("pods", "orphan", namespace=namespace)
+    assert pod["status"]["conditions"][0]["reason"] == "Unschedulable"
+    assert client.get("pvc", "classless", namespace=namespace)["status"]["phase"] == "Pending"
