@@ -1128,7 +1128,8 @@ def test_restart_policies_other_than_never_are_refused(
         "pods", "always", lambda p: container_state(p).get("waiting"), namespace=namespace
     )
     assert container_state(pod)["waiting"]["reason"] == "HarnessUnsupported"
-    assert kubelet.processes() == [] and "restartPolicy Always" in kubelet.errors[0]
+    assert kubelet.processes() == [] and len(kubelet.errors) == 1
+    assert "restartPolicy Always" in kubelet.errors[0]
     kubelet.errors.clear()  # expected here; any other refusal fails the test
 
 

@@ -301,16 +301,12 @@ class Kubelet:
                 self._show_waiting(pod, waiting)
             except Unsupported as exc:
                 message = f"the harness cannot run this pod: {exc}"
-                self.errors.append(f"pod {worker.namespace}/{worker.name}: {message}")
-                self._show_waiting(
-                    pod,
-                    Waiting(
-                        "container",
-                        "HarnessUnsupported",
-                        message,
-                        ("Warning", "HarnessUnsupported"),
-                    ),
+                refusal = Waiting(
+                    "container", "HarnessUnsupported", message, ("Warning", "HarnessUnsupported")
                 )
+                if worker.shown != (refusal.reason, message):  # once, not at every wake
+                    self.errors.append(f"pod {worker.namespace}/{worker.name}: {message}")
+                self._show_waiting(pod, refusal)
             await worker.wake.wait()
 
     def _setup(self, pod: dict[str, Any]) -> Launch:
@@ -335,13 +331,14 @@ class Kubelet:
             self._ips[meta["uid"]] = _pod_address()
         ip = self._ips[meta["uid"]]
         pod_dir = self.root / "pods" / meta["namespace"] / f"{meta['name']}-{meta['uid'][:8]}"
-        (pod_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        for private in ("tmp", "home"):
+            (pod_dir / private).mkdir(parents=True, exist_ok=True)
         for volume in spec.get("volumes") or []:
             if "persistentVolumeClaim" not in volume:
                 volumes[volume["name"]] = self._local_volume(
                     pod, volume, pod_dir / "volumes" / volume["name"]
                 )
-        env = self._environment(pod, container, ip)
+        env = {"HOME": str(pod_dir / "home")} | self._environment(pod, container, ip)
         termination_log = pod_dir / "termination-log"
         termination_log.write_bytes(b"")
         mapping = self._mounts(container, volumes)
