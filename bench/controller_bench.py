@@ -91,6 +91,23 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def prepare(kube: KubeServer) -> None:
+    """The benchmark's namespace and a default, immediately binding StorageClass."""
+    kube.client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    kube.client.create(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {
+                "name": "standard",
+                "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+            },
+            "provisioner": "bench",
+            "volumeBindingMode": "Immediate",
+        }
+    )
+
+
 def bind_volumes(kube: KubeServer, root: Path) -> None:
     """The harness's provisioner alone (the kubelet stand-in's, without running pods): PVCs
     bound as they come, inside the server, as a real PV controller would."""
@@ -108,19 +125,7 @@ def control_plane(count: int, workdir: Path, url: str) -> dict[str, Any]:
     crds = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
     with KubeServer(crds=crds, workdir=workdir) as kube:
         api = kube.client  # the harness's own requests are not counted: only the controller's
-        api.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-        api.create(
-            {
-                "apiVersion": "storage.k8s.io/v1",
-                "kind": "StorageClass",
-                "metadata": {
-                    "name": "standard",
-                    "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
-                },
-                "provisioner": "bench",
-                "volumeBindingMode": "Immediate",
-            }
-        )
+        prepare(kube)
         argv = ["diskflow", "controller", "-n", NAMESPACE, "--max-imports", "0"]
         argv += ["--max-imports-per-host", "0"]
         if profile := os.environ.get("DISKFLOW_BENCH_PROFILE"):  # a cProfile output file
@@ -191,21 +196,7 @@ def overhead(imports: int, limit: int, workdir: Path, url: str) -> dict[str, Any
 
     crds = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
     with KubeServer(crds=crds, workdir=workdir / "kube") as kube:
-        kube.client.create(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
-        )
-        kube.client.create(
-            {
-                "apiVersion": "storage.k8s.io/v1",
-                "kind": "StorageClass",
-                "metadata": {
-                    "name": "standard",
-                    "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
-                },
-                "provisioner": "bench",
-                "volumeBindingMode": "Immediate",
-            }
-        )
+        prepare(kube)
         with Kubelet(kube, workdir / "node"):
             operator = OperatorProcess(
                 [

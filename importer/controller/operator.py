@@ -108,11 +108,14 @@ class Controller:
         self.tick_in_handler_context()
         body = event["object"]
         if event["type"] == "DELETED":
+            # Its PVC goes by garbage collection, but a running importer keeps a PVC in use
+            # (and so Terminating): end the pods now.
+            await self.end_pods(body)
             self.forget(body)
             return
         before = self.store.datavolumes.get(body["metadata"]["uid"])
-        if not self.store.put(body):
-            return
+        if self.store.known(body) or not self.store.put(body):
+            return  # the echo of its own status write, or older than what it knows
         if before is not None and _spec_changed_after_the_end(before, body):
             message = "the import has ended: a changed spec is ignored (make a new DataVolume)"
             self.post(body, Event("Warning", "SpecChangeIgnored", message))
@@ -168,6 +171,13 @@ class Controller:
         attempt = status.restart_count if status else 0
         pods = self.store.owned(dv.uid, "Pod")
         pod = pods.get(pod_name(dv, attempt))
+        if pod is None and status is not None and status.phase is Phase.IMPORT_IN_PROGRESS:
+            # Gone, or not seen yet (a restarted controller's watches may bring the
+            # DataVolume before its pod): ask before calling it lost.
+            pod = await self.kube.read("Pod", dv.namespace, pod_name(dv, attempt))
+            if pod is not None:
+                pod.setdefault("kind", "Pod")
+                self.store.put(pod)
         previous = pods.get(pod_name(dv, attempt - 1)) if attempt else None
         pvc = self.store.owned(dv.uid, "PersistentVolumeClaim").get(claim_name(dv))
         bound = _phase(pvc) == "Bound"
@@ -403,6 +413,12 @@ class Controller:
         if made is not None:
             self.store.put(made)
 
+    async def end_pods(self, body: Body) -> None:
+        """Delete a DataVolume's importer pods."""
+        meta = body["metadata"]
+        for name in self.store.owned(meta["uid"], "Pod"):
+            await self.kube.delete_pod(meta["namespace"], name)
+
     async def release(self, body: Body) -> None:
         """A DataVolume being deleted that keeps its PVC: stop its importer, let the PVC go
         free of its owner, then let the DataVolume go."""
@@ -410,8 +426,7 @@ class Controller:
         if KEEP_PVC_FINALIZER not in meta.get("finalizers", []):
             return
         uid, namespace = meta["uid"], meta["namespace"]
-        for name in self.store.owned(uid, "Pod"):
-            await self.kube.delete_pod(namespace, name)
+        await self.end_pods(body)
         for name in self.store.owned(uid, "PersistentVolumeClaim"):
             await self.kube.patch_pvc(namespace, name, {"metadata": {"ownerReferences": None}})
         rest = [f for f in meta.get("finalizers", []) if f != KEEP_PVC_FINALIZER]

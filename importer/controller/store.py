@@ -26,13 +26,11 @@ class Store:
         self._gone: set[str] = set()
 
     def put(self, obj: Body) -> bool:
-        """Record `obj` unless this version of it or a newer one is known; True if recorded
-        (the watch's echo of the controller's own write is nothing new)."""
+        """Record `obj` unless a newer version of it is known; True if recorded."""
         meta = obj["metadata"]
         uid = meta["uid"]
         version = _version(meta)
-        known = self._versions.get(uid)
-        if uid in self._gone or (known is not None and version >= 0 and version <= known):
+        if uid in self._gone or version < self._versions.get(uid, -1):
             return False
         self._versions[uid] = version
         if obj.get("kind") == "DataVolume":
@@ -40,6 +38,12 @@ class Store:
         elif owner := meta.get("labels", {}).get(DV_UID_LABEL):
             self._owned[owner][f"{obj['kind']}/{meta['name']}"] = obj
         return True
+
+    def known(self, obj: Body) -> bool:
+        """True when this very version is recorded: a watch's echo of the controller's own
+        write, nothing new."""
+        version = _version(obj["metadata"])
+        return version >= 0 and self._versions.get(obj["metadata"]["uid"]) == version
 
     def remove(self, obj: Body) -> None:
         """Forget a deleted object for good."""

@@ -412,27 +412,30 @@ def test_the_admission_limit_makes_the_next_one_wait_then_run(
 ) -> None:
     source = images.path("raw", "xz")
     token = uuid.uuid4().hex
-    slow = faults.url(token, source.name, rate=source.stat().st_size // 3, times=99)
+    slow = faults.url(token, source.name, rate=source.stat().st_size // 8, times=99)
     for name in ("one", "two"):
         kube.client.create(datavolume(name, namespace, {"http": {"url": slow}}))
     start(operator, namespace, "--max-imports", "1")
-    waiting = kube.client.wait_for(
-        "datavolumes",
-        "two",
-        lambda dv: any(
-            c["reason"] == "WaitingForImportSlot"
-            for c in dv.get("status", {}).get("conditions", [])
-        ),
-        namespace=namespace,
-        timeout=TIMEOUT,
-    )
+
+    def one_waits() -> dict[str, Any] | None:
+        """Whichever PVC bound second waits for the other's slot."""
+        for dv in kube.client.list("datavolumes", namespace=namespace):
+            conditions = dv.get("status", {}).get("conditions", [])
+            if any(c["reason"] == "WaitingForImportSlot" for c in conditions):
+                return dv
+        return None
+
+    waiting = poll(one_waits, timeout=TIMEOUT, what="no DataVolume waited for a slot")
     assert waiting["status"]["phase"] == "ImportScheduled"
     assert "1 of at most 1" in waiting["status"]["message"]
     for name in ("one", "two"):
         assert wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]["phase"] == (
             "Succeeded"
         )
-    assert len(kubelet.processes(namespace)) == 2
+    assert len(kubelet.processes(namespace)) == 2, [
+        (e["involvedObject"]["name"], e["reason"], e["message"])
+        for e in kube.client.events(namespace=namespace)
+    ]
 
 
 def test_a_missing_secret_is_a_condition_until_it_appears(
@@ -586,3 +589,74 @@ def test_the_template_pipelines_datavolume_applied_as_is(
         published = tmp_path / "published.raw"
         run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", state.image or "", published)
         assert same_content(disk(kubelet, "golden-images", name), published)
+
+
+def test_keep_pvc_survives_the_datavolume_and_metrics_and_health_are_served(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+) -> None:
+    import requests
+
+    from tests.conftest import free_port
+
+    metrics, health = free_port(), free_port()
+    kube.client.create(
+        datavolume(
+            "kept",
+            namespace,
+            {"http": {"url": f"{nginx}/disk.raw.gz"}},
+            annotations={"diskflow.io/keep-pvc": "true"},
+        )
+    )
+    start(
+        operator,
+        namespace,
+        "--metrics-addr",
+        "127.0.0.1",
+        "--metrics-port",
+        str(metrics),
+        "--health-addr",
+        "127.0.0.1",
+        "--health-port",
+        str(health),
+    )
+    assert wait_phase(kube, namespace, "kept", "Succeeded", "Failed")["status"]["phase"] == (
+        "Succeeded"
+    )
+
+    def counted() -> str | None:
+        text = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=5).text
+        return text if 'diskflow_controller_datavolumes{phase="Succeeded"} 1.0' in text else None
+
+    page = poll(counted, timeout=30, what="the controller's metrics never counted the DataVolume")
+    assert "diskflow_controller_reconcile_seconds_count" in page
+    assert requests.get(f"http://127.0.0.1:{health}/healthz", timeout=5).status_code == 200
+    kube.client.delete("datavolumes", "kept", namespace=namespace)
+    kube.client.wait_gone("datavolumes", "kept", namespace=namespace, timeout=30)
+    pvc = kube.client.get("persistentvolumeclaims", "kept", namespace=namespace)
+    assert not pvc["metadata"].get("ownerReferences")
+    assert disk(kubelet, namespace, "kept").exists()
+
+
+def test_an_oom_killed_importer_is_retried(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    faults: FaultServer,
+    images: Images,
+) -> None:
+    source = images.path("raw", "xz")
+    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 4, times=1)
+    kube.client.create(datavolume("oom", namespace, {"http": {"url": url}}))
+    start(operator, namespace)
+    wait_phase(kube, namespace, "oom", "ImportInProgress")
+    kubelet.oom_kill(namespace, "importer-oom-0")
+    status = wait_phase(kube, namespace, "oom", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded" and status["restartCount"] == 1
+    events = kube.client.events(namespace=namespace, involving="oom")
+    oom = [e for e in events if e["reason"] == "OOMKilled"]
+    assert oom and "memory limit of 1Gi" in oom[0]["message"]
