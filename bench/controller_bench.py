@@ -39,6 +39,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from importer.capacity import required_volume_size  # noqa: E402
+from importer.quantity import format_quantity  # noqa: E402
 from tests.support.kube import KubeServer  # noqa: E402
 from tests.support.kube.kubelet import Kubelet  # noqa: E402
 from tests.support.kube.operator import OperatorProcess  # noqa: E402
@@ -164,7 +166,7 @@ def control_plane(count: int, workdir: Path, url: str) -> dict[str, Any]:
         return result
 
 
-def overhead(imports: int, limit: int, workdir: Path, url: str) -> dict[str, Any]:
+def overhead(imports: int, limit: int, workdir: Path, url: str, image_size: int) -> dict[str, Any]:
     """M imports through the controller against the same M commands, L at a time by hand."""
     import subprocess
 
@@ -172,29 +174,21 @@ def overhead(imports: int, limit: int, workdir: Path, url: str) -> dict[str, Any
 
     by_hand = workdir / "by-hand"
     by_hand.mkdir()
-    command = [
-        sys.executable,
-        "-m",
-        "diskflow",
-        "import",
-        url,
-        "--progress",
-        "none",
-        "--size",
-        "67108864",
-    ]
+    # The same size the controller hands its importers: the PVC made for the image's size.
+    size = str(required_volume_size(image_size))
     started = time.monotonic()
+
+    def by_hand_import(n: int) -> None:
+        out = str(by_hand / f"{n}.img")
+        command = ["diskflow", "import", url, out, "--progress", "none", "--size", size]
+        subprocess.run([sys.executable, "-m", *command], check=True, stdout=subprocess.DEVNULL)
+
     with concurrent.futures.ThreadPoolExecutor(limit) as pool:
-        runs = pool.map(
-            lambda n: subprocess.run(
-                [*command[:5], str(by_hand / f"{n}.img"), *command[5:]], check=True
-            ),
-            range(imports),
-        )
-        list(runs)
+        list(pool.map(by_hand_import, range(imports)))
     manual = time.monotonic() - started
 
     crds = [d for d in yaml.safe_load_all(CRD.read_text()) if d]
+    (workdir / "kube").mkdir()
     with KubeServer(crds=crds, workdir=workdir / "kube") as kube:
         prepare(kube)
         with Kubelet(kube, workdir / "node"):
@@ -217,7 +211,7 @@ def overhead(imports: int, limit: int, workdir: Path, url: str) -> dict[str, Any
             operator.wait_for_output("Activity 'registry.<locals>.login' succeeded")
             started = time.monotonic()
             for n in range(imports):
-                kube.client.create(datavolume(f"dv-{n:03d}", url))
+                kube.client.create(datavolume(f"dv-{n:03d}", url, format_quantity(image_size)))
             while True:
                 phases = [
                     dv.get("status", {}).get("phase")
@@ -252,10 +246,10 @@ def make_image(directory: Path, size: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datavolumes", type=int, nargs="+", default=[500, 5000])
+    parser.add_argument("--datavolumes", type=int, nargs="*", default=[500, 5000])
     parser.add_argument("--imports", type=int, default=50)
     parser.add_argument("--limit", type=int, default=8)
-    parser.add_argument("--image-mib", type=int, default=32)
+    parser.add_argument("--image-mib", type=int, default=256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results: dict[str, Any] = {"control_plane": []}
@@ -271,7 +265,9 @@ def main() -> None:
             results["control_plane"].append(result)
             print(json.dumps(result), flush=True)
         if args.imports:
-            results["overhead"] = overhead(args.imports, args.limit, workdir, url)
+            results["overhead"] = overhead(
+                args.imports, args.limit, workdir, url, args.image_mib * MIB
+            )
             print(json.dumps(results["overhead"]), flush=True)
         server.shutdown()
     for result in results["control_plane"]:

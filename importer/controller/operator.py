@@ -134,6 +134,22 @@ class Controller:
         owner = body["metadata"].get("labels", {}).get("diskflow.io/datavolume-uid")
         if owner in self.store.datavolumes:
             await self.reconcile(owner)
+        ended = event["type"] == "DELETED" or _phase(body) in ("Succeeded", "Failed")
+        if body.get("kind") == "Pod" and ended:
+            await self.admit_waiting()
+
+    async def admit_waiting(self) -> None:
+        """An importer ended, so a slot may be free: hand it to the oldest DataVolume
+        waiting for one now rather than at the next tick."""
+        waiting = sorted(
+            (b for b in self.store.datavolumes.values() if _reason(b) == WAITING_FOR_SLOT),
+            key=lambda b: b["metadata"].get("creationTimestamp", ""),
+        )
+        for body in waiting:
+            uid = body["metadata"]["uid"]
+            await self.reconcile(uid)
+            if _reason(self.store.datavolumes.get(uid)) == WAITING_FOR_SLOT:
+                return  # no slot left for it: none for the younger ones either
 
     def forget(self, body: Body) -> None:
         uid = body["metadata"]["uid"]
@@ -336,6 +352,8 @@ class Controller:
         return why
 
     def no_slot(self, dv: DataVolume) -> str | None:
+        if not self.config.max_imports and not self.config.max_imports_per_host:
+            return None
         running = [
             pod["metadata"].get("annotations", {}).get(SOURCE_HOST_ANNOTATION)
             for pod in self.active_pods()
@@ -570,6 +588,10 @@ def _spec_changed_after_the_end(before: Body, after: Body) -> bool:
 def _describe_body(body: Body) -> str:
     meta = body["metadata"]
     return f"{body.get('kind', 'object')} {meta.get('namespace')}/{meta.get('name')}"
+
+
+def _reason(obj: Body | None) -> str | None:
+    return (obj or {}).get("status", {}).get("reason")
 
 
 def _phase(obj: Body | None) -> str | None:

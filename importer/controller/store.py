@@ -24,6 +24,7 @@ class Store:
         self._owned: dict[str, dict[str, Body]] = defaultdict(dict)  # dv uid → {name: obj}
         self._versions: dict[str, int] = {}  # uid → newest resourceVersion seen
         self._gone: set[str] = set()
+        self._pods: dict[str, Body] = {}  # every importer pod by uid, for admission's count
 
     def put(self, obj: Body) -> bool:
         """Record `obj` unless a newer version of it is known; True if recorded."""
@@ -37,6 +38,8 @@ class Store:
             self.datavolumes[uid] = obj
         elif owner := meta.get("labels", {}).get(DV_UID_LABEL):
             self._owned[owner][f"{obj['kind']}/{meta['name']}"] = obj
+            if obj["kind"] == "Pod":
+                self._pods[uid] = obj
         return True
 
     def known(self, obj: Body) -> bool:
@@ -51,6 +54,7 @@ class Store:
         uid = meta["uid"]
         self._gone.add(uid)
         self._versions.pop(uid, None)
+        self._pods.pop(uid, None)
         if self.datavolumes.pop(uid, None) is not None:
             self._owned.pop(uid, None)
         elif owner := meta.get("labels", {}).get(DV_UID_LABEL):
@@ -67,9 +71,7 @@ class Store:
 
     def pods(self) -> list[Body]:
         """Every importer pod known."""
-        return [
-            obj for objs in self._owned.values() for obj in objs.values() if obj["kind"] == "Pod"
-        ]
+        return list(self._pods.values())
 
 
 def _version(meta: Body) -> int:
