@@ -45,6 +45,7 @@ from importer.controller.kube import Kube
 from importer.controller.lease import Lease
 from importer.controller.metrics import ControllerMetrics
 from importer.controller.plan import (
+    DV_UID_LABEL,
     MANAGED_BY,
     SOURCE_HOST_ANNOTATION,
     Scratch,
@@ -91,7 +92,6 @@ class Controller:
         self.store = Store()
         self.metrics = ControllerMetrics()
         self.locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self.admitting = asyncio.Lock()  # one admission decision at a time
         self.samples: dict[str, Sample] = {}
         self.marks: dict[str, tuple[tuple[str, int], float]] = {}  # progress, since when
         self.written: dict[str, float] = {}  # last status write (monotonic)
@@ -131,7 +131,7 @@ class Controller:
             self.store.remove(body)
         elif not self.store.put(body):
             return
-        owner = body["metadata"].get("labels", {}).get("diskflow.io/datavolume-uid")
+        owner = body["metadata"].get("labels", {}).get(DV_UID_LABEL)
         if owner in self.store.datavolumes:
             await self.reconcile(owner)
         ended = event["type"] == "DELETED" or _phase(body) in ("Succeeded", "Failed")
@@ -344,7 +344,8 @@ class Controller:
 
     def reserve(self, dv: DataVolume) -> str | None:
         """Take an import slot for `dv` (at once: no other reconcile may see it free in
-        between), or say why there is none. `start` gives it back once the pod exists."""
+        between), or say why there is none. The reconcile gives it back once it is done:
+        by then the pod exists and counts itself."""
         assert dv.uid is not None
         why = self.no_slot(dv)
         if why is None:
@@ -523,7 +524,7 @@ class Controller:
         )
 
     async def scrape(self, session: aiohttp.ClientSession, pod: Body) -> None:
-        uid = pod["metadata"]["labels"]["diskflow.io/datavolume-uid"]
+        uid = pod["metadata"]["labels"][DV_UID_LABEL]
         ip = pod.get("status", {}).get("podIP")
         sample = None
         if ip:
