@@ -85,6 +85,17 @@ def wait_phase(
     )
 
 
+def wait_event(kube: KubeServer, namespace: str, name: str, reason: str) -> dict[str, Any]:
+    """The first Event about `name` with `reason`: kopf posts events in the background, so
+    one may arrive a little after the status it goes with."""
+
+    def find() -> dict[str, Any] | None:
+        events = kube.client.events(namespace=namespace, involving=name)
+        return next((e for e in events if e["reason"] == reason), None)
+
+    return poll(find, timeout=30, what=lambda: f"no {reason} event about {name}")
+
+
 def disk(kubelet: Kubelet, namespace: str, claim: str) -> Path:
     return kubelet.volume_path(namespace, claim) / "disk.img"
 
@@ -140,8 +151,8 @@ def test_http_import_shows_progress_and_fills_the_volume(
     kube.client.wait_gone("pods", "importer-fedora-0", namespace=namespace)
     pvc = kube.client.get("persistentvolumeclaims", "fedora", namespace=namespace)
     assert pvc["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
-    reasons = [e["reason"] for e in kube.client.events(namespace=namespace, involving="fedora")]
-    assert "ImportScheduled" in reasons and "Succeeded" in reasons
+    wait_event(kube, namespace, "fedora", "ImportScheduled")
+    wait_event(kube, namespace, "fedora", "Succeeded")
 
 
 def test_qcow2_gets_scratch_space_and_raw_does_not(
@@ -200,14 +211,7 @@ def test_blank_and_archive(
     kube.client.patch(
         "datavolumes", "blank", {"spec": {"preallocation": True}}, namespace=namespace
     )
-    poll(
-        lambda: any(
-            e["reason"] == "SpecChangeIgnored"
-            for e in kube.client.events(namespace=namespace, involving="blank")
-        ),
-        timeout=30,
-        what="no SpecChangeIgnored event",
-    )
+    wait_event(kube, namespace, "blank", "SpecChangeIgnored")
     assert kube.client.get("datavolumes", "blank", namespace=namespace)["status"]["phase"] == (
         "Succeeded"
     )
@@ -275,8 +279,7 @@ def test_final_failures_fail_at_once_without_retry(
     status = wait_phase(kube, namespace, "bad", "Failed", "Succeeded")["status"]
     assert status["phase"] == "Failed" and status["reason"] == reason
     assert status["restartCount"] == 0 and len(kubelet.processes(namespace)) == 1
-    events = kube.client.events(namespace=namespace, involving="bad")
-    assert any(e["type"] == "Warning" and e["reason"] == reason for e in events)
+    assert wait_event(kube, namespace, "bad", reason)["type"] == "Warning"
 
 
 def test_checksum_mismatch_and_an_image_too_large_for_its_volume(
@@ -322,8 +325,7 @@ def test_a_transient_failure_is_retried_with_a_new_pod(
         "importer-flaky-1",
     ]
     assert same_content(disk(kubelet, namespace, "flaky"), images.raw)
-    reasons = [e["reason"] for e in kube.client.events(namespace=namespace, involving="flaky")]
-    assert "ServerError" in reasons
+    wait_event(kube, namespace, "flaky", "ServerError")
 
 
 def test_the_retry_limit_ends_in_failed(
@@ -358,8 +360,7 @@ def test_a_pod_deleted_mid_import_is_replaced(
     kubelet.vanish(namespace, "importer-gone-0")
     status = wait_phase(kube, namespace, "gone", "Succeeded", "Failed")["status"]
     assert status["phase"] == "Succeeded" and status["restartCount"] == 1
-    reasons = [e["reason"] for e in kube.client.events(namespace=namespace, involving="gone")]
-    assert "PodLost" in reasons
+    wait_event(kube, namespace, "gone", "PodLost")
 
 
 def test_deleting_a_datavolume_mid_import_leaves_nothing(
@@ -460,8 +461,7 @@ def test_a_missing_secret_is_a_condition_until_it_appears(
     )
     assert f"Secret {namespace}/later" in waiting["status"]["message"]
     assert not kubelet.processes(namespace)  # no crash-looping pod
-    events = kube.client.events(namespace=namespace, involving="auth")
-    assert any(e["reason"] == "WaitingForObjects" for e in events)
+    wait_event(kube, namespace, "auth", "WaitingForObjects")
     data = {
         "accessKeyId": base64.b64encode(b"u").decode(),
         "secretKey": base64.b64encode(b"p").decode(),
@@ -657,6 +657,4 @@ def test_an_oom_killed_importer_is_retried(
     kubelet.oom_kill(namespace, "importer-oom-0")
     status = wait_phase(kube, namespace, "oom", "Succeeded", "Failed")["status"]
     assert status["phase"] == "Succeeded" and status["restartCount"] == 1
-    events = kube.client.events(namespace=namespace, involving="oom")
-    oom = [e for e in events if e["reason"] == "OOMKilled"]
-    assert oom and "memory limit of 1Gi" in oom[0]["message"]
+    assert "memory limit of 1Gi" in wait_event(kube, namespace, "oom", "OOMKilled")["message"]
