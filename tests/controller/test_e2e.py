@@ -658,3 +658,28 @@ def test_an_oom_killed_importer_is_retried(
     status = wait_phase(kube, namespace, "oom", "Succeeded", "Failed")["status"]
     assert status["phase"] == "Succeeded" and status["restartCount"] == 1
     assert "memory limit of 1Gi" in wait_event(kube, namespace, "oom", "OOMKilled")["message"]
+
+
+@pytest.mark.loop
+def test_a_block_volume_gets_the_raw_image_on_the_device(
+    kube: KubeServer,
+    kubelet: Kubelet,
+    operator: StartOperator,
+    namespace: str,
+    nginx: str,
+    images: Images,
+) -> None:
+    dv = datavolume("dev", namespace, {"http": {"url": f"{nginx}/disk.raw.zst"}}, size="64Mi")
+    dv["spec"]["storage"]["volumeMode"] = "Block"
+    kube.client.create(dv)
+    start(operator, namespace)
+    status = wait_phase(kube, namespace, "dev", "Succeeded", "Failed")["status"]
+    assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
+    pvc = kube.client.get("persistentvolumeclaims", "dev", namespace=namespace)
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "64Mi"  # not inflated
+    args = kubelet.processes(namespace)[0].argv
+    assert "--size" not in args  # the device is the capacity
+    device = kubelet.volume_path(namespace, "dev")
+    size = images.raw.stat().st_size
+    with open(device, "rb") as made, open(images.raw, "rb") as want:
+        assert made.read(size) == want.read()
