@@ -203,6 +203,14 @@ class RichReporter:
         self._bars.stop()
 
 
+# The importer's metrics, as the controller reads them (importer.controller.scrape).
+BYTES_DONE_METRIC = "diskflow_import_bytes_done"
+BYTES_TOTAL_METRIC = "diskflow_import_bytes_total"
+THROUGHPUT_METRIC = "diskflow_import_throughput_bytes"
+PERCENT_METRIC = "diskflow_import_progress_percent"
+STAGE_METRIC = "diskflow_import_stage"
+
+
 class MetricsReporter:
     """The same numbers as Prometheus gauges, served on `addr`:`port` for the controller to
     scrape: bytes done and total (-1: unknown), throughput and percent of the current stage,
@@ -215,25 +223,25 @@ class MetricsReporter:
         where = _metrics_address(addr, port)
         registry = CollectorRegistry()
         self._done = Gauge(
-            "diskflow_import_bytes_done", "Bytes done in the current stage", registry=registry
+            BYTES_DONE_METRIC, "Bytes done in the current stage", registry=registry
         )
         self._total = Gauge(
-            "diskflow_import_bytes_total",
+            BYTES_TOTAL_METRIC,
             "Bytes in the current stage (-1: unknown)",
             registry=registry,
         )
         self._rate = Gauge(
-            "diskflow_import_throughput_bytes",
+            THROUGHPUT_METRIC,
             "Bytes per second in the current stage",
             registry=registry,
         )
         self._percent = Gauge(
-            "diskflow_import_progress_percent",
+            PERCENT_METRIC,
             "Percent done of the current stage",
             registry=registry,
         )
         self._stage = Gauge(
-            "diskflow_import_stage",
+            STAGE_METRIC,
             "1 for the stage the import is in (one series)",
             ["stage"],
             registry=registry,

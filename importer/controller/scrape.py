@@ -6,6 +6,13 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from importer.progress import (
+    BYTES_DONE_METRIC,
+    BYTES_TOTAL_METRIC,
+    STAGE_METRIC,
+    THROUGHPUT_METRIC,
+)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -25,18 +32,18 @@ def parse_metrics(text: str) -> Sample | None:
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "diskflow_import_stage" and sample.value == 1:
+                if sample.name == STAGE_METRIC and sample.value == 1:
                     stage = sample.labels.get("stage")
-                elif sample.name.startswith("diskflow_import_") and not sample.labels:
-                    values[sample.name.removeprefix("diskflow_import_")] = sample.value
+                elif not sample.labels:
+                    values[sample.name] = sample.value
     except ValueError:  # not a metrics page: a proxy's error page, a half-written body
         return None
-    if stage is None or "bytes_done" not in values:
+    if stage is None or BYTES_DONE_METRIC not in values:
         return None
-    total = values.get("bytes_total", -1)
+    total = values.get(BYTES_TOTAL_METRIC, -1)
     return Sample(
         stage=stage,
-        bytes_done=int(values["bytes_done"]),
+        bytes_done=int(values[BYTES_DONE_METRIC]),
         bytes_total=None if total < 0 else int(total),
-        throughput=values.get("throughput_bytes", 0.0),
+        throughput=values.get(THROUGHPUT_METRIC, 0.0),
     )
