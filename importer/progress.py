@@ -222,9 +222,7 @@ class MetricsReporter:
 
         where = _metrics_address(addr, port)
         registry = CollectorRegistry()
-        self._done = Gauge(
-            BYTES_DONE_METRIC, "Bytes done in the current stage", registry=registry
-        )
+        self._done = Gauge(BYTES_DONE_METRIC, "Bytes done in the current stage", registry=registry)
         self._total = Gauge(
             BYTES_TOTAL_METRIC,
             "Bytes in the current stage (-1: unknown)",
