@@ -59,11 +59,14 @@ from importer.controller.plan import (
 from importer.controller.scrape import Sample, parse_metrics
 from importer.controller.store import Body, Store
 from importer.errors import ImportFailure
-from importer.pipeline import ContentType
+from importer.pipeline import ContentType, ImportOptions, Probe, probe
 from importer.quantity import parse_quantity
+from importer.sources import HttpOptions, S3Options
+from importer.sources.http import parse_header
 
 log = logging.getLogger("diskflow.controller")
 KEEP_PVC_FINALIZER = "diskflow.io/keep-pvc"
+METRICS_PAGE_LIMIT = 64 << 10  # bytes of an importer's metrics page read at most
 PROBE_TTL = 600.0  # seconds a probe's answer about a source stands
 PROGRESS_FIELDS = ("progress", "stage", "bytes_done", "bytes_total", "throughput")
 _MANAGED = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
@@ -99,6 +102,7 @@ class Controller:
         self.starting: dict[str, str | None] = {}  # dv uid → source host, pods being made
         self.probes: dict[tuple[Any, ...], tuple[asyncio.Future[bool | str], float]] = {}
         self.classes: dict[str, tuple[bool, float]] = {}  # binds on consumer?, when read
+        self.default: tuple[str | None, float] | None = None  # the default class, when read
         self.tasks: list[asyncio.Task[None]] = []
         self.ticking: asyncio.Task[None] | None = None
 
@@ -320,11 +324,17 @@ class Controller:
         return waits
 
     async def default_class(self) -> str | None:
+        """The default StorageClass's name (cached 60 s, as a named class is)."""
+        if self.default is not None and time.monotonic() - self.default[1] < 60:
+            return self.default[0]
+        name = None
         for sc in await self.kube.storage_classes():
             annotations = sc["metadata"].get("annotations", {})
             if annotations.get("storageclass.kubernetes.io/is-default-class") == "true":
-                return str(sc["metadata"]["name"])
-        return None
+                name = str(sc["metadata"]["name"])
+                break
+        self.default = (name, time.monotonic())
+        return name
 
     async def missing(self, dv: DataVolume) -> tuple[str, ...]:
         """The Secrets and ConfigMaps the import mounts that do not exist."""
@@ -531,7 +541,11 @@ class Controller:
             host = f"[{ip}]" if ":" in ip else ip
             try:
                 async with session.get(f"http://{host}:{self.config.metrics_port}/metrics") as r:
-                    sample = parse_metrics(await r.text()) if r.status == 200 else None
+                    # A pod is not trusted with the controller's memory: a page is a few
+                    # hundred bytes, and a longer one is no page of the importer's.
+                    page = await r.content.read(METRICS_PAGE_LIMIT + 1)
+                    ok = r.status == 200 and len(page) <= METRICS_PAGE_LIMIT
+                    sample = parse_metrics(page.decode(errors="replace")) if ok else None
             except (aiohttp.ClientError, TimeoutError):
                 sample = None
         now = time.monotonic()
@@ -544,19 +558,15 @@ class Controller:
             self.marks.setdefault(uid, (("", -1), now))
 
 
-def _probe(dv: DataVolume) -> Any:
-    from importer import HttpOptions, ImportOptions, S3Options, probe
-
+def _probe(dv: DataVolume) -> Probe:
+    """Probe `dv`'s source as its importer will open it (headers, TLS, S3 store)."""
     source = dv.spec.source
-    assert isinstance(source, HttpSource | S3Source)
-    http = HttpOptions(retries=1)
-    s3 = S3Options()
+    http, s3 = HttpOptions(retries=1), S3Options()
     if isinstance(source, HttpSource):
-        from importer.sources.http import parse_header
-
         headers = tuple(parse_header(h, where="extraHeaders") for h in source.extra_headers)
-        http = dataclasses.replace(http, headers=headers, insecure=source.insecure_skip_verify)
+        http = HttpOptions(retries=1, headers=headers, insecure=source.insecure_skip_verify)
     else:
+        assert isinstance(source, S3Source)
         s3 = S3Options(cdi_url=True, endpoint=source.endpoint, region=source.region)
     return probe(source.url, ImportOptions(http=http, s3=s3, content_type=dv.spec.content_type))
 
