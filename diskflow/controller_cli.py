@@ -25,8 +25,10 @@ def controller(
             exists=True,
             dir_okay=False,
             help="YAML mapping of settings (the options below in snake_case, plus "
-            "importer_resources, node_selector, tolerations, affinity, "
-            "storage_class_overheads); options given on the command line win.",
+            "importer_resources, node_selector, tolerations, affinity, image_pull_secrets, "
+            "importer_env, importer_pod_labels, importer_pod_annotations, "
+            "default_cert_config_map, storage_class_overheads); options given on the "
+            "command line win.",
         ),
     ] = None,
     image: Annotated[str | None, typer.Option(help="Importer pods' image.")] = None,
@@ -163,7 +165,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             "InvalidArgument",
             f"{path}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})",
         )
-    for key in ("tolerations", "importer_args"):
+    for key in ("tolerations", "importer_args", "image_pull_secrets", "importer_env"):
         if key in settings:
             settings[key] = tuple(settings[key] or ())
     return settings

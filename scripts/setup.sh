@@ -14,9 +14,11 @@ if [[ "${1:-}" == "--test" ]]; then
     # Real servers and tools the tests drive: nginx (Range/ETag; WebDAV for publishing),
     # compressors, openssl (TLS), Redis (the Celery broker), busybox (the tests' installer),
     # libguestfs (virt-sysprep for --seal; its appliance needs a kernel in /boot) and
-    # e2fsprogs (a test OS disk made without mounting, read back with debugfs).
+    # e2fsprogs (a test OS disk made without mounting, read back with debugfs); debootstrap,
+    # buildah and podman (the container images, built from Debian packages: no registry).
     packages+=(nginx-light libnginx-mod-http-dav-ext curl gzip xz-utils zstd bzip2 openssl
-               redis-server busybox-static libguestfs-tools linux-image-cloud-amd64 e2fsprogs)
+               redis-server busybox-static libguestfs-tools linux-image-cloud-amd64 e2fsprogs
+               debootstrap buildah podman)
     extras="[test]"
 fi
 

@@ -15,6 +15,8 @@ class ControllerConfig:
     image: str = "diskflow:latest"
     """The importer pods' image (holds `diskflow` and qemu-img)."""
     image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    """Secrets to pull the importer image with (each must exist in the DataVolume's namespace)."""
     importer_resources: dict[str, Any] = field(
         default_factory=lambda: {
             "requests": {"cpu": "250m", "memory": "256Mi"},
@@ -22,6 +24,16 @@ class ControllerConfig:
         }
     )
     """Requests and limits of an importer pod; a DataVolume's `spec.resources` overrides."""
+    importer_env: tuple[dict[str, Any], ...] = ()
+    """Extra environment of every importer container (Kubernetes EnvVar objects): proxy
+    settings (HTTP_PROXY, HTTPS_PROXY, NO_PROXY), ..."""
+    importer_pod_labels: dict[str, str] = field(default_factory=dict)
+    importer_pod_annotations: dict[str, str] = field(default_factory=dict)
+    """Added to every importer pod; the controller's own labels and annotations win."""
+    default_cert_config_map: str | None = None
+    """CA certificates for http and s3 sources that name no `certConfigMap`: a ConfigMap of
+    this name in the DataVolume's namespace (as trust-manager distributes one), used exactly
+    as a `certConfigMap` would be (mounted, `--ca-bundle`, waited for while absent)."""
     priority_class_name: str | None = None
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()

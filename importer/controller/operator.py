@@ -49,6 +49,7 @@ from importer.controller.plan import (
     MANAGED_BY,
     SOURCE_HOST_ANNOTATION,
     Scratch,
+    cert_config_map,
     claim_name,
     plan_pod,
     plan_pvc,
@@ -342,8 +343,8 @@ class Controller:
         if isinstance(source, HttpSource | S3Source):
             if source.secret_ref:
                 needed.append(("Secret", source.secret_ref))
-            if source.cert_config_map:
-                needed.append(("ConfigMap", source.cert_config_map))
+            if ca := cert_config_map(source, self.config):
+                needed.append(("ConfigMap", ca))
         if isinstance(source, HttpSource):
             needed += [("Secret", name) for name in source.secret_extra_headers]
         absent = []

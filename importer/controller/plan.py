@@ -84,6 +84,12 @@ def source_host(dv: DataVolume) -> str | None:
     return urlsplit(source.url).hostname
 
 
+def cert_config_map(source: HttpSource | S3Source, config: ControllerConfig) -> str | None:
+    """The ConfigMap of CA certificates an import of `source` trusts: its own
+    `certConfigMap`, else the controller's default; None: the image's trust store."""
+    return source.cert_config_map or config.default_cert_config_map
+
+
 def importer_args(
     dv: DataVolume, *, size: int | None, scratch: Scratch | None, config: ControllerConfig
 ) -> list[str]:
@@ -122,7 +128,7 @@ def importer_args(
             args += ["--checksum", source.checksum]
         if source.secret_ref:
             args += ["--secret-dir", SECRET_DIR]
-        if source.cert_config_map:
+        if cert_config_map(source, config):
             args += ["--ca-bundle", CA_DIR]
     if isinstance(source, HttpSource):
         for header in source.extra_headers:
@@ -174,8 +180,8 @@ def plan_pod(
     if isinstance(source, HttpSource | S3Source):
         if source.secret_ref:
             mount("secret", SECRET_DIR, {"secret": {"secretName": source.secret_ref}})
-        if source.cert_config_map:
-            mount("ca", CA_DIR, {"configMap": {"name": source.cert_config_map}})
+        if ca := cert_config_map(source, config):
+            mount("ca", CA_DIR, {"configMap": {"name": ca}})
     if isinstance(source, HttpSource):
         for n, secret in enumerate(source.secret_extra_headers):
             mount(f"headers-{n}", f"{HEADERS_DIR}/{n}", {"secret": {"secretName": secret}})
@@ -185,7 +191,10 @@ def plan_pod(
         "imagePullPolicy": config.image_pull_policy,
         "command": ["diskflow", "import"],
         "args": importer_args(dv, size=size, scratch=scratch, config=config),
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "env": [
+            *config.importer_env,
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
         "ports": [{"name": "metrics", "containerPort": config.metrics_port}],
         "resources": spec.resources or config.importer_resources,
         "volumeMounts": mounts,
@@ -228,6 +237,8 @@ def plan_pod(
         pod_spec["tolerations"] = list(config.tolerations)
     if config.affinity:
         pod_spec["affinity"] = config.affinity
+    if config.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
     host = source_host(dv)
     return {
         "apiVersion": "v1",
@@ -236,12 +247,16 @@ def plan_pod(
             "name": pod_name(dv, attempt),
             "namespace": dv.namespace,
             "labels": {
+                **config.importer_pod_labels,
                 **MANAGED_BY,
                 DV_NAME_LABEL: dv.name,
                 DV_UID_LABEL: dv.uid,
                 ATTEMPT_LABEL: str(attempt),
             },
-            "annotations": {SOURCE_HOST_ANNOTATION: host} if host else {},
+            "annotations": {
+                **config.importer_pod_annotations,
+                **({SOURCE_HOST_ANNOTATION: host} if host else {}),
+            },
             "ownerReferences": [
                 _owner(
                     "v1", "PersistentVolumeClaim", pvc["metadata"]["name"], pvc["metadata"]["uid"]

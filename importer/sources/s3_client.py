@@ -96,11 +96,17 @@ def connect(
         connect_timeout=http.connect_timeout,
         read_timeout=http.stall_timeout,
     )
-    client = session.client(
-        "s3", endpoint_url=endpoint, verify=http.ca_bundle or not http.insecure, config=config
-    )
+    client = session.client("s3", endpoint_url=endpoint, verify=_verify(http), config=config)
     secrets = frozenset(s for s in (frozen.secret_key, frozen.token) if s)
     return S3Connection(client, region, secrets)
+
+
+def _verify(http: HttpOptions) -> str | bool | None:
+    """How botocore checks TLS: --ca-bundle, else off with --insecure, else None, which is
+    botocore's default and honours AWS_CA_BUNDLE (True would ignore it, unlike the aws CLI)."""
+    if http.ca_bundle:
+        return http.ca_bundle
+    return False if http.insecure else None
 
 
 def _check_endpoint(endpoint: str) -> None:

@@ -168,3 +168,40 @@ def test_per_datavolume_resources_and_priority_override_the_defaults() -> None:
     pod = plan_pod(dv, pvc_of(dv), attempt=0, size=1 << 30, scratch=None, config=CONFIG)
     assert pod["spec"]["containers"][0]["resources"] == resources
     assert pod["spec"]["priorityClassName"] == "imports"
+
+
+def test_cluster_defaults_for_importer_pods_from_the_chart() -> None:
+    """What the Helm chart sets for every importer: pull secrets, proxy environment, pod
+    labels and annotations (the controller's own win), and a default CA ConfigMap that an
+    http or s3 source's own certConfigMap replaces."""
+    proxy = {"name": "HTTPS_PROXY", "value": "http://proxy:3128"}
+    config = ControllerConfig(
+        image="diskflow:test",
+        image_pull_secrets=("registry",),
+        importer_env=(proxy,),
+        importer_pod_labels={"team": "vms", "app.kubernetes.io/managed-by": "someone"},
+        importer_pod_annotations={"sidecar.istio.io/inject": "false"},
+        default_cert_config_map="cluster-ca",
+    )
+    dv = DataVolume.from_manifest(manifest({"http": {"url": "https://example.com/disk.img"}}))
+    pod = plan_pod(dv, pvc_of(dv), attempt=0, size=1 << 30, scratch=None, config=config)
+    container = pod["spec"]["containers"][0]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert container["env"][0] == proxy and container["env"][-1]["name"] == "POD_IP"
+    labels = pod["metadata"]["labels"]
+    assert labels["team"] == "vms" and labels["app.kubernetes.io/managed-by"] == "diskflow"
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["ca"]["configMap"] == {"name": "cluster-ca"}
+    assert container["args"][container["args"].index("--ca-bundle") + 1] == CA_DIR
+
+    own = DataVolume.from_manifest(
+        manifest({"http": {"url": "https://example.com/d.img", "certConfigMap": "mirror-ca"}})
+    )
+    pod = plan_pod(own, pvc_of(own), attempt=0, size=1 << 30, scratch=None, config=config)
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert volumes["ca"]["configMap"] == {"name": "mirror-ca"}
+    blank = DataVolume.from_manifest(manifest({"blank": {}}))
+    pod = plan_pod(blank, pvc_of(blank), attempt=0, size=1 << 30, scratch=None, config=config)
+    assert "ca" not in {v["name"] for v in pod["spec"]["volumes"]}
+    assert "--ca-bundle" not in pod["spec"]["containers"][0]["args"]

@@ -294,3 +294,19 @@ def test_static_s3_keys(moto_auth: AuthS3, images: Images, tmp_path: Path) -> No
         assert_untold(done, log, secret_key)
     assert "[Unauthorized]" in done.stderr, done.stderr
     assert_same_content(tmp_path / "cli-0.img", images.raw)
+
+
+def test_s3_honours_aws_ca_bundle(
+    ca_signed: tuple[FaultServer, Path], images: Images, tmp_path: Path
+) -> None:
+    """As the aws CLI does, AWS_CA_BUNDLE is trusted for S3 without --ca-bundle (a pod's CA
+    bundle from the Helm chart arrives this way); without it, the private CA is refused."""
+    server, ca = ca_signed
+    url = server.url(uuid.uuid4().hex, "disk.vmdk")  # https://host/BUCKET/KEY: CDI's S3 form
+    args = ("--s3", "--retries", "0")
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
+    done = diskflow(url, tmp_path / "trusted.img", *args, env=env | {"AWS_CA_BUNDLE": str(ca)})
+    assert done.returncode == 0, done.stderr
+    assert_same_content(tmp_path / "trusted.img", images.raw)
+    done = diskflow(url, tmp_path / "untrusted.img", *args, env=env)
+    assert done.returncode == 1 and "[TLSError]" in done.stderr, done.stderr
