@@ -621,6 +621,10 @@ def registry() -> kopf.OperatorRegistry:
         settings.watching.label_selectors["v1/pods"] = _MANAGED
         settings.watching.label_selectors["v1/persistentvolumeclaims"] = _MANAGED
         settings.watching.server_timeout = 300
+        # Namespaces are given literally and the CRD exists before the controller starts
+        # (Helm installs crds/ first): kopf's scanning would only cost cluster-wide list and
+        # watch of Namespaces and CRDs, which least-privilege RBAC does not grant.
+        settings.scanning.disabled = True
         await memo.controller.lead()
 
     @kopf.on.cleanup(registry=handlers)

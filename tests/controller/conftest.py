@@ -41,11 +41,30 @@ def project_crds() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def kube(tmp_path: Path) -> Iterator[KubeServer]:
+def namespace_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def kube(
+    tmp_path: Path, request: pytest.FixtureRequest, namespace_name: str
+) -> Iterator[KubeServer]:
     """A fresh API server per test (it starts in ~10 ms), serving the project's CRDs, with a
-    default StorageClass `standard` (Immediate) and `wffc` (WaitForFirstConsumer)."""
+    default StorageClass `standard` (Immediate) and `wffc` (WaitForFirstConsumer).
+
+    Marked `rbac`: the operator's requests are authorized as the Helm chart's RBAC allows
+    (the chart installed in the test's namespace, watching it), and a refused one fails the
+    test: the chart grants every call the controller makes."""
+    authorizer = None
+    if request.node.get_closest_marker("rbac"):
+        from tests.support.charts import controller_authorizer
+
+        authorizer = controller_authorizer(namespace_name, [namespace_name])
     with KubeServer(
-        crds=project_crds(), workdir=tmp_path, pod_grace_period=POD_GRACE_PERIOD
+        crds=project_crds(),
+        workdir=tmp_path,
+        pod_grace_period=POD_GRACE_PERIOD,
+        authorizer=authorizer,
     ) as server:
         for storage_class in STORAGE_CLASSES:
             server.client.create(
@@ -60,14 +79,18 @@ def kube(tmp_path: Path) -> Iterator[KubeServer]:
         assert not server.failures(), "the emulated API server failed:\n" + "\n".join(
             server.failures()
         )
+        assert not server.denied(), "the chart's RBAC refused the operator:\n" + "\n".join(
+            server.denied()
+        )
 
 
 @pytest.fixture
-def namespace(kube: KubeServer) -> str:
+def namespace(kube: KubeServer, namespace_name: str) -> str:
     """A namespace of the test's own, as tests sharing a real cluster would use."""
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    kube.client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    return name
+    kube.client.create(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace_name}}
+    )
+    return namespace_name
 
 
 @pytest.fixture

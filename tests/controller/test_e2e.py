@@ -26,6 +26,8 @@ from tests.support.stores import ACCESS_KEY, BUCKET, SECRET_KEY
 # Fast settings for tests: retries after a third of a second, progress every 0.2 s, and an
 # importer that gives up on a failing server at once (so the controller's retry is what runs).
 pytest_plugins = ["tests.support.installer", "tests.support.stores"]
+# Every test here runs the operator with exactly the permissions the Helm chart grants it.
+pytestmark = pytest.mark.rbac
 
 FAST = (
     "--progress-interval",
@@ -552,6 +554,7 @@ def test_the_template_pipelines_datavolume_applied_as_is(
     vm_dir: Path,
     tmp_path: Path,
     moto_s3: str,
+    namespace: str,
 ) -> None:
     """A template built with the test installer and published to S3; the datavolume.yaml the
     build wrote is applied unchanged, and the volume ends up holding the published image."""
@@ -562,7 +565,7 @@ def test_the_template_pipelines_datavolume_applied_as_is(
 
     kickstart = write_template(tmp_path, minimal_installer, "golden")
     build = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)
-    publish = PublishOptions(s3=S3Options(endpoint=moto_s3), namespace="golden-images")
+    publish = PublishOptions(s3=S3Options(endpoint=moto_s3), namespace=namespace)
     state = build_template(
         BuildRequest(
             kickstart=str(kickstart),
@@ -574,21 +577,19 @@ def test_the_template_pipelines_datavolume_applied_as_is(
         )
     )
     manifest = yaml.safe_load((tmp_path / "out/golden/datavolume.yaml").read_text())
-    kube.client.create(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "golden-images"}}
-    )
+    assert manifest["metadata"]["namespace"] == namespace
     kube.client.create(manifest)
-    start(operator, "golden-images")
+    start(operator, namespace)
     name = manifest["metadata"]["name"]
     # The DataVolume names no Secret: its pods read S3 with the node's ambient identity.
     ambient = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
     with Kubelet(kube, tmp_path / "node", extra_env=ambient) as kubelet:
-        status = wait_phase(kube, "golden-images", name, "Succeeded", "Failed")["status"]
+        status = wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]
         assert status["phase"] == "Succeeded", (status.get("reason"), status.get("message"))
         assert status["result"]["format"] == "qcow2" and status["result"]["checksumVerified"]
         published = tmp_path / "published.raw"
         run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", state.image or "", published)
-        assert same_content(disk(kubelet, "golden-images", name), published)
+        assert same_content(disk(kubelet, namespace, name), published)
 
 
 def test_keep_pvc_survives_the_datavolume_and_metrics_and_health_are_served(

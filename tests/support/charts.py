@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.kube.rbac import Authorizer
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
+helm.disable_logging()  # its INFO line for every symlink (the library chart, the CRD)
 
 CHARTS = Path(__file__).resolve().parents[2] / "charts"
 RELEASE = "diskflow"
@@ -35,7 +38,8 @@ def render(
     loaded = helm.Chart.load(CHARTS / chart)
     try:
         texts = [crd["data"] for crd in loaded.crds]
-        texts += list(loaded.render(values or {}, name=RELEASE, namespace=namespace).values())
+        rendered = loaded.render(values or {}, name=RELEASE, namespace=namespace)
+        texts += [text for path, text in rendered.items() if not path.endswith("NOTES.txt")]
     finally:
         loaded.close()
     return [doc for text in texts for doc in yaml.safe_load_all(text) if doc]
@@ -73,3 +77,11 @@ def of_kind(objects: Iterable[Object], kind: str) -> list[Object]:
 def pod_spec(workload: Object) -> Object:
     """The pod spec of a Deployment, StatefulSet or Job."""
     return workload["spec"]["template"]["spec"]
+
+
+def controller_authorizer(namespace: str, watch: Iterable[str] = ()) -> Authorizer:
+    """The RBAC the diskflow chart gives its controller, installed in `namespace` and
+    watching `watch` (none: every namespace), as the emulated API server enforces it."""
+    objects = render("diskflow", {"watchNamespaces": list(watch)}, namespace=namespace)
+    account = pod_spec(find(objects, "Deployment"))["serviceAccountName"]
+    return Authorizer(objects, namespace=namespace, name=account)

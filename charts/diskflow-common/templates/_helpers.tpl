@@ -105,15 +105,7 @@ Environment every component's container gets: the proxy settings (both spellings
 requests and botocore read either), the CA bundle for outgoing TLS, then the component's extraEnv.
 */}}
 {{- define "diskflow-common.env" -}}
-{{- $proxy := .root.Values.proxy -}}
-{{- range $name, $value := dict "HTTP_PROXY" $proxy.httpProxy "HTTPS_PROXY" $proxy.httpsProxy "NO_PROXY" $proxy.noProxy }}
-{{- if $value }}
-- name: {{ $name }}
-  value: {{ $value | quote }}
-- name: {{ lower $name }}
-  value: {{ $value | quote }}
-{{- end }}
-{{- end }}
+{{- include "diskflow-common.proxyEnv" .root }}
 {{- if .root.Values.caBundle.configMap }}
 {{- $file := printf "%s/%s" (include "diskflow-common.caDir" .) .root.Values.caBundle.key }}
 {{- range list "SSL_CERT_FILE" "REQUESTS_CA_BUNDLE" "AWS_CA_BUNDLE" }}
@@ -142,5 +134,19 @@ requests and botocore read either), the CA bundle for outgoing TLS, then the com
 - name: ca-bundle
   mountPath: {{ include "diskflow-common.caDir" . }}
   readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The proxy settings (.Values.proxy) as EnvVars, in both spellings (Python's requests and
+botocore read either); takes the chart's top-level context. */}}
+{{- define "diskflow-common.proxyEnv" -}}
+{{- $proxy := .Values.proxy -}}
+{{- range $name, $value := dict "HTTP_PROXY" $proxy.httpProxy "HTTPS_PROXY" $proxy.httpsProxy "NO_PROXY" $proxy.noProxy }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+- name: {{ lower $name }}
+  value: {{ $value | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}

@@ -25,6 +25,7 @@ import kmock
 from kmock._internal.rendering import ReactionMismatchError
 
 from tests.support.kube.client import HARNESS_AGENT
+from tests.support.kube.rbac import Authorizer
 from tests.support.kube.resources import VERBS, ResourceType
 from tests.support.kube.selectors import SelectorError, field_selector, label_selector
 from tests.support.kube.store import ApiError, Store
@@ -106,6 +107,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         factory=collections.Counter, init=False
     )
     failures: list[str] = attrs.field(factory=list, init=False)
+    # RBAC: None lets every client do everything; else the operator's requests are authorized
+    # as its service account's, refused with 403 as the real server does, and recorded.
+    authorizer: Authorizer | None = None
+    used: set[tuple[str, str, str]] = attrs.field(factory=set, init=False)  # verb, group, resource
+    denied: list[str] = attrs.field(factory=list, init=False)
     _inflight: set[kmock.Request] = attrs.field(factory=set, init=False)
     _served: int = attrs.field(default=0, init=False)
 
@@ -244,6 +250,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         verb = self._verb(request)
         if HARNESS_AGENT not in request.headers.get("User-Agent", ""):
             self.counts[verb, rt.storage_key + (f"/{sub}" if sub else "")] += 1
+            self._authorize(verb, rt, sub, namespace, name)
         params = request.params
         dry_run = params.get("dryRun") == "All"
         if verb == "watch":
@@ -287,6 +294,22 @@ class KubeEmulator(kmock.KubernetesEmulator):
         raise ApiError(
             405, "MethodNotAllowed", f"the server does not allow this method on {rt.storage_key}"
         )
+
+    def _authorize(
+        self, verb: str, rt: ResourceType, sub: str | None, namespace: str | None, name: str | None
+    ) -> None:
+        if self.authorizer is None:
+            return
+        resource = rt.plural + (f"/{sub}" if sub else "")
+        if not self.authorizer.allows(verb, rt.group, resource, namespace, name):
+            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            message = (
+                f'{rt.storage_key} is forbidden: User "{self.authorizer.user}" cannot {verb} '
+                f'resource "{resource}" in API group "{rt.group}" {scope}'
+            )
+            self.denied.append(message)
+            raise ApiError(403, "Forbidden", message)
+        self.used.add((verb, rt.group, resource))
 
     @staticmethod
     def _verb(request: kmock.Request) -> str:

@@ -19,6 +19,7 @@ import yaml
 from tests.support.kube.client import KubeClient
 from tests.support.kube.controllers import Controllers
 from tests.support.kube.emulator import KubeEmulator
+from tests.support.kube.rbac import Authorizer
 from tests.support.kube.resources import KOPF_PEERING_CRDS, ResourceType
 from tests.support.kube.store import Store
 
@@ -42,12 +43,14 @@ class KubeServer:
         history: int = 10_000,
         pod_grace_period: int = 30,
         bookmark_interval: float = 10.0,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self._crds = [*KOPF_PEERING_CRDS, *crds]
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="kube-")) if workdir is None else workdir
         self._settings = {"history": history, "pod_grace_period": pod_grace_period}
         self._bookmark_interval = bookmark_interval
+        self._authorizer = authorizer
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -97,7 +100,9 @@ class KubeServer:
             self._stopping = asyncio.Event()
             self.store = Store(**self._settings)
             self.emulator = KubeEmulator(
-                store=self.store, bookmark_interval=self._bookmark_interval
+                store=self.store,
+                bookmark_interval=self._bookmark_interval,
+                authorizer=self._authorizer,
             )
             crd_type = self.store.resolve("apiextensions.k8s.io", "v1", "customresourcedefinitions")
             for crd in self._crds:
@@ -162,6 +167,14 @@ class KubeServer:
         """API requests by (verb, resource) — `("create", "pods")`, `("patch", "pods/status")`,
         `("watch", "datavolumes.diskflow.io")` — from every client but the harness's own."""
         return self.call(lambda: collections.Counter(self.emulator.counts))
+
+    def used_permissions(self) -> set[tuple[str, str, str]]:
+        """With an authorizer: every (verb, API group, resource) the operator was allowed."""
+        return self.call(lambda: set(self.emulator.used))
+
+    def denied(self) -> list[str]:
+        """With an authorizer: the 403 messages of every request it refused."""
+        return self.call(lambda: list(self.emulator.denied))
 
     def reset_request_counts(self) -> None:
         self.call(self.emulator.counts.clear)
