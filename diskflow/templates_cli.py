@@ -22,7 +22,7 @@ from diskflow.options import (
     S3Region,
     s3_options,
 )
-from importer.errors import ImportFailure
+from importer.errors import FinalError, ImportFailure
 from importer.outcome import Outcome
 from pipelines.accel import Accel
 from pipelines.build import BuildOptions
@@ -59,8 +59,21 @@ Force = Annotated[bool, typer.Option(help="Build even when the same build id is 
 AccelOption = Annotated[
     Accel, typer.Option(help="kvm, tcg, or auto (KVM if it can run the guest, said aloud).")
 ]
-Connect = Annotated[str, typer.Option(help="libvirt URI.")]
-Timeout = Annotated[float, typer.Option(min=1, help="Seconds the whole install may take.")]
+Connect = Annotated[
+    str | None,
+    typer.Option(
+        help="libvirt URI (default: LIBVIRT_DEFAULT_URI, else qemu:///system; a queued build "
+        "uses the worker's).",
+    ),
+]
+Timeout = Annotated[
+    float,
+    typer.Option(
+        min=1,
+        help="Seconds the whole install may take (a worker lowers a longer one to its "
+        "DISKFLOW_MAX_BUILD_TIMEOUT).",
+    ),
+]
 SilenceTimeout = Annotated[
     float,
     typer.Option(min=1, help="Seconds without console or installer output before giving up."),
@@ -140,7 +153,7 @@ def build(
     publish_to: PublishTo = None,
     force: Force = False,
     accel: AccelOption = Accel.AUTO,
-    connect: Connect = "qemu:///system",
+    connect: Connect = None,
     timeout: Timeout = BuildOptions.timeout,
     no_output_timeout: SilenceTimeout = BuildOptions.no_output_timeout,
     network: Network = BuildOptions.network,
@@ -234,8 +247,16 @@ def worker(
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
-    """Run a Celery worker for template builds (broker: DISKFLOW_BROKER_URL)."""
-    from pipelines.tasks import app as celery_app
+    """Run a Celery worker for template builds (broker: DISKFLOW_BROKER_URL).
+
+    Settings from the environment: DISKFLOW_WORKER_CONCURRENCY, DISKFLOW_VISIBILITY_TIMEOUT,
+    DISKFLOW_MAX_BUILD_TIMEOUT (a longer build timeout is lowered to it), DISKFLOW_BUILD_MARGIN;
+    the worker refuses to start when a build could outlive the visibility timeout.
+    """
+    try:
+        from pipelines.tasks import app as celery_app
+    except FinalError as e:  # the app reads its settings on import (pipelines.tasks.settings)
+        raise typer.BadParameter(e.message) from None
 
     # Celery logs every task's return value; a build state holds the kickstart text, which
     # may hold a password hash.
@@ -273,7 +294,7 @@ def ci_build(
     publish_to: PublishTo = None,
     force: Force = False,
     accel: AccelOption = Accel.AUTO,
-    connect: Connect = "qemu:///system",
+    connect: Connect = None,
     timeout: Timeout = BuildOptions.timeout,
     no_output_timeout: SilenceTimeout = BuildOptions.no_output_timeout,
     network: Network = BuildOptions.network,
@@ -358,7 +379,7 @@ def _request(
     publish_to: str | None,
     force: bool,
     accel: Accel,
-    connect: str,
+    connect: str | None,
     timeout: float,
     no_output_timeout: float,
     network: str,

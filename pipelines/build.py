@@ -39,6 +39,9 @@ FAILURE_CONTEXT_LINES = 15
 STOP_GRACE_SECONDS = 15.0
 STALE_COPY_SECONDS = 3600.0
 OWNER_FILE = "owner"
+# libvirt's and virt-install's own variable: a worker pod sets qemu:///session in it.
+LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 # Where virt-install, run as root against the local libvirtd, keeps its kernel/initrd copies.
 VIRTINST_SCRATCH = (
     Path("/var/lib/libvirt/boot")
@@ -51,7 +54,9 @@ VIRTINST_SCRATCH = (
 class BuildOptions:
     """How to run the install; the defaults suit a KVM worker with the system libvirtd."""
 
-    connect: str = "qemu:///system"
+    # None: resolved where the install runs (see libvirt_uri), so that a queued build uses
+    # the worker's libvirt, not the default of the client that queued it.
+    connect: str | None = None
     accel: Accel = Accel.AUTO
     timeout: float = 3 * 3600.0
     no_output_timeout: float = 600.0
@@ -84,7 +89,8 @@ def install(
 ) -> Installed:
     """Install `template` with the (flattened) `kickstart` text onto a new disk in `workdir`."""
     virt_install = _require_tool("virt-install", "virtinst")
-    check_libvirt(options.connect)
+    connect = libvirt_uri(options.connect)
+    check_libvirt(connect)
     choice = choose_accel(options.accel)
     emit("install", "warning" if choice.accel is Accel.TCG else "info", choice.reason)
 
@@ -106,7 +112,7 @@ def install(
         console, installer,
     )  # fmt: skip
     try:
-        sweep_orphans(options.connect, workdir.parent, emit)
+        sweep_orphans(connect, workdir.parent, emit)
     except (OSError, subprocess.SubprocessError) as e:  # tidying up must not fail a build
         emit("install", "warning", f"could not look for what killed builds left: {e!r}")
     emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
@@ -125,7 +131,7 @@ def install(
         # nor replace the error the build failed with.
         for cleanup in (
             lambda: _stop(process),
-            lambda: destroy_domain(options.connect, domain, emit),
+            lambda: destroy_domain(connect, domain, emit),
             lambda: _remove_virtinst_leftovers(before, domain if template.install.kernel else None),
             lambda: kickstart_file.unlink(missing_ok=True),
         ):
@@ -165,7 +171,7 @@ def virt_install_command(
         boot_args += f" {source.kernel_args}"
     command = [
         virt_install,
-        f"--connect={options.connect}",
+        f"--connect={libvirt_uri(options.connect)}",
         f"--name={domain}",
         f"--virt-type={choice.virt_type}",
         f"--osinfo={os_variant}",
@@ -231,6 +237,11 @@ def known_os_variant(virt_install: str, wanted: str, emit: Emit = discard) -> st
     return fallback
 
 
+def libvirt_uri(connect: str | None) -> str:
+    """The libvirt URI to use: `connect` if given, else LIBVIRT_DEFAULT_URI, else the system's."""
+    return connect or os.environ.get(LIBVIRT_URI_ENV) or DEFAULT_LIBVIRT_URI
+
+
 def check_libvirt(connect: str) -> None:
     """Raise a clear error unless libvirt answers at `connect`."""
     virsh = _require_tool("virsh", "libvirt-clients")
@@ -248,7 +259,7 @@ def check_libvirt(connect: str) -> None:
         raise TransientError(
             "LibvirtUnreachable",
             f"cannot reach libvirt at {connect}: {detail} (is libvirtd running, with virtlogd? "
-            "--connect picks another URI)",
+            f"--connect or {LIBVIRT_URI_ENV} picks another URI)",
         ) from None
 
 

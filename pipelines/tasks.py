@@ -7,8 +7,13 @@ matter for builds on KVM workers:
   last step and writes the manifest last).
 - one build per worker process and no prefetching: a KVM host runs as many installs as it has
   worker processes (`--concurrency`, default 1).
-- the broker's visibility timeout is longer than the longest build, or Redis would hand a
-  running build to a second worker.
+- a build cannot outlive the broker's visibility timeout, or Redis would hand it, still
+  running, to a second worker: the install task lowers a longer build timeout to the worker's
+  maximum (`DISKFLOW_MAX_BUILD_TIMEOUT`), and the worker refuses to start unless that maximum
+  plus a margin fits in the visibility timeout (`WorkerSettings`). Concurrency does not enter
+  it: with late acknowledgement and a prefetch multiplier of 1 a worker holds at most one
+  unacknowledged message per pool process, so every unacknowledged message is a running task,
+  whose clock (in Redis, from its delivery) starts with the task.
 - the install disk stays on the worker that installed it, so the install task routes the rest
   of its chain (finalize, publish) to that worker's own queue.
 """
@@ -19,7 +24,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from celery import Celery, Task, chain
@@ -27,7 +33,7 @@ from celery.result import AsyncResult
 from celery.utils.nodenames import worker_direct
 from kombu.exceptions import OperationalError
 
-from importer.errors import TransientError
+from importer.errors import FinalError, TransientError
 from importer.sources.http import redact_url
 from pipelines.events import Emit, event
 from pipelines.steps import (
@@ -40,7 +46,18 @@ from pipelines.steps import (
 )
 
 BROKER_ENV = "DISKFLOW_BROKER_URL"
+RESULT_ENV = "DISKFLOW_RESULT_URL"
+CONCURRENCY_ENV = "DISKFLOW_WORKER_CONCURRENCY"
+VISIBILITY_ENV = "DISKFLOW_VISIBILITY_TIMEOUT"
+MAX_BUILD_TIMEOUT_ENV = "DISKFLOW_MAX_BUILD_TIMEOUT"
+BUILD_MARGIN_ENV = "DISKFLOW_BUILD_MARGIN"
 DEFAULT_BROKER = "redis://localhost:6379/0"
+DEFAULT_VISIBILITY_TIMEOUT = 4 * 3600
+# What an install task spends outside its build timeout, which the visibility timeout must
+# cover too: the checks before the guest starts (libvirt, osinfo, the sweep for orphans) and,
+# once the timeout strikes, stopping virt-install and destroying the domain (each with its own
+# timeout of up to a minute), then the acknowledgement.
+BUILD_MARGIN_SECONDS = 600
 QUEUE = "diskflow-templates"
 KEPT_EVENTS = 200  # per task, in its PROGRESS state: enough to follow a console
 STATE_INTERVAL = 1.0  # seconds between task-state writes for console lines
@@ -52,15 +69,57 @@ PING_SECONDS = 30.0  # how often a follower checks that the worker holding the d
 log = logging.getLogger("diskflow.tasks")
 
 
-def make_app(broker: str | None = None) -> Celery:
-    """The Celery app, configured from the environment (`DISKFLOW_BROKER_URL`, ...)."""
+class InvalidSettings(FinalError):
+    """A worker setting in the environment is not usable; the message names it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("InvalidArgument", message)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """The worker's numeric settings, read from its environment and checked together."""
+
+    concurrency: int = 1
+    visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
+    max_build_timeout: int = DEFAULT_VISIBILITY_TIMEOUT - BUILD_MARGIN_SECONDS
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
+        """The settings, or InvalidSettings naming the variable and the rule it breaks."""
+
+        def number(name: str, default: int, minimum: int = 1) -> int:
+            text = environ.get(name)
+            if text is None:
+                return default
+            if text.strip().isdecimal() and int(text) >= minimum:
+                return int(text)
+            raise InvalidSettings(f"{name}={text!r}: must be a whole number, at least {minimum}")
+
+        visibility = number(VISIBILITY_ENV, DEFAULT_VISIBILITY_TIMEOUT)
+        margin = number(BUILD_MARGIN_ENV, BUILD_MARGIN_SECONDS, minimum=0)
+        if visibility <= margin:
+            raise InvalidSettings(
+                f"{VISIBILITY_ENV}={visibility} leaves no time for a build: it must exceed the "
+                f"{margin}s an install task needs besides its build ({BUILD_MARGIN_ENV})"
+            )
+        max_build = number(MAX_BUILD_TIMEOUT_ENV, visibility - margin)
+        if max_build + margin > visibility:
+            raise InvalidSettings(
+                f"{MAX_BUILD_TIMEOUT_ENV}={max_build} plus the {margin}s an install task needs "
+                f"besides its build ({BUILD_MARGIN_ENV}) exceeds {VISIBILITY_ENV}={visibility}: "
+                "Redis would hand a build still running to a second worker. Lower the first "
+                f"(at most {visibility - margin}) or raise the second."
+            )
+        return cls(number(CONCURRENCY_ENV, 1), visibility, max_build)
+
+
+def make_app(settings: WorkerSettings, broker: str | None = None) -> Celery:
+    """The Celery app, configured from `settings` and the environment (`DISKFLOW_BROKER_URL`)."""
     broker = broker or os.environ.get(BROKER_ENV, DEFAULT_BROKER)
-    # Longer than the longest build (default timeout 3 h), or Redis hands a running build
-    # to a second worker; a dead worker's build is re-run this long after it died.
-    visibility = int(os.environ.get("DISKFLOW_VISIBILITY_TIMEOUT", 4 * 3600))
-    celery = Celery(
-        "diskflow", broker=broker, backend=os.environ.get("DISKFLOW_RESULT_URL", broker)
-    )
+    # A dead worker's build is run again this long after it was delivered.
+    visibility = settings.visibility_timeout
+    celery = Celery("diskflow", broker=broker, backend=os.environ.get(RESULT_ENV, broker))
     celery.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -71,7 +130,7 @@ def make_app(broker: str | None = None) -> Celery:
         accept_content=["json"],
         result_expires=7 * 24 * 3600,
         worker_prefetch_multiplier=1,
-        worker_concurrency=int(os.environ.get("DISKFLOW_WORKER_CONCURRENCY", "1")),
+        worker_concurrency=settings.concurrency,
         worker_direct=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
@@ -86,7 +145,8 @@ def make_app(broker: str | None = None) -> Celery:
     return celery
 
 
-app = make_app()
+settings = WorkerSettings.from_environment()
+app = make_app(settings)
 
 
 class StepTask(Task):
@@ -129,26 +189,35 @@ class StepTask(Task):
 @app.task(base=StepTask, bind=True, name="diskflow.validate")
 def validate(self: StepTask, request: dict[str, Any]) -> dict[str, Any]:
     """Validate the kickstart, work out the build id, and skip a published build."""
-
-    def step(request: BuildRequest, emit: Emit) -> BuildState:
-        visibility = app.conf.broker_transport_options["visibility_timeout"]
-        if request.build.timeout >= visibility:
-            emit("validate", "warning", f"the build may take up to {request.build.timeout:.0f}s "
-                 f"but the broker hands an unfinished task to another worker after {visibility}s "
-                 "(DISKFLOW_VISIBILITY_TIMEOUT): it could run twice")  # fmt: skip
-        return validate_step(request, emit)
-
-    return self.run_step(step, BuildRequest.from_json(request))[1]
+    return self.run_step(validate_step, BuildRequest.from_json(request))[1]
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.install")
 def install(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
-    """Run the unattended install; pin the rest of the chain to this worker."""
-    result = self.run_step(install_step, BuildState.from_json(previous["state"]))[1]
+    """Run the unattended install, in this worker's time limit; pin the rest of the chain to
+    this worker."""
+
+    def step(state: BuildState, emit: Emit) -> BuildState:
+        return install_step(within_max_build_time(state, settings, emit), emit)
+
+    result = self.run_step(step, BuildState.from_json(previous["state"]))[1]
     queue = worker_direct(self.request.hostname).name
     for signature in self.request.chain or []:
         signature.setdefault("options", {})["queue"] = queue
     return result
+
+
+def within_max_build_time(state: BuildState, limits: WorkerSettings, emit: Emit) -> BuildState:
+    """`state` with a build timeout longer than the worker allows lowered to its maximum."""
+    asked = state.request.build.timeout
+    if state.skipped or asked <= limits.max_build_timeout:
+        return state
+    emit("install", "warning", f"the build's timeout of {asked:.0f}s is lowered to "
+         f"{limits.max_build_timeout}s, this worker's maximum ({MAX_BUILD_TIMEOUT_ENV}), which "
+         f"keeps a build within the broker's visibility timeout of {limits.visibility_timeout}s "
+         f"({VISIBILITY_ENV})")  # fmt: skip
+    build = replace(state.request.build, timeout=float(limits.max_build_timeout))
+    return replace(state, request=replace(state.request, build=build))
 
 
 @app.task(base=StepTask, bind=True, name="diskflow.finalize")

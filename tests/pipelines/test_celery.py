@@ -21,10 +21,21 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from pipelines.build import VIRTINST_SCRATCH, sweep_stale_copies  # noqa: E402
+from pipelines.tasks import (  # noqa: E402
+    BROKER_ENV,
+    BUILD_MARGIN_ENV,
+    CONCURRENCY_ENV,
+    MAX_BUILD_TIMEOUT_ENV,
+    VISIBILITY_ENV,
+)
 from tests.conftest import free_port, run, sha256  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
-VISIBILITY_TIMEOUT = 20  # seconds: longer than one test build, short enough to wait for
+VISIBILITY_TIMEOUT = 30  # seconds: longer than one test build, short enough to wait for
+# The production margin (10 min) would leave no time for a build in 30 s; a test build's
+# clean-up takes a second or two.
+BUILD_MARGIN = 5
+MAX_BUILD_TIMEOUT = VISIBILITY_TIMEOUT - BUILD_MARGIN  # the worker's default
 
 
 def wait_until(check: Callable[[], object], deadline: float, what: str) -> object:
@@ -60,8 +71,10 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def environment(broker: str) -> dict[str, str]:
     return dict(
-        os.environ, DISKFLOW_BROKER_URL=broker, DISKFLOW_VISIBILITY_TIMEOUT=str(VISIBILITY_TIMEOUT)
-    )
+        os.environ,
+        **{BROKER_ENV: broker, VISIBILITY_ENV: str(VISIBILITY_TIMEOUT),
+           BUILD_MARGIN_ENV: str(BUILD_MARGIN)},
+    )  # fmt: skip
 
 
 class Workers:
@@ -72,11 +85,12 @@ class Workers:
         self.logs = logs
         self.started: list[subprocess.Popen] = []
 
-    def start(self, name: str) -> subprocess.Popen:
+    def start(self, name: str, **environment: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         worker = subprocess.Popen(
             [sys.executable, "-m", "diskflow", "worker", "--hostname", f"{name}@%h"],
-            env=self.environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.environment | environment, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
         self.started.append(worker)
         return worker
@@ -136,8 +150,9 @@ def test_queued_build_runs_on_a_worker_and_streams_its_progress(
     stages = [e["stage"] for e in events[:-1]]
     assert stages.index("validate") < stages.index("install") < stages.index("finalize")
     assert any(e["kind"] == "console" for e in events)  # the guest's console, via Redis
-    # The default 3 h build timeout is longer than this test's visibility timeout: said aloud.
-    assert any(e["kind"] == "warning" and "could run twice" in e["message"] for e in events)
+    # The client's default 3 h build timeout is lowered to what the worker allows, aloud.
+    lowered = f"the build's timeout of 10800s is lowered to {MAX_BUILD_TIMEOUT}s"
+    assert any(e["kind"] == "warning" and lowered in e["message"] for e in events)
     result = events[-1]
     assert result["kind"] == "result" and not result["skipped"]
     image = tmp_path / "out/queued/queued.qcow2"
@@ -209,3 +224,59 @@ def test_unreachable_broker_is_a_transient_error_without_the_password(
     assert "cannot reach the broker at redis://127.0.0.1:" in err
     assert "[BrokerUnreachable]" in err
     assert "s3cr3t" not in out + err
+
+
+def test_a_build_longer_than_the_worker_allows_is_stopped_at_its_maximum(
+    minimal_installer: Installer,
+    vm_dir: Path,
+    tmp_path: Path,
+    environment: dict[str, str],
+    workers: Workers,
+) -> None:
+    kickstart = write_template(
+        tmp_path, minimal_installer, "capped", post="while :; do echo working; sleep 1; done"
+    )
+    workers.start("capped", **{MAX_BUILD_TIMEOUT_ENV: "8"})
+    client = queued_build(kickstart, tmp_path, vm_dir, environment, "--timeout", "600")
+    out, err = client.communicate(timeout=300)
+    assert client.returncode == 1, err
+    events = [json.loads(line) for line in out.splitlines()]
+    warning = next(e["message"] for e in events if "is lowered" in e["message"])
+    assert warning == (
+        f"the build's timeout of 600s is lowered to 8s, this worker's maximum "
+        f"({MAX_BUILD_TIMEOUT_ENV}), which keeps a build within the broker's visibility "
+        f"timeout of {VISIBILITY_TIMEOUT}s ({VISIBILITY_ENV})"
+    )
+    assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "Timeout"
+    assert "did not finish within 8s" in events[-1]["message"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({CONCURRENCY_ENV: "abc"}, f"{CONCURRENCY_ENV}='abc': must be a whole number, at least 1"),
+        ({CONCURRENCY_ENV: "0"}, f"{CONCURRENCY_ENV}='0': must be a whole number, at least 1"),
+        ({VISIBILITY_ENV: "-3600"}, f"{VISIBILITY_ENV}='-3600': must be a whole number"),
+        ({MAX_BUILD_TIMEOUT_ENV: "1.5"}, f"{MAX_BUILD_TIMEOUT_ENV}='1.5': must be a whole number"),
+        (
+            {VISIBILITY_ENV: "3600", MAX_BUILD_TIMEOUT_ENV: "3001"},
+            f"{MAX_BUILD_TIMEOUT_ENV}=3001 plus the 600s an install task needs besides its build "
+            f"({BUILD_MARGIN_ENV}) exceeds {VISIBILITY_ENV}=3600: Redis would hand a build still "
+            "running to a second worker. Lower the first (at most 3000) or raise the second.",
+        ),
+        ({VISIBILITY_ENV: "600"}, f"{VISIBILITY_ENV}=600 leaves no time for a build"),
+    ],
+)
+def test_a_worker_with_unusable_settings_refuses_to_start(
+    settings: dict[str, str], message: str
+) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("DISKFLOW_")}
+    # A broker nobody listens at: a worker that did start would retry it until the timeout.
+    environment |= {BROKER_ENV: f"redis://127.0.0.1:{free_port()}/0", "COLUMNS": "500", **settings}
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "worker"], env=environment, capture_output=True,
+        text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,92 @@
+"""What a build takes from the machine it runs on: the libvirt URI (LIBVIRT_DEFAULT_URI, as
+libvirt's own tools do) and the worker's time limits."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("tests.support.installer")
+pytest_plugins = ["tests.support.installer"]
+
+from importer.errors import TransientError  # noqa: E402
+from pipelines.build import (  # noqa: E402
+    DEFAULT_LIBVIRT_URI,
+    LIBVIRT_URI_ENV,
+    BuildOptions,
+    check_libvirt,
+    libvirt_uri,
+)
+from pipelines.steps import BuildRequest, build_template  # noqa: E402
+from pipelines.tasks import (  # noqa: E402
+    BUILD_MARGIN_ENV,
+    BUILD_MARGIN_SECONDS,
+    DEFAULT_VISIBILITY_TIMEOUT,
+    MAX_BUILD_TIMEOUT_ENV,
+    VISIBILITY_ENV,
+    WorkerSettings,
+)
+from tests.support.installer import Installer, write_template  # noqa: E402
+
+# libvirt's test driver: answers in-process, no daemon needed.
+TEST_DRIVER = "test:///default"
+NOWHERE = "qemu+unix:///session?socket=/nonexistent/libvirt-sock"
+needs_virsh = pytest.mark.skipif(not shutil.which("virsh"), reason="virsh is not installed")
+
+
+def test_the_uri_is_the_given_one_else_the_environment_s_else_the_system_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(LIBVIRT_URI_ENV, raising=False)
+    assert libvirt_uri(None) == DEFAULT_LIBVIRT_URI == "qemu:///system"
+    monkeypatch.setenv(LIBVIRT_URI_ENV, "qemu:///session")
+    assert libvirt_uri(None) == "qemu:///session"
+    assert libvirt_uri("qemu:///system") == "qemu:///system"
+
+
+def test_a_request_carries_no_uri_unless_one_was_given() -> None:
+    """A queued build must use the worker's libvirt, not the default of the client's."""
+    request = BuildRequest(kickstart="t.ks")
+    assert request.build.connect is None
+    assert BuildRequest.from_json(request.to_json()).build.connect is None
+
+
+@needs_virsh
+def test_virsh_is_asked_at_the_resolved_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LIBVIRT_URI_ENV, TEST_DRIVER)
+    check_libvirt(libvirt_uri(None))
+    monkeypatch.setenv(LIBVIRT_URI_ENV, NOWHERE)
+    with pytest.raises(TransientError, match=re.escape(f"cannot reach libvirt at {NOWHERE}:")):
+        check_libvirt(libvirt_uri(None))
+    check_libvirt(libvirt_uri(TEST_DRIVER))  # a given URI wins over the environment
+
+
+def test_a_build_without_connect_uses_libvirt_default_uri(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(LIBVIRT_URI_ENV, NOWHERE)
+    kickstart = write_template(tmp_path, minimal_installer, "defaulturi")
+    request = BuildRequest(
+        kickstart=str(kickstart), output=str(tmp_path / "out"), workdir=str(vm_dir),
+        build=BuildOptions(timeout=60, no_output_timeout=60, network="none"),
+    )  # fmt: skip
+    with pytest.raises(TransientError) as failure:
+        build_template(request)
+    assert failure.value.reason == "LibvirtUnreachable"
+    assert f"cannot reach libvirt at {NOWHERE}" in failure.value.message
+    assert LIBVIRT_URI_ENV in failure.value.message  # how to pick another
+
+
+def test_the_maximum_build_time_defaults_to_the_visibility_timeout_less_the_margin() -> None:
+    assert WorkerSettings.from_environment({}) == WorkerSettings(
+        concurrency=1,
+        visibility_timeout=DEFAULT_VISIBILITY_TIMEOUT,
+        max_build_timeout=DEFAULT_VISIBILITY_TIMEOUT - BUILD_MARGIN_SECONDS,
+    )
+    settings = WorkerSettings.from_environment({VISIBILITY_ENV: "7200", BUILD_MARGIN_ENV: "0"})
+    assert settings.max_build_timeout == 7200
+    exact = {VISIBILITY_ENV: "3600", MAX_BUILD_TIMEOUT_ENV: str(3600 - BUILD_MARGIN_SECONDS)}
+    assert WorkerSettings.from_environment(exact).max_build_timeout == 3000
