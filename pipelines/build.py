@@ -38,6 +38,10 @@ FAILURE_CONTEXT_SECONDS = 2.0  # what follows a failure line (a traceback's body
 FAILURE_CONTEXT_LINES = 15
 STOP_GRACE_SECONDS = 15.0
 STALE_COPY_SECONDS = 3600.0
+# A finished install waits in its work dir for its finalize task, which may come after the
+# worker restarted (a StatefulSet pod keeps its name and volume). After this long none will:
+# the build's results have expired and its client has long given up.
+INSTALLED_KEEP_SECONDS = 7 * 24 * 3600.0
 OWNER_FILE = "owner"
 # libvirt's and virt-install's own variable: a worker pod sets qemu:///session in it.
 LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
@@ -148,6 +152,8 @@ def install(
             f"{_tail(console)}",
         )
     seconds = time.monotonic() - started
+    # No process owns the disk now: the sweep must not take it for a killed build's.
+    (workdir / OWNER_FILE).write_text(f"diskflow build installed at={int(time.time())}")
     emit("install", "done", f"installed in {seconds:.1f}s", seconds=round(seconds, 3))
     return Installed(disk, console, installer, choice, seconds)
 
@@ -399,10 +405,26 @@ def sweep_orphans(connect: str, workroot: Path, emit: Emit = discard) -> None:
         if _orphaned(description):
             emit("install", "warning", f"removing domain {name}, left by a killed build")
             destroy_domain(connect, name, emit)
-    for owner in workroot.glob(f"diskflow-*/{OWNER_FILE}"):
-        if _orphaned(owner.read_text()):
-            shutil.rmtree(owner.parent, ignore_errors=True)
+    sweep_workdirs(workroot)
     sweep_stale_copies(connect)
+
+
+def sweep_workdirs(workroot: Path, keep_installed: float = INSTALLED_KEEP_SECONDS) -> list[Path]:
+    """Remove the work dirs under `workroot` of installs killed outright, and of finished
+    installs whose finalize never came within `keep_installed` seconds; keep the rest (a
+    finished install survives the worker's restart, for its finalize)."""
+    removed = []
+    for owner in workroot.glob(f"diskflow-*/{OWNER_FILE}"):
+        record = owner.read_text()
+        installed = re.fullmatch(r"diskflow build installed at=(\d+)", record.strip())
+        if installed:
+            stale = time.time() - int(installed.group(1)) > keep_installed
+        else:
+            stale = _orphaned(record)
+        if stale:
+            shutil.rmtree(owner.parent, ignore_errors=True)
+            removed.append(owner.parent)
+    return removed
 
 
 def _owner() -> str:

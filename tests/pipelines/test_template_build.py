@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,12 +25,21 @@ pytest_plugins = ["tests.support.installer"]
 from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
 from pipelines.build import (  # noqa: E402
+    OWNER_FILE,
     VIRTINST_SCRATCH,
     BuildOptions,
     sweep_orphans,
     sweep_stale_copies,
+    sweep_workdirs,
 )
-from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
+from pipelines.steps import (  # noqa: E402
+    BuildRequest,
+    BuildState,
+    build_template,
+    finalize_step,
+    install_step,
+    validate_step,
+)
 from tests.conftest import MiB, run, sha256  # noqa: E402
 from tests.support.installer import (  # noqa: E402
     ANACONDA_LOG_DIRECTIVE,
@@ -359,3 +369,36 @@ def test_what_a_killed_build_left_is_swept_by_the_next(
     assert list(vm_dir.iterdir()) == []
     sweep_stale_copies("qemu:///system", older_than=0)
     assert not [p for p in VIRTINST_SCRATCH.glob("virtinst-*") if "diskflow-orphan-" in p.name]
+
+
+def test_a_finished_install_outlives_a_worker_restart(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    """The install's disk waits for finalize in its work dir, marked as no process's: a
+    worker restarted in between (a StatefulSet pod: same name, same volume, new processes)
+    sweeps it for a killed build's only once it is a week old; finalize then finds it."""
+    kickstart = write_template(tmp_path, minimal_installer, "restart")
+    request = BuildRequest(
+        kickstart=str(kickstart), output=str(tmp_path / "out"), workdir=str(vm_dir), build=FAST
+    )
+    installed = install_step(validate_step(request))
+    assert installed.workdir and installed.disk
+    # No process named: this process living on is not what keeps it.
+    record = (Path(installed.workdir) / OWNER_FILE).read_text()
+    assert record.startswith("diskflow build installed at=") and "pid=" not in record
+    assert sweep_workdirs(vm_dir) == []  # as the next install on the restarted worker does
+    assert Path(installed.disk).is_file()
+    assert sweep_workdirs(vm_dir, keep_installed=7 * 24 * 3600) == []
+    finalized = finalize_step(installed)
+    assert finalized.image and Path(finalized.image).is_file()
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs: a build killed outright on this host
+    killed, abandoned = vm_dir / "diskflow-killed-x", vm_dir / "diskflow-abandoned-x"
+    for workdir, record in (
+        (killed, f"diskflow build host={socket.gethostname()} pid={dead.pid}"),
+        (abandoned, f"diskflow build installed at={int(time.time()) - 8 * 24 * 3600}"),
+    ):
+        workdir.mkdir()
+        (workdir / OWNER_FILE).write_text(record)
+    assert sorted(sweep_workdirs(vm_dir)) == sorted([killed, abandoned])
