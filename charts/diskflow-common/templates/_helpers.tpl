@@ -13,9 +13,15 @@ Helpers shared by the diskflow and diskflow-worker charts. Each takes a dict:
 {{- end -}}
 {{- end -}}
 
-{{/* The name of one component's objects: <fullname>-<component>. */}}
+{{/* The name of one component's objects: <fullname>-<component>, or just <fullname> when
+it ends in the component's name already (diskflow-worker's worker). */}}
 {{- define "diskflow-common.name" -}}
-{{- printf "%s-%s" (include "diskflow-common.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- $full := include "diskflow-common.fullname" .root -}}
+{{- if hasSuffix (printf "-%s" .component) $full -}}
+{{- $full -}}
+{{- else -}}
+{{- printf "%s-%s" $full .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "diskflow-common.selectorLabels" -}}
