@@ -23,7 +23,25 @@ pytest() {  # pytest VENV ARGS...: pytest's exit 5 (no test ran) is a failure, n
     return $status
 }
 
-pytest .venv "$@"
+if [[ $# -gt 0 ]]; then
+    pytest .venv "$@"
+else
+    # Building the container images is minutes of downloads and dpkg, little CPU: it runs
+    # beside the rest of the suite, and its output follows the suite's.
+    images_log=$(mktemp)
+    pytest .venv -m images --basetemp="$(mktemp -d)" tests/images >"$images_log" 2>&1 &
+    images_pid=$!
+    status=0
+    pytest .venv -m "not images" || status=$?
+    images_status=0
+    wait "$images_pid" || images_status=$?
+    echo "== the container images (tests/images)"
+    cat "$images_log"
+    rm -f "$images_log"
+    if [[ $status -ne 0 || $images_status -ne 0 ]]; then
+        exit 1
+    fi
+fi
 
 debian_python=/usr/bin/python3
 if [[ $# -eq 0 && -x $debian_python ]] &&
