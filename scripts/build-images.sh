@@ -203,24 +203,29 @@ revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
 # org.opencontainers.image.source: DISKFLOW_SOURCE_URL, else the git remote "origin" (the
 # project names no public URL of its own); empty when neither exists.
 source_url=${DISKFLOW_SOURCE_URL:-$(git -C "$repo" remote get-url origin 2>/dev/null || true)}
-bud() {  # bud NAME CONTAINERFILE CONTEXT [buildah args...]
-    local name=$1 file=$2 context=$3
-    shift 3
+bud() {  # bud NAME CONTAINERFILE CONTEXT BASE [buildah args...]
+    # The OCI labels every image shares are given here, once; each Containerfile adds only
+    # its title and description.
+    local name=$1 file=$2 context=$3 base=$4
+    shift 4
     step "building $name"
     buildah bud --isolation chroot --layers --force-rm "${no_cache[@]}" --pull=never --quiet \
         --build-arg "BASE_IMAGE=$base_image" \
         --build-arg "VERSION=$version" \
-        --build-arg "CREATED=$created" \
-        --build-arg "REVISION=$revision" \
-        --build-arg "SOURCE_URL=$source_url" \
+        --label "org.opencontainers.image.version=$version" \
+        --label "org.opencontainers.image.revision=$revision" \
+        --label "org.opencontainers.image.created=$created" \
+        --label "org.opencontainers.image.source=$source_url" \
+        --label "org.opencontainers.image.licenses=Apache-2.0" \
+        --label "org.opencontainers.image.base.name=$base" \
         "$@" -f "$repo/$file" -t "$name" "$context" >/dev/null \
         || die "building $name failed (buildah output above)"
 }
 
-bud "localhost/diskflow:$tag" images/diskflow/Containerfile "$work/context"
+bud "localhost/diskflow:$tag" images/diskflow/Containerfile "$work/context" "$base_image"
 bud "localhost/diskflow-worker:$tag" images/worker/Containerfile "$repo/images/worker" \
-    --build-arg "DISKFLOW_IMAGE=localhost/diskflow:$tag"
-bud "localhost/diskflow-redis:$tag" images/redis/Containerfile "$repo/images/redis"
+    "localhost/diskflow:$tag" --build-arg "DISKFLOW_IMAGE=localhost/diskflow:$tag"
+bud "localhost/diskflow-redis:$tag" images/redis/Containerfile "$repo/images/redis" "$base_image"
 
 step "done in $((SECONDS - started))s"
 buildah images --format '{{.Name}}:{{.Tag}}  {{.Size}}' \

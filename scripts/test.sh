@@ -46,13 +46,13 @@ fi
 debian_python=/usr/bin/python3
 if [[ $# -eq 0 && -x $debian_python ]] &&
    [[ "$("$debian_python" -VV)" != "$(.venv/bin/python -VV)" ]]; then
-    echo "== the importer's tests, the contracts and the demo on $("$debian_python" -V) ($debian_python)"
+    echo "== the importer's tests, the contracts, the charts and the demo on $("$debian_python" -V) ($debian_python)"
     if [[ ! -x .venv-debian/bin/python ]]; then
         "$debian_python" -m venv .venv-debian
     fi
     .venv-debian/bin/python -m pip install -q --upgrade "pip>=24"
     .venv-debian/bin/python -m pip install -q -e ".[test]"
-    pytest .venv-debian tests/importer tests/contracts tests/controller/test_plan.py \
+    pytest .venv-debian tests/importer tests/contracts tests/charts tests/controller/test_plan.py \
         tests/controller/test_decide.py
     demo=$(mktemp -d)
     .venv-debian/bin/diskflow demo "$demo" --progress none
