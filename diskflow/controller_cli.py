@@ -133,12 +133,12 @@ def controller(
         settings = _read_config(config_file) if config_file else {}
         settings.update({key: value for key, value in given.items() if value is not None})
         config = ControllerConfig(**settings)
-        liveness = f"http://{health_addr}:{health_port}/healthz" if health_port else None
         scope = Scope(
             namespaces=tuple(namespace or ()),
             lease_namespace=lease_namespace,
             lease_name=lease_name,
-            liveness=liveness,
+            health_addr=health_addr,
+            health_port=health_port,
             metrics_addr=metrics_addr,
             metrics_port=metrics_port,
         )

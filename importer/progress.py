@@ -248,7 +248,7 @@ class MetricsReporter:
         try:
             self._server, self._thread = start_http_server(port, addr, registry=registry)
         except OSError as exc:
-            raise _bind_failure(exc, where) from None
+            raise bind_failure(exc, where) from None
 
     def show(self, snapshot: Snapshot) -> None:
         if snapshot.stage != self._shown:
@@ -279,16 +279,20 @@ def _metrics_address(addr: str, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
-def _bind_failure(exc: OSError, where: str) -> ImportFailure:
-    said = f"cannot serve metrics on {where}: {exc.strerror or exc}"
+def bind_failure(
+    exc: OSError, where: str, what: str = "metrics", option: str = "metrics"
+) -> ImportFailure:
+    """Why serving `what` on `where` (ADDR:PORT) failed, naming the `--OPTION-port` and
+    `--OPTION-addr` that chose it: a port another process holds is transient (it may be free
+    when tried again); an address not of this machine, or anything else, is final."""
+    said = f"cannot serve {what} on {where}: {exc.strerror or exc}"
     if exc.errno == errno.EADDRINUSE:
-        # Another process holds the port: it may be gone when the import is tried again.
         return TransientError(
-            Reason.ADDRESS_IN_USE, f"{said}; another process listens there (--metrics-port)"
+            Reason.ADDRESS_IN_USE, f"{said}; another process listens there (--{option}-port)"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return FinalError(
             Reason.INVALID_ARGUMENT,
-            f"{said}; it is not an address of this machine (--metrics-addr)",
+            f"{said}; it is not an address of this machine (--{option}-addr)",
         )
     return FinalError(Reason.INVALID_ARGUMENT, said)

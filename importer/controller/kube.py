@@ -16,6 +16,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from importer.api import GROUP, PLURAL, VERSION
+from importer.errors import FinalError
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -27,7 +28,14 @@ class Kube:
         try:
             config.load_incluster_config()
         except config.ConfigException:
-            config.load_kube_config()
+            try:
+                config.load_kube_config()
+            except (config.ConfigException, OSError) as exc:
+                raise FinalError(
+                    "InvalidArgument",
+                    "no Kubernetes API to connect to: not in a pod with a service account, and "
+                    f"no usable kubeconfig (KUBECONFIG or ~/.kube/config): {exc}",
+                ) from None
         self.client = client.ApiClient()
         self.core = client.CoreV1Api(self.client)
         self.storage = client.StorageV1Api(self.client)

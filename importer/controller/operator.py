@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import aiohttp.web
 import kopf
 
 from importer.api import (
@@ -61,6 +62,7 @@ from importer.controller.scrape import Sample, parse_metrics
 from importer.controller.store import Body, Store
 from importer.errors import ImportFailure
 from importer.pipeline import ContentType, ImportOptions, Probe, probe
+from importer.progress import bind_failure
 from importer.quantity import parse_quantity
 from importer.sources import HttpOptions, S3Options
 from importer.sources.http import parse_header
@@ -82,8 +84,9 @@ class Scope:
     lease_namespace: str | None = None
     """Hold a Lease here before acting (several replicas); None: act at once."""
     lease_name: str = "diskflow-controller"
-    liveness: str | None = None
-    """kopf's health endpoint, e.g. http://0.0.0.0:8080/healthz."""
+    health_addr: str = "0.0.0.0"
+    health_port: int | None = None
+    """Serve /healthz here (liveness and readiness); None: not at all."""
     metrics_addr: str = "0.0.0.0"
     metrics_port: int | None = None
 
@@ -658,14 +661,47 @@ def run(config: ControllerConfig, scope: Scope) -> None:
     """Run the operator until SIGTERM/SIGINT."""
     controller = Controller(config, Kube(), scope)
     if scope.metrics_port is not None:
-        controller.metrics.serve(scope.metrics_addr, scope.metrics_port)
-    asyncio.run(
-        kopf.operator(
-            registry=registry(),
-            clusterwide=not scope.namespaces,
-            namespaces=scope.namespaces,
-            standalone=True,
-            liveness_endpoint=scope.liveness,
-            memo=kopf.Memo(controller=controller),
-        )
-    )
+        try:
+            controller.metrics.serve(scope.metrics_addr, scope.metrics_port)
+        except OSError as exc:
+            raise bind_failure(exc, f"{scope.metrics_addr}:{scope.metrics_port}") from None
+
+    async def operate() -> None:
+        health = await serve_health(scope.health_addr, scope.health_port)
+        try:
+            await kopf.operator(
+                registry=registry(),
+                clusterwide=not scope.namespaces,
+                namespaces=scope.namespaces,
+                standalone=True,
+                memo=kopf.Memo(controller=controller),
+            )
+        finally:
+            if health is not None:
+                await health.cleanup()
+
+    asyncio.run(operate())
+
+
+async def serve_health(addr: str, port: int | None) -> aiohttp.web.AppRunner | None:
+    """/healthz on ADDR:PORT, answered from the operator's event loop from the start.
+
+    Not kopf's liveness endpoint: kopf serves that only once the startup handlers are done,
+    and a replica waiting for the Lease is still in one, so Kubernetes would restart every
+    follower over and over."""
+    if port is None:
+        return None
+
+    async def healthy(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"status": "ok"})
+
+    app = aiohttp.web.Application()
+    app.add_routes([aiohttp.web.get("/healthz", healthy)])
+    runner = aiohttp.web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    try:
+        await aiohttp.web.TCPSite(runner, addr, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise bind_failure(exc, f"{addr}:{port}", "/healthz", "health") from None
+    return runner

@@ -529,11 +529,26 @@ def test_only_the_lease_holder_acts(
     namespace: str,
     nginx: str,
 ) -> None:
+    import requests
+
+    from tests.conftest import free_port
+
     lease = ("--lease-namespace", namespace)
     leader = start(operator, namespace, *lease)
     leader.wait_for_output("holding lease")
-    follower = start(operator, namespace, *lease)
+    health = free_port()
+    follower = start(operator, namespace, *lease, "--health-addr", "127.0.0.1",
+                     "--health-port", str(health))  # fmt: skip
     follower.wait_for_output("waiting for lease")
+
+    # A waiting replica is alive: its liveness probe passes (else Kubernetes restarts it).
+    def alive() -> bool | None:
+        try:
+            return requests.get(f"http://127.0.0.1:{health}/healthz", timeout=5).ok or None
+        except requests.ConnectionError:
+            return None  # not listening yet
+
+    poll(alive, timeout=30, what="the waiting replica's /healthz never answered")
     kube.client.create(datavolume("one", namespace, {"http": {"url": f"{nginx}/disk.raw.gz"}}))
     assert (
         wait_phase(kube, namespace, "one", "Succeeded", "Failed")["status"]["phase"] == "Succeeded"
