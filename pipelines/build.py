@@ -153,7 +153,7 @@ def install(
         )
     seconds = time.monotonic() - started
     # No process owns the disk now: the sweep must not take it for a killed build's.
-    (workdir / OWNER_FILE).write_text(f"diskflow build installed at={int(time.time())}")
+    (workdir / OWNER_FILE).write_text(_installed())
     emit("install", "done", f"installed in {seconds:.1f}s", seconds=round(seconds, 3))
     return Installed(disk, console, installer, choice, seconds)
 
@@ -430,6 +430,10 @@ def sweep_workdirs(workroot: Path, keep_installed: float = INSTALLED_KEEP_SECOND
 def _owner() -> str:
     # Asked per build: a Celery pool process is not the process that imported this module.
     return f"diskflow build host={socket.gethostname()} pid={os.getpid()}"
+
+
+def _installed() -> str:
+    return f"diskflow build installed at={int(time.time())}"
 
 
 def _orphaned(description: str) -> bool:

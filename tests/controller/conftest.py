@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.support.kube import KubeServer
+from tests.support.kube.client import KubeClient
 from tests.support.kube.kubelet import Kubelet
 from tests.support.kube.operator import OperatorProcess
 
@@ -40,6 +41,19 @@ def project_crds() -> list[dict[str, Any]]:
     return [doc for doc in docs if doc and doc.get("kind") == "CustomResourceDefinition"]
 
 
+def add_storage_classes(client: KubeClient) -> None:
+    """STORAGE_CLASSES, as a cluster's administrator made them."""
+    for storage_class in STORAGE_CLASSES:
+        client.create(
+            {
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "provisioner": "harness.diskflow.io",
+                **storage_class,
+            }
+        )
+
+
 @pytest.fixture
 def namespace_name() -> str:
     return f"test-{uuid.uuid4().hex[:8]}"
@@ -57,24 +71,17 @@ def kube(
     test: the chart grants every call the controller makes."""
     authorizer = None
     if request.node.get_closest_marker("rbac"):
-        from tests.support.charts import controller_authorizer
+        from tests.support.charts import chart_authorizer, render
 
-        authorizer = controller_authorizer(namespace_name, [namespace_name])
+        values = {"watchNamespaces": [namespace_name]}
+        authorizer = chart_authorizer(render("diskflow", values, namespace=namespace_name))
     with KubeServer(
         crds=project_crds(),
         workdir=tmp_path,
         pod_grace_period=POD_GRACE_PERIOD,
         authorizer=authorizer,
     ) as server:
-        for storage_class in STORAGE_CLASSES:
-            server.client.create(
-                {
-                    "apiVersion": "storage.k8s.io/v1",
-                    "kind": "StorageClass",
-                    "provisioner": "harness.diskflow.io",
-                    **storage_class,
-                }
-            )
+        add_storage_classes(server.client)
         yield server
         assert not server.failures(), "the emulated API server failed:\n" + "\n".join(
             server.failures()

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Images, free_port, run
-from tests.controller.conftest import POD_GRACE_PERIOD, STORAGE_CLASSES
-from tests.controller.test_e2e import TIMEOUT, datavolume, disk, same_content, wait_event
-from tests.support.charts import controller_authorizer, find, of_kind, pod_spec, render
+from tests.controller.conftest import POD_GRACE_PERIOD, add_storage_classes
+from tests.controller.test_e2e import datavolume, disk, same_content, wait_event, wait_phase
+from tests.support.charts import chart_authorizer, find, of_kind, pod_spec, render
 from tests.support.kube import KubeServer
 from tests.support.kube.kubelet import Kubelet
 from tests.support.kube.operator import OperatorProcess
@@ -66,7 +66,7 @@ def test_the_chart_installs_and_imports_with_exactly_its_rbac(
 ) -> None:
     objects = render("diskflow", VALUES, namespace=NAMESPACE)
     crds = of_kind(objects, "CustomResourceDefinition")
-    authorizer = controller_authorizer(NAMESPACE, [NAMESPACE])
+    authorizer = chart_authorizer(objects)
     with (
         KubeServer(
             crds=crds, workdir=tmp_path, pod_grace_period=POD_GRACE_PERIOD, authorizer=authorizer
@@ -75,15 +75,7 @@ def test_the_chart_installs_and_imports_with_exactly_its_rbac(
     ):
         client = kube.client
         client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
-        for storage_class in STORAGE_CLASSES:
-            client.create(
-                {
-                    "apiVersion": "storage.k8s.io/v1",
-                    "kind": "StorageClass",
-                    "provisioner": "harness.diskflow.io",
-                    **storage_class,
-                }
-            )
+        add_storage_classes(client)
         operator = OperatorProcess(
             controller_argv(objects, tmp_path),
             kubeconfig=kube.kubeconfig,
@@ -116,11 +108,7 @@ def test_the_chart_installs_and_imports_with_exactly_its_rbac(
                     "data": {"ca.crt": ca_certificate(tmp_path)},
                 }
             )
-            done = client.wait_for(
-                "datavolumes", "fedora",
-                lambda dv: dv.get("status", {}).get("phase") in ("Succeeded", "Failed"),
-                namespace=NAMESPACE, timeout=TIMEOUT,
-            )  # fmt: skip
+            done = wait_phase(kube, NAMESPACE, "fedora", "Succeeded", "Failed")
             assert done["status"]["phase"] == "Succeeded", done["status"]
             assert same_content(disk(kubelet, NAMESPACE, "fedora"), images.raw)
             client.wait_gone("pods", "importer-fedora-0", namespace=NAMESPACE)
@@ -134,11 +122,8 @@ def test_the_chart_installs_and_imports_with_exactly_its_rbac(
             blank = datavolume("scratchpad", NAMESPACE, {"blank": {}}, annotations=annotations)
             blank["spec"]["storage"]["storageClassName"] = "wffc"
             client.create(blank)
-            client.wait_for(
-                "datavolumes", "scratchpad",
-                lambda dv: dv.get("status", {}).get("phase") == "Succeeded",
-                namespace=NAMESPACE, timeout=TIMEOUT,
-            )  # fmt: skip
+            made = wait_phase(kube, NAMESPACE, "scratchpad", "Succeeded", "Failed")
+            assert made["status"]["phase"] == "Succeeded", made["status"]
             client.delete("datavolumes", "scratchpad", namespace=NAMESPACE)
             client.wait_gone("datavolumes", "scratchpad", namespace=NAMESPACE, timeout=30)
             kept = client.get("persistentvolumeclaims", "scratchpad", namespace=NAMESPACE)

@@ -87,6 +87,28 @@ def wait_phase(
     )
 
 
+def running_import(
+    kube: KubeServer,
+    operator: StartOperator,
+    namespace: str,
+    name: str,
+    faults: FaultServer,
+    images: Images,
+    *,
+    seconds: int,
+    times: int,
+) -> Any:
+    """DataVolume `name` importing the xz raw image, its first `times` downloads throttled
+    to last about `seconds` s each, the operator started: returned once the import runs."""
+    source = images.path("raw", "xz")
+    rate = source.stat().st_size // seconds
+    url = faults.url(uuid.uuid4().hex, source.name, rate=rate, times=times)
+    kube.client.create(datavolume(name, namespace, {"http": {"url": url}}))
+    process = start(operator, namespace)
+    wait_phase(kube, namespace, name, "ImportInProgress")
+    return process
+
+
 def wait_event(kube: KubeServer, namespace: str, name: str, reason: str) -> dict[str, Any]:
     """The first Event about `name` with `reason`: kopf posts events in the background, so
     one may arrive a little after the status it goes with."""
@@ -353,12 +375,7 @@ def test_a_pod_deleted_mid_import_is_replaced(
     faults: FaultServer,
     images: Images,
 ) -> None:
-    source = images.path("raw", "xz")
-    token = uuid.uuid4().hex
-    url = faults.url(token, source.name, rate=source.stat().st_size // 4, times=1)
-    kube.client.create(datavolume("gone", namespace, {"http": {"url": url}}))
-    start(operator, namespace)
-    wait_phase(kube, namespace, "gone", "ImportInProgress")
+    running_import(kube, operator, namespace, "gone", faults, images, seconds=4, times=1)
     kubelet.vanish(namespace, "importer-gone-0")
     status = wait_phase(kube, namespace, "gone", "Succeeded", "Failed")["status"]
     assert status["phase"] == "Succeeded" and status["restartCount"] == 1
@@ -373,11 +390,7 @@ def test_deleting_a_datavolume_mid_import_leaves_nothing(
     faults: FaultServer,
     images: Images,
 ) -> None:
-    source = images.path("raw", "xz")
-    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 10, times=9)
-    kube.client.create(datavolume("bye", namespace, {"http": {"url": url}}))
-    start(operator, namespace)
-    wait_phase(kube, namespace, "bye", "ImportInProgress")
+    running_import(kube, operator, namespace, "bye", faults, images, seconds=10, times=9)
     kube.client.delete("datavolumes", "bye", namespace=namespace)
     kube.client.wait_gone("datavolumes", "bye", namespace=namespace)
     kube.client.wait_gone("persistentvolumeclaims", "bye", namespace=namespace, timeout=30)
@@ -393,11 +406,7 @@ def test_a_restarted_controller_adopts_the_running_pod(
     faults: FaultServer,
     images: Images,
 ) -> None:
-    source = images.path("raw", "xz")
-    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 4, times=9)
-    kube.client.create(datavolume("adopt", namespace, {"http": {"url": url}}))
-    first = start(operator, namespace)
-    wait_phase(kube, namespace, "adopt", "ImportInProgress")
+    first = running_import(kube, operator, namespace, "adopt", faults, images, seconds=4, times=9)
     first.kill()
     start(operator, namespace)
     status = wait_phase(kube, namespace, "adopt", "Succeeded", "Failed")["status"]
@@ -665,11 +674,7 @@ def test_an_oom_killed_importer_is_retried(
     faults: FaultServer,
     images: Images,
 ) -> None:
-    source = images.path("raw", "xz")
-    url = faults.url(uuid.uuid4().hex, source.name, rate=source.stat().st_size // 4, times=1)
-    kube.client.create(datavolume("oom", namespace, {"http": {"url": url}}))
-    start(operator, namespace)
-    wait_phase(kube, namespace, "oom", "ImportInProgress")
+    running_import(kube, operator, namespace, "oom", faults, images, seconds=4, times=1)
     kubelet.oom_kill(namespace, "importer-oom-0")
     status = wait_phase(kube, namespace, "oom", "Succeeded", "Failed")["status"]
     assert status["phase"] == "Succeeded" and status["restartCount"] == 1

@@ -420,12 +420,7 @@ def test_status_is_written_only_through_its_subresource(
             "metadata": {"name": "a", "namespace": namespace},
             "spec": {"containers": [{"name": "c", "image": "x"}]},
         },
-        "pvc": {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "a", "namespace": namespace},
-            "spec": {"resources": {"requests": {"storage": "1Gi"}}},
-        },
+        "pvc": claim("a", namespace, "1Gi"),
     }[resource]
     created = client.create(body | {"status": {"phase": "Forged"}})
     assert created.get("status", {}).get("phase") != "Forged"  # status cannot be set on create
@@ -534,14 +529,9 @@ def _chain(kube: KubeServer, namespace: str, name: str, *, hold: bool) -> tuple[
     """A DataVolume-like owner → its PVC → the PVC's pod, as the operator builds them; `hold`
     puts a finalizer of the test's on the pod."""
     owner = kube.client.create(widget(name, namespace))
-    pvc = kube.client.create(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": name, "namespace": namespace, "ownerReferences": owned_by(owner)},
-            "spec": {"resources": {"requests": {"storage": "1Gi"}}},
-        }
-    )
+    pvc = claim(name, namespace, "1Gi")
+    pvc["metadata"]["ownerReferences"] = owned_by(owner)
+    pvc = kube.client.create(pvc)
     pod = kube.client.create(
         {
             "apiVersion": "v1",
@@ -804,6 +794,16 @@ def test_a_kopf_operator_logs_in_with_the_kubeconfig(
 # The kubelet stand-in
 
 
+def claim(name: str, namespace: str, storage: str, **spec: Any) -> Obj:
+    """A PVC asking for `storage`; `spec` adds to its spec (storageClassName, volumeMode...)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"resources": {"requests": {"storage": storage}}, **spec},
+    }
+
+
 def python_pod(name: str, namespace: str, script: str, *args: str, **spec: Any) -> Obj:
     """A pod whose one container runs a Python script; `spec` adds to the container's spec,
     except `volumes`, `grace` (terminationGracePeriodSeconds) and `restartPolicy`."""
@@ -861,17 +861,7 @@ def test_a_pod_runs_its_command_with_secrets_volumes_and_termination_message(
             "stringData": {"password": "hunter2"},
         }
     )
-    client.create(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "disk", "namespace": namespace},
-            "spec": {
-                "accessModes": ["ReadWriteOnce"],
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        }
-    )
+    client.create(claim("disk", namespace, "1Gi", accessModes=["ReadWriteOnce"]))
     client.create(
         python_pod(
             "importer",
@@ -1043,14 +1033,7 @@ def test_missing_secrets_keep_pods_pending_as_the_kubelet_does(
 
 def test_wait_for_first_consumer(kube: KubeServer, kubelet: Kubelet, namespace: str) -> None:
     client = kube.client
-    client.create(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "late", "namespace": namespace},
-            "spec": {"storageClassName": "wffc", "resources": {"requests": {"storage": "1Mi"}}},
-        }
-    )
+    client.create(claim("late", namespace, "1Mi", storageClassName="wffc"))
     poll(
         lambda: any(
             e["reason"] == "WaitForFirstConsumer"
@@ -1079,14 +1062,7 @@ def test_capacity_rounded_up_as_a_storage_class_may(
     kube: KubeServer, namespace: str, tmp_path: Path
 ) -> None:
     with Kubelet(kube, tmp_path / "node", capacity_step=1 << 30):
-        kube.client.create(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": "odd", "namespace": namespace},
-                "spec": {"resources": {"requests": {"storage": "1500Mi"}}},
-            }
-        )
+        kube.client.create(claim("odd", namespace, "1500Mi"))
         pvc = kube.client.wait_for("pvc", "odd", phase("Bound"), namespace=namespace)
     assert pvc["status"]["capacity"] == {"storage": "2Gi"}
 
@@ -1137,14 +1113,7 @@ def test_pvc_in_use_stays_until_its_pod_ends(
     kube: KubeServer, kubelet: Kubelet, namespace: str
 ) -> None:
     client = kube.client
-    client.create(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "d", "namespace": namespace},
-            "spec": {"resources": {"requests": {"storage": "1Mi"}}},
-        }
-    )
+    client.create(claim("d", namespace, "1Mi"))
     client.create(
         python_pod(
             "user",
@@ -1176,14 +1145,7 @@ def test_block_volumes_get_a_loop_device(
     kube: KubeServer, kubelet: Kubelet, namespace: str
 ) -> None:
     client = kube.client
-    client.create(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "raw", "namespace": namespace},
-            "spec": {"volumeMode": "Block", "resources": {"requests": {"storage": "4Mi"}}},
-        }
-    )
+    client.create(claim("raw", namespace, "4Mi", volumeMode="Block"))
     client.create(
         python_pod(
             "writer",
@@ -1268,14 +1230,7 @@ def test_pods_and_claims_wait_for_what_they_lack(
     kube: KubeServer, kubelet: Kubelet, namespace: str
 ) -> None:
     client = kube.client
-    client.create(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "classless", "namespace": namespace},
-            "spec": {"storageClassName": "nope", "resources": {"requests": {"storage": "1Mi"}}},
-        }
-    )
+    client.create(claim("classless", namespace, "1Mi", storageClassName="nope"))
     client.create(
         python_pod(
             "orphan",

@@ -79,9 +79,9 @@ def pod_spec(workload: Object) -> Object:
     return workload["spec"]["template"]["spec"]
 
 
-def controller_authorizer(namespace: str, watch: Iterable[str] = ()) -> Authorizer:
-    """The RBAC the diskflow chart gives its controller, installed in `namespace` and
-    watching `watch` (none: every namespace), as the emulated API server enforces it."""
-    objects = render("diskflow", {"watchNamespaces": list(watch)}, namespace=namespace)
-    account = pod_spec(find(objects, "Deployment"))["serviceAccountName"]
-    return Authorizer(objects, namespace=namespace, name=account)
+def chart_authorizer(objects: list[Object]) -> Authorizer:
+    """The RBAC that the diskflow chart's rendered `objects` give its controller's service
+    account, as the emulated API server enforces it."""
+    deployment = find(objects, "Deployment")
+    account = pod_spec(deployment)["serviceAccountName"]
+    return Authorizer(objects, namespace=deployment["metadata"]["namespace"], name=account)
