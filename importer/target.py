@@ -8,6 +8,7 @@ BLKZEROOUT, punched, or written, in that order of preference.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -15,7 +16,8 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from importer.buffers import ALIGN, CHUNK, AlignedBuffer, aligned
@@ -190,16 +192,8 @@ class SparseWriter:
         if self._block and start < HEAD:
             keep = min(HEAD, start + length) - start
             self._head = (self._head or b"") + bytes(view[:keep])
-        run_start, run_zero = 0, None
-        for offset in range(0, length, GRANULE):
-            end = min(offset + GRANULE, length)
-            zero = raw.startswith(_ZEROS[: end - offset], base + offset)
-            if zero is not run_zero and run_zero is not None:
-                self._put(view, start, run_start, offset, zero=run_zero)
-                run_start = offset
-            run_zero = zero
-        if run_zero is not None:
-            self._put(view, start, run_start, length, zero=run_zero)
+        for begin, end, zero in zero_runs(raw, base, length):
+            self._put(view, start, begin, end, zero=zero)
 
     def _put(self, view: memoryview, base: int, begin: int, end: int, *, zero: bool) -> None:
         offset = base + begin
@@ -215,6 +209,149 @@ class SparseWriter:
         data = view[begin:end]
         direct = self._direct_fd is not None and len(data) % ALIGN == 0 and offset % ALIGN == 0
         pwrite_all(self._direct_fd if direct else self._fd, data, offset)
+
+
+class GuestWriter:
+    """Write a raw disk's bytes at their offsets, in any order and from any thread (the
+    stream decoders' output): zero blocks stay holes (a device's are zeroed), aligned blocks
+    go out with O_DIRECT, no byte may be written twice, and a device's first MiB is written
+    last. A file must be new: it is truncated."""
+
+    def __init__(self, path: str, *, block: bool, preallocate: bool = False) -> None:
+        self.path = path
+        self.size = 0
+        """The disk's size: nothing is written until `declare` sets it."""
+        self._block = block
+        self._preallocate = preallocate
+        self._fd = os.open(path, os.O_WRONLY | (0 if block else os.O_TRUNC | os.O_NOFOLLOW))
+        self._direct_fd = open_direct(path, os.O_WRONLY)
+        self._written = Extents()
+        self._lock = threading.Lock()
+        self._staging = threading.local()  # an aligned buffer per writing thread
+        self._head = bytearray(HEAD) if block else None
+
+    def declare(self, size: int) -> None:
+        """Set the disk's size (checked against the destination by the caller first)."""
+        self.size = size
+        if self._block:  # zeroed now and written last, as by SparseWriter
+            zero_range(self._fd, 0, min(HEAD, size), block=True, write_only=False)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at disk offset `offset`: once, inside the declared size."""
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        if offset < 0 or end > self.size:
+            raise FinalError(
+                "InvalidImage",
+                f"the image has data for disk bytes {offset}-{end - 1}, beyond its virtual "
+                f"size of {self.size} bytes",
+            )
+        with self._lock:
+            if not self._written.add(offset, end):
+                raise FinalError(
+                    "InvalidImage", f"the image has data for disk bytes {offset}-{end - 1} twice"
+                )
+        if self._head is not None and offset < HEAD:
+            keep = min(HEAD, end) - offset
+            self._head[offset : offset + keep] = view[:keep]
+            view, offset = view[keep:], offset + keep
+        raw, base, window = self._buffer()
+        while view:
+            n = min(len(view), len(window))
+            window[:n] = view[:n]
+            for begin, stop, zero in zero_runs(raw, base, n):
+                self._put(window[begin:stop], offset + begin, zero=zero)
+            view, offset = view[n:], offset + n
+
+    def finish(self) -> int:
+        """Make what was not written read as zeroes; return the disk's size."""
+        if self._block:
+            for start, end in self._written.gaps(min(HEAD, self.size), self.size):
+                zero_range(self._fd, start, end - start, block=True, write_only=self._preallocate)
+        else:
+            os.ftruncate(self._fd, self.size)
+        return self.size
+
+    def commit(self) -> None:
+        """Make the data durable (and, on a block device, write the held-back head)."""
+        if self._head is not None:
+            pwrite_all(self._fd, self._head[: min(HEAD, self.size)], 0)
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        for fd in (self._direct_fd, self._fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self._direct_fd, self._fd = None, -1
+
+    def _buffer(self) -> tuple[bytearray, int, memoryview]:
+        staging = getattr(self._staging, "buffer", None)
+        if staging is None:
+            raw, base = aligned(_STAGING)
+            staging = self._staging.buffer = (raw, base, memoryview(raw)[base : base + _STAGING])
+        return staging
+
+    def _put(self, data: memoryview, offset: int, *, zero: bool) -> None:
+        if zero:
+            if self._block:
+                zero_range(self._fd, offset, len(data), block=True, write_only=self._preallocate)
+            return
+        direct = self._direct_fd is not None and len(data) % ALIGN == 0 and offset % ALIGN == 0
+        pwrite_all(self._direct_fd if direct else self._fd, data, offset)
+
+
+_STAGING = 1 << 20
+
+
+class Extents:
+    """Disjoint ranges [start, end), kept sorted and merged where they touch."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def add(self, start: int, end: int) -> bool:
+        """Add [start, end); False (and nothing added) if it overlaps a range already in."""
+        i = bisect.bisect_right(self._starts, start)
+        if (i and self._ends[i - 1] > start) or (i < len(self._starts) and self._starts[i] < end):
+            return False
+        if i and self._ends[i - 1] == start:
+            self._ends[i - 1] = end
+            if i < len(self._starts) and self._starts[i] == end:  # closes a gap: merge
+                self._ends[i - 1] = self._ends.pop(i)
+                self._starts.pop(i)
+        elif i < len(self._starts) and self._starts[i] == end:
+            self._starts[i] = start
+        else:
+            self._starts.insert(i, start)
+            self._ends.insert(i, end)
+        return True
+
+    def gaps(self, start: int, end: int) -> Iterator[tuple[int, int]]:
+        """The parts of [start, end) no range covers."""
+        at = start
+        for s, e in zip(self._starts, self._ends, strict=True):
+            if s > at:
+                yield at, min(s, end)
+            at = max(at, e)
+            if at >= end:
+                return
+        if at < end:
+            yield at, end
+
+
+def zero_runs(raw: bytearray, base: int, length: int) -> Iterator[tuple[int, int, bool]]:
+    """(begin, end, zero) runs of `raw[base : base + length]`, told zero or not by GRANULE."""
+    run_start, run_zero = 0, None
+    for offset in range(0, length, GRANULE):
+        end = min(offset + GRANULE, length)
+        zero = raw.startswith(_ZEROS[: end - offset], base + offset)
+        if zero is not run_zero and run_zero is not None:
+            yield run_start, offset, run_zero
+            run_start = offset
+        run_zero = zero
+    if run_zero is not None:
+        yield run_start, length, run_zero
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
