@@ -11,7 +11,7 @@ The pod writes it with `Outcome.write()`; the controller reads it with `Outcome.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from importer.reasons import Reason
@@ -38,6 +38,12 @@ class ImportResult:
     checksum: str | None
     """The checksum verified, as ALG:HEX; None when none was asked for."""
     seconds: float
+    path: str = "stream"
+    """How the image was written: "stream" (as it downloaded, in one pass) or "scratch"
+    (landed in scratch space, then converted by qemu-img): what scratch space an import of
+    it needs."""
+    fallback: str | None = None
+    """Why an image of a format that streams went through scratch space instead."""
 
 
 @dataclass(frozen=True)
@@ -111,10 +117,12 @@ class Outcome:
         stage = record.get("stage")
         if record["ok"]:
             names = {f.name for f in fields(ImportResult)}
-            missing = names - record.keys()
+            # Fields added later have defaults: a message from an older importer still parses.
+            required = {f.name for f in fields(ImportResult) if f.default is MISSING}
+            missing = required - record.keys()
             if missing:
                 raise ValueError(f"the termination message lacks {', '.join(sorted(missing))}")
-            result = ImportResult(**{name: record[name] for name in names})
+            result = ImportResult(**{name: record[name] for name in names & record.keys()})
             return cls.success(result, stage)
         reason = record.get("reason")
         if not isinstance(reason, str) or not reason:

@@ -2,8 +2,15 @@
 
     source ─► fetch ─► hash ─► decompress ─► sniff the format
       raw, iso   ─► sparse write to DEST ─► verify checksum ─► resize ─► sync ─► publish
-      qcow2, ... ─► sparse write to scratch ─► verify checksum ─► qemu-img info (hardened)
+      qcow2, vmdk, vhd, vdi ─► stream decoder (importer.decoders): guest data written to DEST
+                 at its offsets as it arrives ─► verify checksum ─► resize ─► sync ─► publish
+      vhdx, and what a decoder does not stream (the "scratch" path)
+                 ─► sparse write to scratch ─► verify checksum ─► qemu-img info (hardened)
                  ─► size check ─► qemu-img convert to DEST ─► resize ─► sync ─► publish
+
+A decoder that gives up once it has read past the image's header (its tables come after more
+data than a stream holds) cannot hand the bytes on: the import starts again on the scratch
+path, from a new download. The result says which path was taken, and why.
 
 Fetching, hashing, inflating and writing run in threads joined by bounded queues, so memory
 stays bounded and the stages overlap. The raw-or-scratch decision is made from the first
@@ -25,12 +32,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-from importer import qemu
+from importer import decoders, qemu
 from importer.archive import extract, is_tar
 from importer.buffers import CHUNK, BufferPool
 from importer.capacity import DEFAULT_OVERHEAD, usable_size
 from importer.checksum import Checksum
 from importer.claims import SCRATCH_PREFIX, owned_file, sweep
+from importer.decoders import HEAD_BYTES, Unsupported, decoder_for
 from importer.destination import (
     claimed,
     cut_fixed_vhd_footer,
@@ -73,7 +81,7 @@ from importer.streams import (
     read_chunks,
     threaded,
 )
-from importer.target import SparseWriter, Target, wipe_head, zero_range
+from importer.target import GuestWriter, SparseWriter, Target, wipe_head, zero_range
 
 BLANK = "blank:"  # the source of an empty disk, as CDI's `source: {blank: {}}`
 # A non-raw image file may exceed its virtual size by its metadata; more than this is a bomb.
@@ -181,8 +189,10 @@ class Probe:
     lies within the bytes read); for raw and iso the download's size when not compressed;
     otherwise (and for an archive) unknown."""
     needs_scratch: bool
-    """Whether the import lands the image in scratch space for qemu-img to convert: the
-    format does not stream straight to the destination."""
+    """Whether the import lands the image in scratch space for qemu-img to convert: no
+    decoder streams the format (vhdx), or its header asks for what the decoder does not do
+    (encryption, ...). An image that streams may still fall back to scratch space when its
+    layout puts data far before its tables: the result's `path` tells."""
 
 
 def probe(source: str, options: ImportOptions | None = None) -> Probe:
@@ -298,8 +308,32 @@ def _identify(
         fmt.value,
         stream.size,
         size,
-        needs_scratch=not fmt.streams,
+        needs_scratch=not fmt.streams and not _streams(fmt, head),
     )
+
+
+def _streams(fmt: DiskFormat, head: bytes) -> bool:
+    """Whether a decoder streams the image whose first bytes are `head`, as far as its header
+    tells (a hostile header fails here as it would in the import)."""
+    if decoder_for(fmt) is None:
+        return False
+    try:
+        decoders.start(fmt, head, _Sizing()).close()
+    except Unsupported:
+        return False
+    return True
+
+
+class _Sizing:
+    """An output that only takes the disk's size: a probe's decoder writes nothing."""
+
+    size = 0
+
+    def declare(self, size: int) -> None:
+        self.size = size
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise AssertionError("a probe writes nothing")
 
 
 def _refuse_early(fmt: DiskFormat, head: bytes, stream: Source) -> None:
@@ -338,6 +372,8 @@ class _Job:
     raw_size: int | None = None
     """The raw image's size, where the source tells it before the download."""
     verify: Callable[[], None] = lambda: None
+    fallback: str | None = None
+    """Why the image went through scratch space though its format streams."""
 
     def __post_init__(self) -> None:
         self.capacity = usable_capacity(self.target, self.options)
@@ -383,8 +419,9 @@ def _bound(target: Target, capacity: int | None, options: ImportOptions) -> Boun
     return free_space_bound(target.path if os.path.isdir(target.path) else parent(target.path))
 
 
-def _transfer(source: str, job: _Job) -> ImportResult:
-    """Fetch `source` and write it as the content type says."""
+def _transfer(source: str, job: _Job, *, decode: bool = True) -> ImportResult:
+    """Fetch `source` and write it as the content type says; with `decode`, a format a
+    decoder streams is written as it arrives, else it goes through scratch space."""
     options, progress = job.options, job.progress
     scratch_dir = options.scratch_dir or tempfile.gettempdir()
     sweep(scratch_dir, SCRATCH_PREFIX)  # left by imports killed outright
@@ -414,8 +451,9 @@ def _transfer(source: str, job: _Job) -> ImportResult:
             size = _extract(chunks, job)
         else:
             fmt = DiskFormat(found.format)
-            if found.needs_scratch:
-                size = _write_converted(chunks, fmt, scratch_dir, stream, job)
+            if not fmt.streams:
+                file_size = stream.size if found.compression == Compression.NONE else None
+                size = _write_image(chunks, fmt, scratch_dir, stream, job, decode, file_size)
             else:
                 job.raw_size = found.virtual_size
                 # A fixed VHD streams as raw with a 512-byte footer that is cut off at the end.
@@ -423,8 +461,15 @@ def _transfer(source: str, job: _Job) -> ImportResult:
                     job.bound.check("size", job.raw_size, slack=VHD_FOOTER_SIZE)
                 size, fmt = _write_raw(chunks, fmt, job)
             kind = fmt.value
+    except _Fallback as fallback:
+        # The decoder read past what can be handed on: start again, through scratch space.
+        reading.close()
+        job.fallback = str(fallback)
+        job.progress.fall_back(job.fallback)
+        return _transfer(source, job, decode=False)
     finally:
         reading.close()
+    scratch = job.fallback is not None
     return ImportResult(
         source=stream.description,
         destination=job.target.path,
@@ -434,7 +479,83 @@ def _transfer(source: str, job: _Job) -> ImportResult:
         size=size,
         checksum=str(options.checksum) if options.checksum else None,
         seconds=round(time.monotonic() - job.started, 3),
+        path="scratch" if scratch else "stream",
+        fallback=job.fallback,
     )
+
+
+class _Fallback(Exception):
+    """The decoder gave up after consuming part of the stream: the import starts again."""
+
+
+def _write_image(
+    chunks: Iterator[Chunk],
+    fmt: DiskFormat,
+    scratch_dir: str,
+    stream: Source,
+    job: _Job,
+    decode: bool,
+    file_size: int | None,
+) -> int:
+    """Write a non-raw image: decoded as it streams where a decoder can, else through
+    scratch space and qemu-img (`job.fallback` says why)."""
+    if decode and decoder_for(fmt) is not None:
+        head, chunks = peek(chunks, HEAD_BYTES)
+        try:
+            return _write_decoded(head, chunks, fmt, scratch_dir, stream, job, file_size)
+        except Unsupported as why:  # from the header: nothing was consumed
+            job.fallback = str(why)
+    elif decode:
+        job.fallback = f"diskflow does not stream {fmt} images"
+    if job.fallback:
+        job.progress.fall_back(job.fallback)
+    return _write_converted(chunks, fmt, scratch_dir, stream, job)
+
+
+def _write_decoded(
+    head: bytes,
+    chunks: Iterator[Chunk],
+    fmt: DiskFormat,
+    scratch_dir: str,
+    stream: Source,
+    job: _Job,
+    file_size: int | None,
+) -> int:
+    """Decode the image as it arrives, writing its guest data straight to the destination.
+    Unsupported from its header is raised as it is; from further in, as _Fallback."""
+    target = job.target
+    needs = f" (the download alone is {stream.size} bytes)" if stream.size else ""
+    with published(target, job.progress.commit, needs=needs) as path:
+        writer = GuestWriter(path, block=target.is_block, preallocate=job.options.preallocate)
+        try:
+            layout = decoders.start(
+                fmt,
+                head,
+                writer,
+                file_size=file_size,
+                spill_dir=scratch_dir,
+                # The expansion is judged against the whole download, where it is known.
+                check_size=lambda size: job.check_virtual_size(size, stream.size),
+            )
+            try:
+                decoders.run(layout, chunks)
+            except Unsupported as why:
+                raise _Fallback(str(why)) from None
+            finally:
+                layout.close()
+            job.verify()
+            size = writer.finish()
+            if target.is_block:
+                job.progress.commit()
+                writer.commit()
+                return size
+            return job.finish_file(path, size)
+        except BaseException:
+            if target.is_block:
+                wipe_head(path)
+            raise
+        finally:
+            writer.close()
 
 
 def _extract(chunks: Iterator[Chunk], job: _Job) -> int:
@@ -598,4 +719,4 @@ def _create_blank(job: _Job) -> ImportResult:
         progress.set_done(capacity)
         size = capacity
     seconds = round(time.monotonic() - job.started, 3)
-    return ImportResult(BLANK, target.path, "none", "raw", 0, size, None, seconds)
+    return ImportResult(BLANK, target.path, "none", "raw", 0, size, None, seconds, "stream")

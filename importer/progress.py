@@ -29,6 +29,10 @@ class Snapshot:
     bytes_total: int | None
     elapsed: float  # seconds since the stage started
     throughput: float  # bytes per second over the stage
+    path: str = "stream"
+    """"stream": written as it downloads; "scratch": through scratch space and qemu-img."""
+    fallback: str | None = None
+    """Why an image of a format that streams goes through scratch space."""
 
     @property
     def percent(self) -> float | None:
@@ -55,6 +59,8 @@ class Progress:
         self._ended: list[Snapshot] = []  # final numbers of stages not yet reported
         self.changed = threading.Event()  # set on every stage change, for prompt reporting
         self.committed = False
+        self._path = "stream"
+        self._fallback: str | None = None
 
     def stage(self, name: str, total: int | None = None) -> None:
         with self._lock:
@@ -74,6 +80,12 @@ class Progress:
         a SIGTERM from here on must not report a completed import as stopped."""
         self.committed = True
 
+    def fall_back(self, why: str) -> None:
+        """The image goes through scratch space though its format streams, because `why`."""
+        with self._lock:
+            self._path, self._fallback = "scratch", why
+        self.changed.set()
+
     def advance(self, n: int) -> None:
         with self._lock:
             self._done += n
@@ -91,7 +103,9 @@ class Progress:
     def _snapshot(self) -> Snapshot:
         elapsed = time.monotonic() - self._started
         rate = self._done / elapsed if elapsed > 0 else 0.0
-        return Snapshot(self._stage, self._done, self._total, elapsed, rate)
+        return Snapshot(
+            self._stage, self._done, self._total, elapsed, rate, self._path, self._fallback
+        )
 
 
 class Reporter(Protocol):
@@ -105,13 +119,13 @@ def reporting(
 ) -> Iterator[None]:
     """Show `progress` through `reporters` every `interval` seconds and on stage changes."""
     stop = threading.Event()
-    last: tuple[str, int, int | None] | None = None
+    last: tuple[str, int, int | None, str] | None = None
 
     def show() -> None:
         nonlocal last
         for snapshot in progress.snapshots():
             # The same numbers again (a tick with nothing new, the final show) say nothing.
-            key = (snapshot.stage, snapshot.bytes_done, snapshot.bytes_total)
+            key = (snapshot.stage, snapshot.bytes_done, snapshot.bytes_total, snapshot.path)
             if key == last:
                 continue
             last = key

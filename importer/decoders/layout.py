@@ -170,6 +170,11 @@ class Layout:
         self._mapped = True
         self._held.clear()
 
+    @property
+    def spilled(self) -> int:
+        """Bytes that went to the spill file."""
+        return self._held.spilled
+
     def at_end(self, check: Callable[[int], None]) -> None:
         """Call `check(file_size)` once the whole image has been fed and every range served."""
         self._checks.append(check)
@@ -351,7 +356,7 @@ class _Held:
         self._total = 0
         self._spill: contextlib.ExitStack | None = None
         self._fd = -1
-        self._spilled = 0
+        self.spilled = 0
 
     def add(self, offset: int, data: memoryview) -> None:
         self._total += len(data)
@@ -413,12 +418,12 @@ class _Held:
         for i, piece in enumerate(self._pieces):
             if isinstance(piece, bytearray):
                 try:
-                    pwrite_all(self._fd, piece, self._spilled)
+                    pwrite_all(self._fd, piece, self.spilled)
                 except OSError as exc:
                     raise Unsupported(
                         f"the spill file in {self._dir} could not hold the data that arrived "
                         f"before its tables: {exc.strerror}"
                     ) from None
-                self._pieces[i] = (self._spilled, len(piece))
-                self._spilled += len(piece)
+                self._pieces[i] = (self.spilled, len(piece))
+                self.spilled += len(piece)
         self._in_memory = 0
