@@ -5,13 +5,17 @@ Run it from the repository, with the venv that has diskflow installed:
     python bench/import_bench.py [--size 2G] [--repeat 3] [--workdir DIR] [--json FILE]
 
 It writes a raw image of --size bytes (1 MiB blocks, about half of them zero, the others half
-text and half seeded random bytes), compresses it to .gz, .zst and .qcow2, serves them with
-nginx on 127.0.0.1 and times, for each case and --repeat times, three ways to import it, each
-ending with the output durable and checked against the raw image:
+text and half seeded random bytes), makes every case's source from it (.gz, .zst, qcow2,
+qcow2 with compressed clusters, streamOptimized VMDK, dynamic VHD, VDI), serves them with nginx
+on 127.0.0.1 and times, for each case and --repeat times, three ways to import it, each ending
+with the output durable and checked against the raw image:
 
 - diskflow: `diskflow import --progress none --scratch-dir WORKDIR --checksum sha256:HEX URL OUT`;
 - CDI-style: download (and decompress) to a scratch file, `qemu-img convert -O raw`, `sync`;
 - native (gz and zst only): `curl | gzip -dc | dd conv=sparse`, `sync`.
+
+Then, as root, it imports the qcow2 once more with --scratch-dir on a 32 MiB tmpfs: the stream
+decoders need no scratch space for an image laid out as qemu-img writes it.
 
 It prints the medians, diskflow's peak RSS and whether the targets are met. The page cache is
 not dropped between runs: the served files stay cached, as on a warm server.
@@ -46,12 +50,33 @@ from isal import igzip_threaded
 
 MIB = 1 << 20
 SEED = 20240601
-CASES = ("gz", "zst", "qcow2")
-SOURCES = {"gz": "disk.raw.gz", "zst": "disk.raw.zst", "qcow2": "disk.qcow2"}
+# case: (source file, qemu-img output format and options; None: compressed raw)
+FORMATS: dict[str, tuple[str, list[str] | None]] = {
+    "gz": ("disk.raw.gz", None),
+    "zst": ("disk.raw.zst", None),
+    "qcow2": ("disk.qcow2", ["-O", "qcow2"]),
+    "qcow2c": ("disk.c.qcow2", ["-O", "qcow2", "-c"]),
+    "vmdk": ("disk.vmdk", ["-O", "vmdk", "-o", "subformat=streamOptimized"]),
+    "vhd": ("disk.vhd", ["-O", "vpc", "-o", "subformat=dynamic,force_size=on"]),
+    "vdi": ("disk.vdi", ["-O", "vdi"]),
+}
+CASES = tuple(FORMATS)
+SOURCES = {case: source for case, (source, _) in FORMATS.items()}
+QEMU_FORMAT = {"qcow2": "qcow2", "qcow2c": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vdi": "vdi"}
 DECOMPRESS = {"gz": "gzip -dc", "zst": "zstd -dc"}
 TOOLS = ("diskflow", "cdi", "native")
-# Minimum speed-up of diskflow over each baseline (baseline seconds / diskflow seconds).
-TARGET_VS_CDI = {"gz": 2.5, "zst": 2.5, "qcow2": 1.0}
+# Minimum speed-up of diskflow over each baseline (baseline seconds / diskflow seconds); the
+# issue that made VMDK, VHD and VDI stream set no speed target for them: they are reported.
+TARGET_VS_CDI: dict[str, float | None] = {
+    "gz": 2.5,
+    "zst": 2.5,
+    "qcow2": 1.5,
+    "qcow2c": 1.5,
+    "vmdk": None,
+    "vhd": None,
+    "vdi": None,
+}
+SMALL_SCRATCH = "32m"  # the tmpfs a qcow2 import must fit its scratch space into
 TARGET_VS_NATIVE = 1.5
 TARGET_RSS_MIB = 150
 NGINX_START_TIMEOUT = 10.0
@@ -148,18 +173,22 @@ def make_raw(path: Path, size: int) -> int:
     return data_blocks
 
 
-def make_sources(workdir: Path, raw: Path) -> None:
-    """Compress the raw image to every case's source file."""
-    with (
-        raw.open("rb") as src,
-        igzip_threaded.open(
-            workdir / SOURCES["gz"], "wb", compresslevel=1, threads=os.cpu_count() or 1
-        ) as dst,
-    ):
-        shutil.copyfileobj(src, dst, MIB)
-    zst, qcow2 = str(workdir / SOURCES["zst"]), str(workdir / SOURCES["qcow2"])
-    run(["zstd", "-q", "-f", "-T0", "-3", str(raw), "-o", zst])
-    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), qcow2])
+def make_sources(workdir: Path, raw: Path, cases: list[str]) -> None:
+    """Make every case's source file from the raw image."""
+    if "gz" in cases:
+        with (
+            raw.open("rb") as src,
+            igzip_threaded.open(
+                workdir / SOURCES["gz"], "wb", compresslevel=1, threads=os.cpu_count() or 1
+            ) as dst,
+        ):
+            shutil.copyfileobj(src, dst, MIB)
+    if "zst" in cases:
+        run(["zstd", "-q", "-f", "-T0", "-3", str(raw), "-o", str(workdir / SOURCES["zst"])])
+    for case in cases:
+        source, options = FORMATS[case]
+        if options is not None:
+            run(["qemu-img", "convert", "-f", "raw", *options, str(raw), str(workdir / source)])
 
 
 def sha256(path: Path) -> str:
@@ -294,8 +323,8 @@ def baseline_script(tool: str, case: str, url: str, out: Path, scratch: Path) ->
     if tool == "native":
         dd = f"dd of={o} bs=1M iflag=fullblock conv=sparse status=none"
         return f"curl -sf {u} | {DECOMPRESS[case]} | {dd} && sync {o}"
-    if case == "qcow2":
-        fetch, fmt = f"curl -sf -o {s} {u}", "qcow2"
+    if case in QEMU_FORMAT:
+        fetch, fmt = f"curl -sf -o {s} {u}", QEMU_FORMAT[case]
     else:
         fetch, fmt = f"curl -sf {u} | {DECOMPRESS[case]} > {s}", "raw"
     return f"{fetch} && qemu-img convert -f {fmt} -O raw {s} {o} && sync {o}"
@@ -307,7 +336,7 @@ def benchmark(
     """Run every (case, tool) once per repeat, interleaved so drift hits all of them alike."""
     raw, out, scratch = workdir / "disk.raw", workdir / "out.img", workdir / "scratch.img"
     for repeat in range(1, args.repeat + 1):
-        for case in CASES:
+        for case in results:
             result = results[case]
             url = f"{base_url}/{result.source}"
             for tool in TOOLS:
@@ -348,9 +377,9 @@ def targets(results: dict[str, CaseResult]) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "case": case,
-                    "target": f"{name} >= {goal}x",
+                    "target": f"{name} >= {goal}x" if goal else f"{name} (no target)",
                     "measured": speedup,
-                    "met": speedup >= goal,
+                    "met": goal is None or speedup >= goal,
                 }
             )
         rss = max(result.diskflow_rss_mib)
@@ -389,6 +418,30 @@ def report(results: dict[str, CaseResult], goals: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def small_scratch(args: argparse.Namespace, workdir: Path, url: str, sha: str) -> dict[str, Any]:
+    """Import `url` (the qcow2) with --scratch-dir on a 32 MiB tmpfs; the target row."""
+    target = f"imports with --scratch-dir on a {SMALL_SCRATCH[:-1]} MiB filesystem"
+    mount = workdir / "small-scratch"
+    mount.mkdir(exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_SCRATCH}", "tmpfs", str(mount)])
+    out = workdir / "out.img"
+    try:
+        remove(out)
+        cmd = [args.diskflow, "import", "--progress", "none", "--scratch-dir", str(mount)]
+        cmd += ["--checksum", f"sha256:{sha}", url, str(out)]
+        try:
+            seconds, _ = timed(cmd, workdir / "run.log")
+        except BenchError as exc:
+            log(f"small scratch: {exc}")
+            return {"case": "qcow2", "target": target, "measured": 0.0, "met": False}
+        verify(workdir / "disk.raw", out, "qcow2 with a small scratch directory")
+        log(f"small scratch: qcow2 imported in {seconds:.2f} s")
+        return {"case": "qcow2", "target": target, "measured": seconds, "met": True}
+    finally:
+        run(["umount", str(mount)])
+        remove(out)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -414,10 +467,19 @@ def parse_args() -> argparse.Namespace:
         "(default: a fresh temporary directory, removed afterwards)",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated cases to run (default: all of {','.join(CASES)})",
+    )
     parser.add_argument("--diskflow", default=default_diskflow(), help="the diskflow command")
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    args.cases = [case.strip() for case in args.cases.split(",") if case.strip()]
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown or not args.cases:
+        parser.error(f"--cases: unknown {', '.join(unknown) or 'nothing'}; known: {CASES}")
     return args
 
 
@@ -439,9 +501,9 @@ def main() -> int:
         started = time.perf_counter()
         data_blocks = make_raw(raw, args.size)
         log(f"wrote {raw}: {args.size // MIB} MiB, {data_blocks} data blocks of 1 MiB")
-        make_sources(workdir, raw)
+        make_sources(workdir, raw, args.cases)
         results: dict[str, CaseResult] = {}
-        for case in CASES:
+        for case in args.cases:
             source = workdir / SOURCES[case]
             results[case] = CaseResult(source.name, source.stat().st_size, sha256(source))
             log(f"{source.name}: {source.stat().st_size / MIB:.0f} MiB")
@@ -451,8 +513,12 @@ def main() -> int:
         with Nginx(workdir, workdir / "nginx") as nginx:
             log(f"nginx serving {workdir} at {nginx.base_url}")
             benchmark(args, workdir, nginx.base_url, results)
+            goals = targets(results)
+            if "qcow2" in results and os.geteuid() == 0:
+                qcow2 = results["qcow2"]
+                url = f"{nginx.base_url}/{qcow2.source}"
+                goals.append(small_scratch(args, workdir, url, qcow2.sha256))
         load.append(os.getloadavg()[0])
-        goals = targets(results)
         print(f"machine: {machine_line}")
         print(f"load average (1 min) before and after the runs: {load[0]:.2f}, {load[1]:.2f}")
         print(
