@@ -49,7 +49,7 @@ from importer.destination import (
     sync,
     writing_into,
 )
-from importer.errors import FinalError, ImportFailure
+from importer.errors import FinalError, ImportFailure, TransientError
 from importer.formats import (
     SNIFF_BYTES,
     VHD_FOOTER_SIZE,
@@ -110,7 +110,12 @@ class ImportOptions:
     filesystem_overhead: float = DEFAULT_OVERHEAD
     """The filesystem's share of a Filesystem volume: the image may use size ÷ (1 + overhead)."""
     scratch_dir: str | None = None
-    """Where non-raw images wait for qemu-img; default: the system's temporary directory."""
+    """Where images that do not stream wait for qemu-img, and where a stream decoder spills
+    data that arrives before its tables; default: the system's temporary directory."""
+    scratch: bool = True
+    """False: there is no scratch space (an importer pod given none): an image that must go
+    through it fails with NeedsScratch (transient: tried again with scratch space), and a
+    decoder holds data that arrives before its tables in memory only."""
     content_type: ContentType = ContentType.KUBEVIRT
     """kubevirt: a disk image, converted to raw; archive: a tar extracted into a directory."""
     archive_max_members: int = 100_000
@@ -464,8 +469,7 @@ def _transfer(source: str, job: _Job, *, decode: bool = True) -> ImportResult:
     except _Fallback as fallback:
         # The decoder read past what can be handed on: start again, through scratch space.
         reading.close()
-        job.fallback = str(fallback)
-        job.progress.fall_back(job.fallback)
+        _fall_back(job, found.format, str(fallback))
         return _transfer(source, job, decode=False)
     finally:
         reading.close()
@@ -504,12 +508,21 @@ def _write_image(
         try:
             return _write_decoded(head, chunks, fmt, scratch_dir, stream, job, file_size)
         except Unsupported as why:  # from the header: nothing was consumed
-            job.fallback = str(why)
+            _fall_back(job, fmt, str(why))
     elif decode:
-        job.fallback = f"diskflow does not stream {fmt} images"
-    if job.fallback:
-        job.progress.fall_back(job.fallback)
+        _fall_back(job, fmt, f"diskflow does not stream {fmt} images")
     return _write_converted(chunks, fmt, scratch_dir, stream, job)
+
+
+def _fall_back(job: _Job, fmt: str, why: str) -> None:
+    """Go through scratch space, because `why`: say so, or fail if there is none."""
+    if not job.options.scratch:
+        raise TransientError(
+            "NeedsScratch",
+            f"the {fmt} image must go through scratch space ({why}), and this import has none",
+        )
+    job.fallback = why
+    job.progress.fall_back(why)
 
 
 def _write_decoded(
@@ -533,7 +546,7 @@ def _write_decoded(
                 head,
                 writer,
                 file_size=file_size,
-                spill_dir=scratch_dir,
+                spill_dir=scratch_dir if job.options.scratch else None,
                 # The expansion is judged against the whole download, where it is known.
                 check_size=lambda size: job.check_virtual_size(size, stream.size),
             )

@@ -50,6 +50,7 @@ class Reason(StrEnum):
     UNSAFE_ARCHIVE = "UnsafeArchive"
     INVALID_ARCHIVE = "InvalidArchive"
     CONVERSION_FAILED = "ConversionFailed"
+    NEEDS_SCRATCH = "NeedsScratch"
     # The destination and this machine
     INVALID_DESTINATION = "InvalidDestination"
     DESTINATION_BUSY = "DestinationBusy"
@@ -89,6 +90,7 @@ _TRANSIENT = frozenset(
         Reason.TOO_SLOW,
         Reason.BAD_CONTENT_RANGE,
         Reason.SOURCE_CHANGED,
+        Reason.NEEDS_SCRATCH,  # tried again with scratch space
         Reason.TIMED_OUT,
         Reason.ADDRESS_IN_USE,
         Reason.TERMINATED,
