@@ -213,8 +213,21 @@ def import_command(
         typer.Option(help="kubevirt: a disk image, to raw; archive: a tar, extracted into DEST."),
     ] = ContentType.KUBEVIRT,
     scratch_dir: Annotated[
-        Path | None, typer.Option(help="Where qcow2/vmdk/vdi/vhd/vhdx images wait for conversion.")
+        Path | None,
+        typer.Option(
+            help="Where images that do not stream (vhdx, or features no decoder takes) wait "
+            "for qemu-img, and where qcow2/vmdk/vhd/vdi data that arrives before its tables is "
+            "spilled."
+        ),
     ] = None,
+    no_scratch: Annotated[
+        bool,
+        typer.Option(
+            "--no-scratch",
+            help="There is no scratch space: an image that must go through it fails with "
+            "NeedsScratch (exit 75), so that it can be tried again with some.",
+        ),
+    ] = False,
     max_expansion: Annotated[
         float,
         typer.Option(
@@ -299,6 +312,7 @@ def import_command(
                 preallocate=preallocate,
                 filesystem_overhead=filesystem_overhead,
                 scratch_dir=str(scratch_dir) if scratch_dir else None,
+                scratch=not no_scratch,
                 content_type=content_type,
                 max_expansion=max_expansion,
                 decompression_memory=parse_quantity(decompression_memory),

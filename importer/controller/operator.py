@@ -64,6 +64,7 @@ from importer.errors import ImportFailure
 from importer.pipeline import ContentType, ImportOptions, Probe, probe
 from importer.progress import bind_failure
 from importer.quantity import parse_quantity
+from importer.reasons import Reason
 from importer.sources import HttpOptions, S3Options
 from importer.sources.http import parse_header
 
@@ -392,12 +393,16 @@ class Controller:
 
     async def scratch_for(self, dv: DataVolume) -> Scratch | None:
         """Scratch space, decided before the pod starts: none for what streams (raw and iso,
-        compressed or not; archives; blank), sized by the request for what converts. The
-        source is probed from here to tell; where it cannot be, scratch is given anyway."""
+        compressed or not; qcow2, vmdk, vhd and vdi whose header a decoder takes; archives;
+        blank), sized by the request for what converts. The source is probed from here to
+        tell; where it cannot be, scratch is given anyway. An attempt that found the image
+        cannot stream after all (NeedsScratch) is followed by one with scratch space."""
         source = dv.spec.source
         if isinstance(source, BlankSource) or dv.spec.content_type is ContentType.ARCHIVE:
             return None
         scratch = Scratch(required_volume_size(dv.spec.storage.request))
+        if dv.status is not None and dv.status.reason == Reason.NEEDS_SCRATCH:
+            return scratch  # the last attempt found that this image cannot stream
         if not self.config.probe:
             why = "probing is off (--no-probe)"
         elif (

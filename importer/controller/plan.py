@@ -123,6 +123,10 @@ def importer_args(
         args += ["--connections", str(spec.connections)]
     if scratch is not None:
         args += ["--scratch-dir", SCRATCH_DIR]
+    elif not isinstance(source, BlankSource) and not archive:
+        # No scratch volume: an image that needs one after all fails with NeedsScratch, and
+        # the next attempt gets one (rather than filling the pod's small /tmp).
+        args.append("--no-scratch")
     if isinstance(source, HttpSource | S3Source):
         if source.checksum:
             args += ["--checksum", source.checksum]
