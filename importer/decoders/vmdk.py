@@ -270,9 +270,14 @@ class _Tables:
         self.header = header
         self.pending = 0  # grain tables registered and not parsed yet
         self.disk = header.capacity * SECTOR
+        self.gd_end = 0
+        # Compressed grains whose marker had passed when their table came (held bytes): their
+        # data must still be held when the marker is parsed, so `mapped` waits for them.
+        self.behind = 0
 
     def start(self) -> None:
         h = self.header
+        self.gd_end = h.gd_offset * SECTOR + h.l1_size * 4
         self.layout.need(
             h.gd_offset * SECTOR, h.l1_size * 4, self.directory, what="grain directory"
         )
@@ -285,16 +290,17 @@ class _Tables:
                 self.layout.need(
                     sector * SECTOR,
                     h.num_gtes * 4,
-                    partial(self.table, index),
+                    partial(self.table, index, sector * SECTOR + h.num_gtes * 4),
                     what=f"grain table {index} (at sector {sector})",
                 )
-        if not self.pending:
-            self.layout.mapped()
+        self.map_if_done()
 
-    def table(self, index: int, data: bytearray) -> None:
+    def table(self, index: int, end: int, data: bytearray) -> None:
         h = self.header
         first = index * h.l1_entry_sectors
         zero_grain = bool(h.flags & FLAG_ZERO_GRAIN)
+        # Every byte before this has arrived; the chunk being fed began before it.
+        horizon = max(self.gd_end, end)
         for slot, sector in enumerate(_entries(data)):
             lba = first + slot * h.granularity
             if lba >= h.capacity:
@@ -305,16 +311,24 @@ class _Tables:
             length = min(h.grain_bytes, self.disk - guest)
             what = f"grain for disk sector {lba} (at sector {sector})"
             if h.compressed:
+                behind = sector * SECTOR < horizon
+                self.behind += behind
                 self.layout.need(
-                    sector * SECTOR, _MARKER.size, partial(self.marker, lba, sector), what=what
+                    sector * SECTOR,
+                    _MARKER.size,
+                    partial(self.marker, lba, sector, behind),
+                    what=what,
                 )
             else:
                 self.layout.copy(sector * SECTOR, length, guest, what=what)
         self.pending -= 1
-        if not self.pending:
+        self.map_if_done()
+
+    def map_if_done(self) -> None:
+        if not self.pending and not self.behind:
             self.layout.mapped()
 
-    def marker(self, lba: int, sector: int, data: bytearray) -> None:
+    def marker(self, lba: int, sector: int, behind: bool, data: bytearray) -> None:
         h = self.header
         marked, size = _MARKER.unpack(data)
         where = f"at sector {sector}"
@@ -332,6 +346,9 @@ class _Tables:
             what=f"compressed grain {where}",
             parallel=True,
         )
+        if behind:
+            self.behind -= 1
+            self.map_if_done()
 
 
 class _Stream:
@@ -343,7 +360,8 @@ class _Stream:
         self.layout = layout
         self.header = header
         self.disk = header.capacity * SECTOR
-        self.grains: dict[int, int] = {}  # LBA -> the sector of its marker
+        # The sector of each grain's marker (0: none), by grain directory entry and slot.
+        self.grains: dict[int, array] = {}
         self.tables: dict[int, tuple[int, bytearray]] = {}  # sector -> (marker type, table)
         self.footer: tuple[int, bytearray] | None = None  # (marker offset, footer sector)
         self.eos: int | None = None  # offset of the end-of-stream marker
@@ -376,12 +394,18 @@ class _Stream:
                 f"grain marker {where} is for disk sector {value}, which is not the start of "
                 f"a grain of a disk of {h.capacity} sectors"
             )
-        if value in self.grains:
+        index, slot = divmod(value // h.granularity, h.num_gtes)
+        span = self.grains.get(index)
+        if span is None:
+            span = self.grains[index] = array("I", bytes(4 * h.num_gtes))
+        if span[slot]:
             raise _invalid(
-                f"stream has two grains for disk sector {value} (at sectors "
-                f"{self.grains[value]} and {offset // SECTOR})"
+                f"stream has two grains for disk sector {value} (at sectors {span[slot]} and "
+                f"{offset // SECTOR})"
             )
-        self.grains[value] = offset // SECTOR
+        if offset // SECTOR > 0xFFFF_FFFF:
+            raise _invalid(f"grain marker {where} lies beyond what a grain table can point to")
+        span[slot] = offset // SECTOR
         guest = value * SECTOR
         self.layout.need(
             offset + _MARKER.size,
@@ -454,47 +478,33 @@ class _Stream:
                 "stream has none"
             )
         zero_grain = bool(last.flags & FLAG_ZERO_GRAIN)
-        mapped = 0
         for index, table_sector in enumerate(_entries(directory[1])):
-            if not table_sector:
-                continue
-            table = self.tables.get(table_sector)
-            if table is None or table[0] != MARKER_GT:
-                raise _invalid(
-                    f"grain directory entry {index} points to sector {table_sector}, where the "
-                    "stream has no grain table"
-                )
             first = index * h.l1_entry_sectors
-            entries = _entries(table[1])
-            inside = min(len(entries), -(-(h.capacity - first) // h.granularity))
-            for slot in range(max(inside, 0)):
-                sector = entries[slot]
-                if sector == 0 or (zero_grain and sector == 1):
-                    continue
-                lba = first + slot * h.granularity
-                if self.grains.get(lba) != sector:
+            inside = min(h.num_gtes, -(-(h.capacity - first) // h.granularity))
+            span = self.grains.get(index)
+            wrote = span[:inside] if span is not None else array("I", bytes(4 * inside))
+            if not table_sector:
+                read = array("I", bytes(4 * inside))
+            else:
+                table = self.tables.get(table_sector)
+                if table is None or table[0] != MARKER_GT:
                     raise _invalid(
-                        f"grain table entry for disk sector {lba} points to sector {sector}, "
-                        f"but the stream's grain for it is at "
-                        f"{self.grains.get(lba, 'no sector')}"
+                        f"grain directory entry {index} points to sector {table_sector}, where "
+                        "the stream has no grain table"
                     )
-                mapped += 1
-        if mapped != len(self.grains):
-            unmapped = sorted(set(self.grains) - self._mapped_lbas(last, directory[1]))
-            raise _invalid(
-                f"stream has grains its tables leave unmapped (disk sectors "
-                f"{', '.join(map(str, unmapped[:5]))}{'...' if len(unmapped) > 5 else ''})"
-            )
-
-    def _mapped_lbas(self, last: Header, directory: bytearray) -> set[int]:
-        h = self.header
-        found = set()
-        for index, table_sector in enumerate(_entries(directory)):
-            table = self.tables.get(table_sector) if table_sector else None
-            if table is None:
-                continue
-            for slot, sector in enumerate(_entries(table[1])):
-                lba = index * h.l1_entry_sectors + slot * h.granularity
-                if sector > (1 if last.flags & FLAG_ZERO_GRAIN else 0) and lba < h.capacity:
-                    found.add(lba)
-        return found
+                read = _entries(table[1])[:inside]
+                if zero_grain and 1 in read:
+                    read = array("I", (0 if sector == 1 else sector for sector in read))
+            if read != wrote:
+                slot = next(i for i in range(inside) if read[i] != wrote[i])
+                lba = first + slot * h.granularity
+                if not read[slot]:
+                    raise _invalid(
+                        f"stream has a grain for disk sector {lba} (at sector {wrote[slot]}) "
+                        "that its tables leave unmapped"
+                    )
+                raise _invalid(
+                    f"grain table entry for disk sector {lba} points to sector {read[slot]}, "
+                    f"but the stream's grain for it is at "
+                    f"{wrote[slot] or 'no sector: there is none'}"
+                )
