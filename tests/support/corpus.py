@@ -2084,3 +2084,118 @@ def judge(
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+# --- Fuzzing: mutations of seed images ------------------------------------------------------
+
+# The seeds the fuzzers mutate (small images whose every table is reached quickly).
+FUZZ_SEEDS: dict[str, tuple[str, ...]] = {
+    "qcow2": (
+        "qcow2/v3-c4k",
+        "qcow2/v3-zlib-c4k",
+        "qcow2/v3-zstd",
+        "qcow2/v3-c4k/l2-after-data",
+        "qcow2/v2-snapshot",
+        "qcow2/v3-zero-clusters",
+    ),
+    "vmdk": ("vmdk/monolithic-sparse", "vmdk/stream-optimized", "vmdk/zeroed-grain"),
+    "vpc": ("vpc/blocks-64k", "vpc/blocks-64k/bat-last", "vpc/creator-vpc-chs"),
+    "vdi": ("vdi/dynamic", "vdi/dynamic/permuted"),
+}
+
+
+def boundary_values(width: int, original: int, file_size: int) -> list[int]:
+    """Values worth putting in a field `width` bytes wide that held `original`."""
+    top = (1 << (8 * width)) - 1
+    values = [0, 1, 2, 3, 7, 255, 256, 511, 512, 513, 4096, 65535, 65536, 1 << 20]
+    values += [top, top - 1, top >> 1, (top >> 1) + 1, 1 << 31, (1 << 31) - 1, (1 << 32) - 1]
+    values += [1 << 32, 1 << 40, 1 << 55, 1 << 62, 1 << 63]
+    values += [original + 1, original - 1, original * 2, original // 2, original + 512]
+    values += [original ^ (1 << (8 * width - 1)), original + 4096, original + 65536]
+    values += [file_size, file_size - 1, file_size + 1, file_size // 512, file_size // 512 + 1]
+    values += [file_size // 2, file_size * 2]
+    return [v & top for v in values]
+
+
+FLIP, FIELD, TRUNCATE, BYTES = "flip", "field", "truncate", "bytes"
+
+
+def apply_ops(fmt: str, data: bytes, ops: list[tuple]) -> bytes:
+    """`data` mutated by `ops`, in order; each op (all ints and strings, so a failing input
+    can be written down and replayed):
+
+    ("field", field number, value number): a field of the image's anatomy set to one of its
+        `boundary_values` (numbers taken modulo the choices);
+    ("flip", region, position, bit): one bit flipped in a region ("any": the whole file);
+    ("bytes", region, position, hex bytes): bytes overwritten there;
+    ("truncate", region, position): the file cut inside a region.
+
+    A VHD's checksums are made right again afterwards (qemu-img refuses a wrong one; the
+    differential corpus has that case)."""
+    out = bytearray(data)
+    for op in ops:
+        if not out:
+            break
+        parts = anatomy(fmt, bytes(out))
+        kind = op[0]
+        if kind == FIELD:
+            if not parts.fields:
+                continue
+            f = parts.fields[op[1] % len(parts.fields)]
+            width = struct.calcsize(f.fmt)
+            if f.offset + width > len(out):
+                continue
+            original = u(out, f.offset, f.fmt)
+            values = boundary_values(width, original, len(out))
+            put(out, f.offset, f.fmt, values[op[2] % len(values)])
+            continue
+        start, end = _region(parts, op[1], len(out))
+        at = start + op[2] % max(1, end - start)
+        if kind == FLIP:
+            if at < len(out):
+                out[at] ^= 1 << (op[3] % 8)
+        elif kind == BYTES:
+            chunk = bytes.fromhex(op[3])[: max(0, len(out) - at)]
+            out[at : at + len(chunk)] = chunk
+        elif kind == TRUNCATE:
+            del out[at:]
+        else:
+            raise ValueError(op)
+    if fmt == "vpc" and len(out) >= 512:
+        with contextlib.suppress(struct.error, IndexError):
+            vhd_fix_checksums(out)
+    return bytes(out)
+
+
+def _region(parts: Anatomy, name: str, size: int) -> tuple[int, int]:
+    start, end = parts.regions.get(name, (0, size))
+    start, end = max(0, min(start, size)), max(0, min(end, size))
+    return (start, end) if end > start else (0, size)
+
+
+REGIONS = ("any", "header", "l1", "l2", "refcounts", "gd", "gt", "bat", "bmap", "data")
+
+
+def random_ops(rng: random.Random, fmt: str, data: bytes) -> list[tuple]:
+    """Up to four random mutations, in the form `apply_ops` takes."""
+    parts = anatomy(fmt, data)
+    regions = ["any", *parts.regions]
+    ops: list[tuple] = []
+    for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+        kind = rng.choice((FIELD, FIELD, FIELD, FLIP, FLIP, BYTES, TRUNCATE))
+        if kind == FIELD:
+            ops.append((FIELD, rng.randrange(1 << 16), rng.randrange(1 << 16)))
+        elif kind == FLIP:
+            ops.append((FLIP, rng.choice(regions), rng.randrange(1 << 32), rng.randrange(8)))
+        elif kind == BYTES:
+            ops.append(
+                (
+                    BYTES,
+                    rng.choice(regions),
+                    rng.randrange(1 << 32),
+                    rng.randbytes(rng.randint(1, 8)).hex(),
+                )
+            )
+        else:
+            ops.append((TRUNCATE, rng.choice(regions), rng.randrange(1 << 32)))
+    return ops
