@@ -23,7 +23,8 @@ Three layouts stream:
 - monolithicSparse (uncompressed): tables first; grains are copied as they pass by.
 - streamOptimized as qemu-img writes it (compressed, markers, tables filled in at the
   front): the grain tables say where each grain's marker lies; each grain is inflated in a
-  worker. Its marker's LBA must agree with the table.
+  worker. Its marker's LBA must agree with the table (qemu ignores it: a disagreement is
+  refused here, InvalidImage, where qemu would read the grain anyway).
 - streamOptimized as VMware writes it (grain directory at the end): grains are followed
   marker by marker from the grain offset and written at their marker's LBA as they stream;
   grain tables, the grain directory and the footer come after the grains, in markers. Once
