@@ -146,9 +146,7 @@ def test_hostile_headers(tmp_path: Path, offset: int, value: bytes, match: str):
     image = vdi(tmp_path)
     patch(image, offset, value)
     refused(image, tmp_path, "InvalidImage", match)
-    if (
-        match != "virtual size of 0"
-    ):  # qemu reads a disk of 0 bytes; diskflow refuses it after qemu-img info
+    if match != "virtual size of 0":  # qemu reads a disk of 0 bytes (diskflow refuses it)
         with pytest.raises(subprocess.CalledProcessError):
             raw_of(image, tmp_path)
 

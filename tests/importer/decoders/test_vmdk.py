@@ -289,9 +289,7 @@ def test_hostile_headers(tmp_path: Path, offset: int, value: bytes, match: str):
     patch(image, 28, struct.pack("<Q", 0))  # no descriptor offset: a capacity of 0 is ours
     patch(image, offset, value)
     refused(image, tmp_path, "InvalidImage", match)
-    if (
-        match != "capacity of 0"
-    ):  # qemu reads a disk of 0 bytes; diskflow refuses it after qemu-img info
+    if match != "capacity of 0":  # qemu reads a disk of 0 bytes (diskflow refuses it)
         with pytest.raises(subprocess.CalledProcessError):
             raw_of(image, tmp_path)
 
