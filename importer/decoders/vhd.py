@@ -2,7 +2,8 @@
 
 What qemu-img 7.2 reads (block/vpc.c) is what is decoded, byte for byte:
 
-- The footer copy at byte 0 ("conectix"). Its checksum is not checked (qemu only warns).
+- The footer copy at byte 0 ("conectix"), with its checksum (qemu 7.2 refuses a mismatch;
+  older versions only warned). The dynamic header's checksum is not checked, as by qemu.
 - The virtual size: the CHS geometry (cylinders x heads x sectors x 512), except when the
   creator application is one that sizes disks by the footer's current_size ("win ",
   "qem2" [qemu-img's force_size=on], "d2v ", "CTXS", "tap\\0") or the geometry is the
@@ -72,6 +73,10 @@ def open_image(head: bytes, layout: Layout) -> None:
         )
     if head[:8] != b"conectix":
         raise _invalid("has no footer copy (conectix) at byte 0")
+    (stored,) = struct.unpack_from(">I", head, 64)
+    computed = ~(sum(head[:64]) + sum(head[68:FOOTER_SIZE])) & 0xFFFF_FFFF
+    if stored != computed:
+        raise _invalid(f"footer has checksum {stored:#010x}, but its bytes sum to {computed:#010x}")
     (disk_type,) = struct.unpack_from(">I", head, 60)
     if disk_type == TYPE_DIFFERENCING:
         raise FinalError(

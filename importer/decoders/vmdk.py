@@ -464,6 +464,12 @@ class _Stream:
             raise _invalid(f"footer at byte {expected + SECTOR} has no KDMV magic")
         last = Header.parse(footer, 4)
         last.check("footer")
+        if -(-size // SECTOR) < last.grain_offset:  # qemu checks the footer's, not the header's
+            raise FinalError(
+                "TruncatedImage",
+                f"the vmdk image is {size} bytes, but its footer puts its grains at sector "
+                f"{last.grain_offset}",
+            )
         for field in ("capacity", "granularity", "num_gtes"):
             if getattr(last, field) != getattr(h, field):
                 raise _invalid(

@@ -55,9 +55,16 @@ def vhd(tmp_path: Path, options: str = "subformat=dynamic", data: bytes | None =
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:
+    """Write `data` at `offset`; keep the footer copy's checksum right when it is in it."""
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(data)
+        if offset < 512:
+            f.seek(0)
+            footer = bytearray(f.read(512))
+            footer[64:68] = bytes(4)
+            f.seek(64)
+            f.write(struct.pack(">I", ~sum(footer) & 0xFFFF_FFFF))
 
 
 def refused(image: Path, tmp_path: Path, reason: str, match: str, **kwargs) -> None:
@@ -261,6 +268,16 @@ def test_truncated_images(tmp_path: Path, keep: float):
     blob = vhd(tmp_path, "subformat=dynamic,force_size=on").read_bytes()
     cut = write(tmp_path, "cut.vhd", blob[: int(len(blob) * keep)])
     refused(cut, tmp_path, "TruncatedImage", "ends after")
+
+
+def test_a_footer_checksum_mismatch_is_refused_as_qemu_does(tmp_path: Path):
+    image = vhd(tmp_path)
+    with open(image, "r+b") as f:
+        f.seek(36)
+        f.write(b"Mac ")  # the creator OS, without fixing the checksum
+    with pytest.raises(subprocess.CalledProcessError):
+        raw_of(image, tmp_path)
+    refused(image, tmp_path, "InvalidImage", "footer has checksum")
 
 
 def test_an_image_shorter_than_its_footer(tmp_path: Path):
