@@ -225,11 +225,15 @@ class _Header:
                 "InvalidImage",
                 f"the qcow2 {what} has {entries} entries of {entry} bytes: more than {limit} bytes",
             )
-        if offset % self.cluster_size or offset + entries * entry > (1 << 63) - 1:
+        if offset % self.cluster_size:
             raise FinalError(
                 "InvalidImage",
                 f"the qcow2 {what} offset {offset:#x} is not aligned to the {self.cluster_size}-"
                 "byte cluster size",
+            )
+        if offset + entries * entry > (1 << 63) - 1:
+            raise FinalError(
+                "InvalidImage", f"the qcow2 {what} at offset {offset:#x} ends past 2^63 bytes"
             )
 
     def _extensions(self, start: int, autoclear: int) -> None:
@@ -386,6 +390,7 @@ class _Mapper:
         cluster = image.cluster_size
         cluster_mask = cluster - 1
         disk = image.disk_size
+        whole = disk - cluster  # past it, the disk ends inside the cluster
         # A run of clusters contiguous on both sides, copied as one.
         run_host = run_guest = run_length = 0
         guest = base - cluster
@@ -394,7 +399,7 @@ class _Mapper:
             if not entry:
                 continue
             if entry & OFLAG_COMPRESSED:
-                self._compressed(entry, guest, min(cluster, disk - guest))
+                self._compressed(entry, guest, cluster if guest < whole else disk - guest)
                 continue
             host = entry & OFFSET_MASK
             if entry & OFLAG_ZERO:
@@ -419,7 +424,7 @@ class _Mapper:
                     f"the qcow2 data cluster for disk offset {guest} is at {host:#x}, not "
                     "cluster-aligned",
                 )
-            length = min(cluster, disk - guest)
+            length = cluster if guest < whole else disk - guest
             if run_length and host == run_host + run_length and guest == run_guest + run_length:
                 run_length += length
                 continue

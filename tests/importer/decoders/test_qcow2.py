@@ -92,13 +92,12 @@ def _decoded(image: Path, tmp_path: Path, **kwargs) -> bytes:
 
 
 def _check(image: Path, tmp_path: Path, chunks=CHUNKS, **kwargs) -> None:
-    """Decoded at each chunk size (the file's size known and not) == qemu-img convert."""
+    """Decoded at each chunk size (and once more, the file's size known) == qemu-img convert."""
     expected = _reference(image)
-    for chunk in chunks:
-        for known_size in (False, True):
-            got = _decoded(image, tmp_path, chunk=chunk, known_size=known_size, **kwargs)
-            assert len(got) == len(expected), (chunk, known_size)
-            assert got == expected, (chunk, known_size)
+    for chunk, known_size in [(chunk, False) for chunk in chunks] + [(chunks[-1], True)]:
+        got = _decoded(image, tmp_path, chunk=chunk, known_size=known_size, **kwargs)
+        assert len(got) == len(expected), (chunk, known_size)
+        assert got == expected, (chunk, known_size)
 
 
 # Reading and rewriting images (the hostile and shuffled cases).
@@ -209,10 +208,17 @@ _FIELDS = {
 }
 
 
-def _fails(image: Path, tmp_path: Path, reason: str, match: str, **kwargs) -> FinalError:
+def _fails(
+    image: Path, tmp_path: Path, reason: str, match: str, *, qemu: bool = True, **kwargs
+) -> FinalError:
+    """Decoding `image` raises FinalError(`reason`) matching `match`; qemu-img refuses it
+    too, unless `qemu` is False (diskflow is stricter there)."""
     with pytest.raises(FinalError, match=match) as caught:
         _decoded(image, tmp_path, **kwargs)
     assert caught.value.reason == reason
+    if qemu:
+        with pytest.raises(subprocess.CalledProcessError):
+            _reference(image)
     return caught.value
 
 
@@ -484,7 +490,8 @@ def test_last_compressed_cluster_may_end_inside_its_last_sector(tmp_path):
 def test_unsupported_features_fall_back(tmp_path, raw):
     image = _convert(raw, tmp_path / "d.qcow2")
     cases = {
-        "encrypted": _patched(image, tmp_path / "crypt.qcow2", crypt_method=2),
+        "encrypted .crypt_method 1": _patched(image, tmp_path / "aes.qcow2", crypt_method=1),
+        "encrypted .crypt_method 2": _patched(image, tmp_path / "luks.qcow2", crypt_method=2),
         "extended L2": _patched(image, tmp_path / "extl2.qcow2", incompatible=1 << 4),
         "unknown to diskflow": _patched(image, tmp_path / "unknown.qcow2", incompatible=1 << 9),
         "marked corrupt": _patched(image, tmp_path / "corrupt.qcow2", incompatible=1 << 1),
@@ -493,17 +500,11 @@ def test_unsupported_features_fall_back(tmp_path, raw):
     for why, path in cases.items():
         with pytest.raises(Unsupported, match=why):
             _decoded(path, tmp_path)
-    # qemu-made ones, too
-    luks = tmp_path / "luks.qcow2"
-    _qemu_img(
-        "create", "--object", "secret,id=s0,data=x", "-f", "qcow2",
-        "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10", luks, "1M",
-    )  # fmt: skip
+    # qemu-made, too (a qemu-made LUKS image takes seconds to make: crypt_method above).
     extl2 = tmp_path / "extl2-made.qcow2"
     _qemu_img("create", "-f", "qcow2", "-o", "extended_l2=on", extl2, "1M")
-    for path, why in ((luks, "encrypted"), (extl2, "extended L2")):
-        with pytest.raises(Unsupported, match=why):
-            _decoded(path, tmp_path)
+    with pytest.raises(Unsupported, match="extended L2"):
+        _decoded(extl2, tmp_path)
 
 
 def test_unknown_compression_type_falls_back(tmp_path, raw):
@@ -546,9 +547,9 @@ def test_hostile_headers(tmp_path, raw, fields, match):
 def test_outside_references_are_refused(tmp_path, raw):
     image = _convert(raw, tmp_path / "d.qcow2")
     backing = _patched(image, tmp_path / "b.qcow2", backing_file_offset=512)
-    _fails(backing, tmp_path, "BackingFileRejected", "backing file")
+    _fails(backing, tmp_path, "BackingFileRejected", "backing file", qemu=False)
     data_file = _patched(image, tmp_path / "df.qcow2", incompatible=1 << 2)
-    _fails(data_file, tmp_path, "DataFileRejected", "external data file")
+    _fails(data_file, tmp_path, "DataFileRejected", "external data file", qemu=False)
 
 
 def test_hostile_header_extensions(tmp_path, raw):
@@ -572,7 +573,14 @@ def test_hostile_l1_entries(tmp_path, raw):
     l1 = q.l1()
     used = [i for i, entry in enumerate(l1) if entry & MASK]
     q.set64(q.l1_offset + 8 * used[1], l1[used[0]])
-    _fails(q.save(tmp_path / "twice.qcow2"), tmp_path, "InvalidImage", "L2 table at .* twice")
+    # qemu reads it (the same clusters twice): diskflow refuses.
+    _fails(
+        q.save(tmp_path / "twice.qcow2"),
+        tmp_path,
+        "InvalidImage",
+        "L2 table at .* twice",
+        qemu=False,
+    )
     q = _Qcow2(_convert(raw, tmp_path / "d.qcow2", "-o", "cluster_size=4096"))
     q.set64(q.l1_offset, q.l1()[0] + 512)
     _fails(q.save(tmp_path / "unaligned.qcow2"), tmp_path, "InvalidImage", "L1 entry 0 .* not")
@@ -588,7 +596,7 @@ def test_hostile_l2_entries(tmp_path, raw):
     q.set64(at, entry | 1 | 512)
     _fails(q.save(tmp_path / "z.qcow2"), tmp_path, "InvalidImage", "zero cluster .* not cluster")
     q.set64(at, data[1][1])  # two disk clusters in one host cluster
-    _fails(q.save(tmp_path / "dup.qcow2"), tmp_path, "InvalidImage", "more than once")
+    _fails(q.save(tmp_path / "dup.qcow2"), tmp_path, "InvalidImage", "more than once", qemu=False)
     v2 = _Qcow2(_convert(raw, tmp_path / "v2.qcow2", "-o", "compat=0.10,cluster_size=4096"))
     at, entry = next((at, e) for at, e in v2.l2_entries() if e & MASK)
     v2.set64(at, entry | 1)
@@ -608,19 +616,34 @@ def test_corrupt_compressed_cluster(tmp_path, raw):
 
 
 def test_truncated_images(tmp_path, raw):
+    """qemu reads zeros past the end of the file: diskflow calls a cut image truncated."""
     image = _convert(raw, tmp_path / "d.qcow2")
     whole = image.read_bytes()
     cut = tmp_path / "cut.qcow2"
     cut.write_bytes(whole[: len(whole) // 2])
     for known_size in (False, True):
-        _fails(cut, tmp_path, "TruncatedImage", "qcow2 data clusters", known_size=known_size)
+        _fails(
+            cut,
+            tmp_path,
+            "TruncatedImage",
+            "qcow2 data clusters",
+            qemu=False,
+            known_size=known_size,
+        )
     cut.write_bytes(whole[:100])
-    _fails(cut, tmp_path, "TruncatedImage", "inside its version 3 header")
+    _fails(cut, tmp_path, "TruncatedImage", "inside its version 3 header", qemu=False)
     # The L1 table past the end of a file whose size is known: refused before any data.
     q = _Qcow2(image)
     q.set64(40, len(whole) + 64 * KiB)
-    _fails(q.save(tmp_path / "l1.qcow2"), tmp_path, "TruncatedImage", "L1 table", known_size=True)
-    _fails(tmp_path / "l1.qcow2", tmp_path, "TruncatedImage", "L1 table")
+    _fails(
+        q.save(tmp_path / "l1.qcow2"),
+        tmp_path,
+        "TruncatedImage",
+        "L1 table",
+        qemu=False,
+        known_size=True,
+    )
+    _fails(tmp_path / "l1.qcow2", tmp_path, "TruncatedImage", "L1 table", qemu=False)
 
 
 # Speed: a disk of tens of MiB, half data, streams well above what a download brings.
@@ -639,4 +662,4 @@ def test_streams_fast(tmp_path):
     image = _convert(raw, tmp_path / "big.qcow2")
     start = time.monotonic()
     _decoded(image, tmp_path)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 4.0  # ~0.2 s idle; generous for a busy machine
