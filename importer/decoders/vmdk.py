@@ -34,7 +34,8 @@ Three layouts stream:
 
 Not streamed (Unsupported, so the import falls back to scratch space and qemu-img):
 compressed grains without markers; a grain directory at the end in an image that is not a
-compressed stream with markers; a header capacity of 0 with the grain directory at the end;
+compressed stream with markers, or whose first header qemu would refuse (qemu reads only
+the footer's); a header capacity of 0 with the grain directory at the end;
 a capacity whose grain directory count overflows qemu's 32-bit arithmetic; descriptors
 whose CID or parent hint qemu would parse past their end. VMDK3 ("COWD") and descriptor
 files never reach this decoder (importer.formats).
@@ -144,16 +145,27 @@ class Header:
 
 
 def open_image(head: bytes, layout: Layout) -> None:
-    if len(head) < 4 + _HEADER.size or head[:4] != b"KDMV":
-        raise _invalid("is too short for its header, or has no KDMV magic")
+    if head[:4] != b"KDMV":
+        raise _invalid("has no KDMV magic")
+    if len(head) < 4 + _HEADER.size:
+        raise FinalError(
+            "TruncatedImage", f"the vmdk image is {len(head)} bytes, shorter than its header"
+        )
     header = Header.parse(head, 4)
     _check_descriptor(head)
     if header.capacity == 0:
         if header.gd_offset == GD_AT_END:
             raise Unsupported("the vmdk header has no capacity: only its footer would tell")
         raise _invalid("header has a capacity of 0 sectors: the disk has no size")
-    header.check("header")
     at_end = header.gd_offset == GD_AT_END
+    try:
+        header.check("header")
+    except FinalError as exc:
+        if not at_end:
+            raise
+        # qemu reads only the footer's header: it may be fine. Its capacity and grain sizes
+        # are what the grains stream by, so a stream without them is not streamed.
+        raise Unsupported(f"{exc.message}, and qemu would read the footer's instead") from None
     if at_end and not (header.compressed and header.flags & FLAG_MARKER):
         raise Unsupported(
             "the vmdk image has its grain directory at the end but is not a compressed "

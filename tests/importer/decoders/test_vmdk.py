@@ -361,3 +361,22 @@ def test_a_truncated_stream(tmp_path: Path):
     for size in (len(blob) // 2, len(blob) - 512):
         cut.write_bytes(blob[:size])
         refused(cut, tmp_path, "TruncatedImage", "ends after")
+
+
+def test_a_stream_header_qemu_ignores_is_not_streamed(tmp_path: Path):
+    """With the directory at the end, qemu reads only the footer's header: a first header it
+    would refuse is left to qemu."""
+    data = pattern()
+    blob = bytearray(vmware_stream(data))
+    struct.pack_into("<I", blob, 44, 1024)  # 1024 entries per grain table, in the first header
+    image = tmp_path / "header.vmdk"
+    image.write_bytes(blob)
+    assert raw_of(image, tmp_path) == data
+    with pytest.raises(Unsupported, match="qemu would read the footer's"):
+        decoded(image, tmp_path)
+
+
+def test_an_image_shorter_than_its_header(tmp_path: Path):
+    cut = tmp_path / "short.vmdk"
+    cut.write_bytes(vmdk(tmp_path, "monolithicSparse").read_bytes()[:60])
+    refused(cut, tmp_path, "TruncatedImage", "shorter than its header")
