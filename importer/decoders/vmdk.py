@@ -36,7 +36,8 @@ Not streamed (Unsupported, so the import falls back to scratch space and qemu-im
 compressed grains without markers; a grain directory at the end in an image that is not a
 compressed stream with markers, or whose first header qemu would refuse (qemu reads only
 the footer's); a header capacity of 0 with the grain directory at the end;
-a capacity whose grain directory count overflows qemu's 32-bit arithmetic; descriptors
+a capacity whose grain directory count overflows qemu's 32-bit arithmetic; a grain
+directory over importer.decoders.layout.MAX_NEED (64 MiB: 16 Mi grain tables); descriptors
 whose CID or parent hint qemu would parse past their end. VMDK3 ("COWD") and descriptor
 files never reach this decoder (importer.formats).
 """
@@ -52,7 +53,7 @@ from functools import partial
 from isal import isal_zlib
 
 from importer.decoders import Unsupported
-from importer.decoders.layout import Layout
+from importer.decoders.layout import MAX_NEED, Layout
 from importer.errors import FinalError
 
 SECTOR = 512
@@ -175,6 +176,10 @@ def open_image(head: bytes, layout: Layout) -> None:
         raise Unsupported("the vmdk image has compressed grains without grain markers")
     if header.grain_offset == 0 and at_end:
         raise _invalid("header has a grain offset of 0: its grains would overlap the header")
+    if header.l1_size * 4 > MAX_NEED:
+        raise Unsupported(
+            f"the vmdk grain directory is {header.l1_size * 4} bytes: more than a stream reads"
+        )
     layout.declare(header.capacity * SECTOR)
 
     def file_long_enough(size: int) -> None:

@@ -380,3 +380,12 @@ def test_an_image_shorter_than_its_header(tmp_path: Path):
     cut = tmp_path / "short.vmdk"
     cut.write_bytes(vmdk(tmp_path, "monolithicSparse").read_bytes()[:60])
     refused(cut, tmp_path, "TruncatedImage", "shorter than its header")
+
+
+def test_a_grain_directory_larger_than_a_stream_reads(tmp_path: Path):
+    image = vmdk(tmp_path, "monolithicSparse")
+    patch(image, 20, struct.pack("<Q", 8))  # 4 KiB grains,
+    patch(image, 44, struct.pack("<I", 1))  # one per grain table: 4 KiB per directory entry
+    patch(image, 12, struct.pack("<Q", 1 << 28))  # of a 128 GiB disk: 32 Mi entries
+    with pytest.raises(Unsupported, match="grain directory is 134217728 bytes"):
+        decoded(image, tmp_path)
