@@ -41,6 +41,7 @@ from tests.support.corpus import (
 )
 
 KEEP_PER_SIGNATURE = 5  # failing inputs saved for each distinct failure
+SLOW = 5.0  # seconds: a decode this long is reported (not a failure; a hang is)
 
 
 def signature(fmt: str, outcome: Outcome) -> str:
@@ -52,8 +53,11 @@ def signature(fmt: str, outcome: Outcome) -> str:
             where = f"{Path(frames[-1][0]).name}:{frames[-1][1]}"
     if outcome.kind == "crash" and not where:
         where = re.sub(r"\d+", "N", outcome.message)[:80]
-    if outcome.kind in ("differs", "lenient", "inconsistent"):
+    if outcome.kind in ("differs", "inconsistent"):
         where = re.sub(r"\d+", "N", outcome.message)[:80]
+    if outcome.kind == "lenient":  # what qemu-img said, without paths and numbers
+        said = re.sub(r"'[^']*'", "FILE", outcome.qemu.split("failed:")[-1])
+        where = re.sub(r"\d+", "N", said)[-100:]
     return f"{fmt} {outcome.kind} {outcome.reason} {where}".strip()
 
 
@@ -69,6 +73,7 @@ class Fuzzer:
         self.reasons: collections.Counter[str] = collections.Counter()
         self.failures: collections.Counter[str] = collections.Counter()
         self.examples: dict[str, str] = {}
+        self.slow: list[tuple] = []
         self.seeds = {
             fmt: [(name, self.corpus.bytes(name)) for name in FUZZ_SEEDS[fmt]]
             for fmt in args.formats
@@ -116,8 +121,12 @@ class Fuzzer:
             image = Path(work) / "image"
             image.write_bytes(mutated)
             outcome = judge(image, fmt, Path(work), worker, always_qemu=False)
+        slowest = max((run[4] for run in outcome.runs), default=0.0)
         with self.lock:
             self.counts[outcome.kind] += 1
+            if slowest > SLOW:
+                self.slow.append((slowest, name, ops, outcome.kind, outcome.reason))
+                print(f"SLOW {slowest:.1f}s: {name} mutated by {ops}: {outcome}"[:1000], flush=True)
             if outcome.kind == "refused":
                 self.reasons[f"{fmt} {outcome.reason}"] += 1
             if outcome.bug:
@@ -156,6 +165,7 @@ class Fuzzer:
             "outcomes": dict(self.counts),
             "refusals": dict(self.reasons.most_common()),
             "failures": {sig: [n, self.examples.get(sig)] for sig, n in self.failures.items()},
+            "slow": sorted(self.slow, reverse=True)[:20],
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary, indent=1))
