@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import struct
 import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import zstandard
 from isal import isal_zlib
@@ -73,6 +74,7 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00  # L1E_OFFSET_MASK, L2E_OFFSET_MASK
 OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 SECTOR = 512
+AHEAD_BYTES = 4 << 20  # L2 tables or compressed clusters registered ahead of the stream
 TAIL_WINDOW_CLUSTERS = 8  # how far before an L2 table the clusters it maps may start
 
 
@@ -312,7 +314,7 @@ class _Mapper:
     def __init__(self, image: _Header, layout: Layout) -> None:
         self.image = image
         self.layout = layout
-        self.pending = 1  # L2 tables (and the L1 table) not yet parsed
+        self.pending = 1  # L1 and L2 tables not yet parsed, ranges not yet registered
         self.l2_seen: set[int] = set()
         self.l2_unparsed: list[int] = []  # their offsets, in order
         # The last sector of compressed clusters just before an L2 table not parsed yet:
@@ -366,17 +368,62 @@ class _Mapper:
                     f"the qcow2 L1 table uses the L2 table at {l2_offset:#x} twice (entry {index})",
                 )
             self.l2_seen.add(l2_offset)
-            bisect.insort(self.l2_unparsed, l2_offset)
+            self.pending += 1
+        self.l2_unparsed = sorted(self.l2_seen)
+        tables = sorted(
+            (entry & OFFSET_MASK, index)
+            for index, entry in enumerate(entries)
+            if entry & OFFSET_MASK
+        )
+        self._ahead(
+            (offset, image.cluster_size, self._l2_registrar(offset, index))
+            for offset, index in tables
+        )
+        self._parsed()
+
+    def _l2_registrar(self, l2_offset: int, index: int) -> Callable[[], None]:
+        def register() -> None:
+            image = self.image
             guest = index * image.l1_span
             count = min(1 << image.l2_bits, -(-(image.disk_size - guest) // image.cluster_size))
-            self.pending += 1
             self.layout.need(
                 l2_offset,
                 count * 8,
                 self._l2_parser(guest, l2_offset),
                 what=f"qcow2 L2 table for disk offset {guest} (L1 entry {index})",
             )
-        self._parsed()
+
+        return register
+
+    def _ahead(self, items: Iterator[tuple[int, int, Callable[[], None]]]) -> None:
+        """Register ranges (offset, size, register), in file order, a few MiB ahead of the
+        stream: the Layout gives each range its buffer when it is registered, and a large
+        image has hundreds of MiB of L2 tables or compressed clusters. The next ranges are
+        registered when the stream reaches the last one registered (a one-byte range there),
+        or at once where the stream is past it already (their bytes are held)."""
+        budget = max(AHEAD_BYTES, 4 * self.image.cluster_size)
+        pending = next(items, None)
+        # Not mapped until all are registered: a one-byte range the stream is past already
+        # is served from held bytes, later, and so are the ranges after it.
+        self.pending += 1
+
+        def register_more(_: bytearray | None = None) -> None:
+            nonlocal pending
+            while pending is not None:
+                spent, last = 0, pending[0]
+                while pending is not None and spent < budget:
+                    last, size, register = pending
+                    register()
+                    spent += size
+                    pending = next(items, None)
+                if pending is None:
+                    break
+                with contextlib.suppress(Unsupported):  # the stream is past `last`: go on
+                    self.layout.need(last, 1, register_more, what="qcow2 cluster (ahead)")
+                    return
+            self._parsed()
+
+        register_more()
 
     def _l2_parser(self, base: int, l2_offset: int) -> Callable[[bytearray], None]:
         def parse(data: bytearray) -> None:
@@ -394,12 +441,14 @@ class _Mapper:
         # A run of clusters contiguous on both sides, copied as one.
         run_host = run_guest = run_length = 0
         guest = base - cluster
-        for entry in _entries(data):
+        entries = _entries(data)
+        compressed = array("I")  # their indexes
+        for index, entry in enumerate(entries):
             guest += cluster
             if not entry:
                 continue
             if entry & OFLAG_COMPRESSED:
-                self._compressed(entry, guest, cluster if guest < whole else disk - guest)
+                compressed.append(index)
                 continue
             host = entry & OFFSET_MASK
             if entry & OFLAG_ZERO:
@@ -433,6 +482,28 @@ class _Mapper:
             run_host, run_guest, run_length = host, guest, length
         if run_length:
             layout.copy(run_host, run_length, run_guest, what=_data(run_guest))
+        if compressed:
+            self._ahead(self._compressed_clusters(base, entries, compressed))
+
+    def _compressed_clusters(
+        self, base: int, entries: array[int], indexes: array[int]
+    ) -> Iterator[tuple[int, int, Callable[[], None]]]:
+        """(offset, size, register) of an L2 table's compressed clusters."""
+        image = self.image
+        cluster, disk = image.cluster_size, image.disk_size
+        shift = 62 - (image.cluster_bits - 8)
+        offset_mask = (1 << shift) - 1
+        sectors_mask = (1 << (image.cluster_bits - 8)) - 1
+        for index in sorted(indexes, key=lambda index: entries[index] & offset_mask):
+            entry = entries[index]
+            guest = base + index * cluster
+            length = min(cluster, disk - guest)
+            size = (((entry >> shift) & sectors_mask) + 1) * SECTOR
+            yield (
+                entry & offset_mask,
+                size,
+                functools.partial(self._compressed, entry, guest, length),
+            )
 
     def _compressed(self, entry: int, guest: int, length: int) -> None:
         """Inflate the compressed cluster `entry` maps to disk offset `guest`.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from importer.decoders import Unsupported
+from importer.decoders import Unsupported, qcow2
 from importer.decoders.qcow2 import _inflate_zlib, _inflate_zstd
 from importer.errors import FinalError
 from tests.support.decoding import decode
@@ -374,6 +374,27 @@ def test_too_much_data_before_its_tables_falls_back(tmp_path, raw):
         _decoded(shuffled, tmp_path, memory=64 * KiB)
     with pytest.raises(Unsupported, match="more than 0 MiB"):
         _decoded(shuffled, tmp_path, memory=64 * KiB, spill_dir=tmp_path, spill_limit=128 * KiB)
+
+
+# Registered ahead of the stream, a budget at a time.
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["-o", "cluster_size=512"],
+        ["-c", "-o", "cluster_size=512"],
+        ["-c", "-o", "cluster_size=4096,compression_type=zstd"],
+    ],
+)
+def test_tables_and_clusters_registered_a_little_ahead(tmp_path, raw, options, monkeypatch):
+    """With no budget to speak of, L2 tables and compressed clusters are registered a few at
+    a time as the stream reaches them: the same disk."""
+    monkeypatch.setattr(qcow2, "AHEAD_BYTES", 0)
+    image = _convert(raw, tmp_path / "a.qcow2", *options)
+    _check(image, tmp_path, chunks=(4096, 65537))
+    shuffled = _shuffle(image, tmp_path / "s.qcow2")
+    _check(shuffled, tmp_path, chunks=(65537,))
 
 
 # Compressed clusters, as qemu inflates them.
