@@ -71,6 +71,7 @@ DESC_SIZE = 20 * SECTOR
 MARKER_EOS, MARKER_GT, MARKER_GD, MARKER_FOOTER = 0, 1, 2, 3
 _HEADER = struct.Struct("<IIQQQQIQQQ5xH")  # from byte 4: 75 bytes
 _MARKER = struct.Struct("<QI")
+_BDRV_MAX_LENGTH = ((1 << 63) - 1) // (1 << 30) * (1 << 30)  # qemu's block layer's limit
 
 
 def _invalid(message: str) -> FinalError:
@@ -111,6 +112,18 @@ class Header:
     @property
     def l1_size(self) -> int:
         return -(-self.capacity // self.l1_entry_sectors)
+
+    def check_tables(self, where: str) -> None:
+        """qemu reads the redundant grain directory too (and never uses it): an offset its
+        block layer refuses (past BDRV_MAX_LENGTH, or negative in 64 bits) fails the open."""
+        if not (self.flags & FLAG_RGD and self.rgd_offset):
+            return
+        offset = (self.rgd_offset << 9) % (1 << 64)
+        if offset >= 1 << 63 or offset + self.l1_size * 4 > _BDRV_MAX_LENGTH:
+            raise _invalid(
+                f"{where} puts its redundant grain directory at sector {self.rgd_offset}, "
+                "where qemu cannot read it"
+            )
 
     def check(self, where: str) -> None:
         """qemu's checks of a header (vmdk_open_vmdk4, vmdk_add_extent), in its order."""
@@ -176,6 +189,8 @@ def open_image(head: bytes, layout: Layout) -> None:
         raise Unsupported("the vmdk image has compressed grains without grain markers")
     if header.grain_offset == 0 and at_end:
         raise _invalid("header has a grain offset of 0: its grains would overlap the header")
+    if not at_end:
+        header.check_tables("header")
     if header.l1_size * 4 > MAX_NEED:
         raise Unsupported(
             f"the vmdk grain directory is {header.l1_size * 4} bytes: more than a stream reads"
@@ -481,6 +496,7 @@ class _Stream:
             raise _invalid(f"footer at byte {expected + SECTOR} has no KDMV magic")
         last = Header.parse(footer, 4)
         last.check("footer")
+        last.check_tables("footer")
         if -(-size // SECTOR) < last.grain_offset:  # qemu checks the footer's, not the header's
             raise FinalError(
                 "TruncatedImage",

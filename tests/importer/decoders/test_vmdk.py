@@ -389,3 +389,16 @@ def test_a_grain_directory_larger_than_a_stream_reads(tmp_path: Path):
     patch(image, 12, struct.pack("<Q", 1 << 28))  # of a 128 GiB disk: 32 Mi entries
     with pytest.raises(Unsupported, match="grain directory is 134217728 bytes"):
         decoded(image, tmp_path)
+
+
+def test_a_redundant_directory_qemu_cannot_read(tmp_path: Path):
+    """qemu reads the redundant grain directory (and never uses it): past the block layer's
+    limit, the open fails."""
+    image = vmdk(tmp_path, "monolithicSparse")
+    patch(image, 48, struct.pack("<Q", (1 << 63) - 1))
+    with pytest.raises(subprocess.CalledProcessError):
+        raw_of(image, tmp_path)
+    refused(image, tmp_path, "InvalidImage", "redundant grain directory")
+    beyond = vmdk(tmp_path, "monolithicSparse", name="beyond")
+    patch(beyond, 48, struct.pack("<Q", beyond.stat().st_size // 512 + 100))
+    assert decoded(beyond, tmp_path) == raw_of(beyond, tmp_path)  # past the end: zeros, unused
