@@ -24,7 +24,6 @@ compression types. Corrupt or hostile images raise FinalError("InvalidImage").
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import functools
 import struct
@@ -315,8 +314,7 @@ class _Mapper:
         self.image = image
         self.layout = layout
         self.pending = 1  # L1 and L2 tables not yet parsed, ranges not yet registered
-        self.l2_seen: set[int] = set()
-        self.l2_unparsed: list[int] = []  # their offsets, in order
+        self.l2_unparsed: set[int] = set()  # their offsets
         # The last sector of compressed clusters just before an L2 table not parsed yet:
         # sector offset -> (first byte held, bytes). See _compressed.
         self.tails: dict[int, tuple[int, bytes]] = {}
@@ -335,7 +333,7 @@ class _Mapper:
     def _parsed(self, l2_offset: int | None = None) -> None:
         self.pending -= 1
         if l2_offset is not None:
-            del self.l2_unparsed[bisect.bisect_left(self.l2_unparsed, l2_offset)]
+            self.l2_unparsed.discard(l2_offset)
             for sector in [s for s in self.tails if not self._before_l2(s)]:
                 del self.tails[sector]
         if self.pending == 0:
@@ -345,8 +343,12 @@ class _Mapper:
     def _before_l2(self, sector: int) -> bool:
         """Whether an L2 table not parsed yet follows `sector` closely: the compressed
         clusters it maps may start in that sector."""
-        i = bisect.bisect_right(self.l2_unparsed, sector)
-        return i < len(self.l2_unparsed) and self.l2_unparsed[i] <= sector + self.tail_window
+        cluster = self.image.cluster_size
+        first = (sector // cluster + 1) * cluster  # tables are cluster-aligned
+        return any(
+            table in self.l2_unparsed
+            for table in range(first, sector + self.tail_window + 1, cluster)
+        )
 
     def _l1(self, data: bytearray) -> None:
         image = self.image
@@ -362,14 +364,13 @@ class _Mapper:
                     f"the qcow2 L1 entry {index} points to an L2 table at {l2_offset:#x}, not "
                     "cluster-aligned",
                 )
-            if l2_offset in self.l2_seen:
+            if l2_offset in self.l2_unparsed:
                 raise FinalError(
                     "InvalidImage",
                     f"the qcow2 L1 table uses the L2 table at {l2_offset:#x} twice (entry {index})",
                 )
-            self.l2_seen.add(l2_offset)
+            self.l2_unparsed.add(l2_offset)
             self.pending += 1
-        self.l2_unparsed = sorted(self.l2_seen)
         tables = sorted(
             (entry & OFFSET_MASK, index)
             for index, entry in enumerate(entries)
