@@ -377,8 +377,11 @@ class _Mapper:
             if entry & OFFSET_MASK
         )
         self._ahead(
-            (offset, image.cluster_size, self._l2_registrar(offset, index))
-            for offset, index in tables
+            (
+                (offset, image.cluster_size, self._l2_registrar(offset, index))
+                for offset, index in tables
+            ),
+            "qcow2 L2 table",
         )
         self._parsed()
 
@@ -396,7 +399,7 @@ class _Mapper:
 
         return register
 
-    def _ahead(self, items: Iterator[tuple[int, int, Callable[[], None]]]) -> None:
+    def _ahead(self, items: Iterator[tuple[int, int, Callable[[], None]]], what: str) -> None:
         """Register ranges (offset, size, register), in file order, a few MiB ahead of the
         stream: the Layout gives each range its buffer when it is registered, and a large
         image has hundreds of MiB of L2 tables or compressed clusters. The next ranges are
@@ -420,7 +423,7 @@ class _Mapper:
                 if pending is None:
                     break
                 with contextlib.suppress(Unsupported):  # the stream is past `last`: go on
-                    self.layout.need(last, 1, register_more, what="qcow2 cluster (ahead)")
+                    self.layout.need(last, 1, register_more, what=f"{what} at {last:#x}")
                     return
             self._parsed()
 
@@ -484,7 +487,9 @@ class _Mapper:
         if run_length:
             layout.copy(run_host, run_length, run_guest, what=_data(run_guest))
         if compressed:
-            self._ahead(self._compressed_clusters(base, entries, compressed))
+            self._ahead(
+                self._compressed_clusters(base, entries, compressed), "qcow2 compressed cluster"
+            )
 
     def _compressed_clusters(
         self, base: int, entries: array[int], indexes: array[int]
