@@ -7,18 +7,18 @@ import logging
 import os
 import re
 import signal
-import ssl
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from enum import StrEnum
-from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+import typer.main
+from typer.core import TyperGroup
 
 from diskflow.options import (
     S3Addressing,
@@ -45,13 +45,104 @@ from importer.outcome import EXIT_FINAL, Outcome
 from importer.progress import JsonReporter, MetricsReporter, Reporter, RichReporter, reporting
 from importer.quantity import parse_quantity
 from importer.reasons import Reason
-from importer.sources.http import parse_header
+from importer.sources.http_options import parse_header
+
+if TYPE_CHECKING:
+    from typer._click import Command, Context, HelpFormatter  # the click typer vendors
+
+# The commands defined in other modules, as "module:attribute" (a command function, or a Typer
+# of subcommands), in the order `diskflow --help` lists them after import and demo. They are
+# imported when run or listed, so that `diskflow import` in an importer pod does not load the
+# template builds' or the controller's modules (pykickstart, kopf, kubernetes, YAML, ...).
+LAZY_COMMANDS = {
+    "validate": "diskflow.templates_cli:validate",
+    "build": "diskflow.templates_cli:build",
+    "publish": "diskflow.templates_cli:publish",
+    "worker": "diskflow.templates_cli:worker",
+    "controller": "diskflow.controller_cli:controller",
+    "ci": "diskflow.templates_cli:ci_app",
+    "manifest": "diskflow.manifest_cli:manifest_app",
+}
+
+
+class _Commands(MutableMapping[str, "Command"]):
+    """A group's commands: the ones built already, then LAZY_COMMANDS, each built on first
+    lookup. Listing the names (and suggesting one for a typo) loads nothing."""
+
+    def __init__(self, built: Mapping[str, Command], settings: dict[str, Any]) -> None:
+        lazy = {name: spec for name, spec in LAZY_COMMANDS.items() if name not in built}
+        self._entries: dict[str, Command | str] = {**built, **lazy}  # a str: not loaded yet
+        self._settings = settings
+
+    def __getitem__(self, name: str) -> Command:
+        entry = self._entries[name]
+        if isinstance(entry, str):
+            entry = self._entries[name] = self._load(name, entry)
+        return entry
+
+    def __setitem__(self, name: str, command: Command) -> None:
+        self._entries[name] = command
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def _load(self, name: str, spec: str) -> Command:
+        """The click command typer makes of `spec`, registered as `app` would have."""
+        module, attribute = spec.split(":")
+        __import__(module)  # not importlib.import_module: -X importtime reports this one
+        target = getattr(sys.modules[module], attribute)
+        holder = typer.Typer(**self._settings)
+        if isinstance(target, typer.Typer):
+            holder.add_typer(target, name=name, cls=Group)
+        else:
+            holder.command(name)(target)
+        return typer.main.get_group(holder).commands[name]
+
+
+class Group(TyperGroup):
+    """A group whose help lists each command with the whole first sentence of its help, as
+    typer's rich help did: click's own cuts it short to fit the terminal."""
+
+    def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
+        rows: list[tuple[str, str]] = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1 << 16)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class LazyGroup(Group):
+    """The `diskflow` group, with LAZY_COMMANDS among its commands."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        settings = {"add_completion": False, "rich_markup_mode": self.rich_markup_mode}
+        self.commands = _Commands(self.commands, settings)
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return list(self.commands)  # the names: typer's own would load every command
+
 
 app = typer.Typer(
+    cls=LazyGroup,
     help="Import VM disk images into volumes, and build golden images.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help and usage errors: rich would be imported to format them.
+    rich_markup_mode=None,
 )
 
 T = TypeVar("T")
@@ -67,6 +158,8 @@ class ProgressMode(StrEnum):
 
 def _print_version(value: bool) -> None:
     if value:
+        from importlib.metadata import version  # 20 ms: only --version reads the metadata
+
         typer.echo(f"diskflow {version('diskflow')}")
         raise typer.Exit()
 
@@ -564,6 +657,8 @@ def _ca_bundle(path: Path | None) -> Iterator[str | None]:
     if path is None or not path.is_dir():
         yield str(path) if path else None
         return
+    import ssl  # only a directory of certificates is checked here; HTTP loads ssl itself
+
     certificates: list[bytes] = []
     for file in _files_in(path, "--ca-bundle"):
         found = _PEM_CERTIFICATE.findall(file.read_bytes())
@@ -586,19 +681,3 @@ def _ca_bundle(path: Path | None) -> Iterator[str | None]:
         bundle.write(b"\n".join(certificates) + b"\n")
         bundle.flush()
         yield bundle.name
-
-
-# The template half's commands live in their own module; registered here so there is one app.
-from diskflow import templates_cli  # noqa: E402
-
-app.command()(templates_cli.validate)
-app.command()(templates_cli.build)
-app.command()(templates_cli.publish)
-app.command()(templates_cli.worker)
-app.add_typer(templates_cli.ci_app, name="ci")
-
-# The Kubernetes side: the operator, and manifests from CDI.
-from diskflow import controller_cli, manifest_cli  # noqa: E402
-
-app.command()(controller_cli.controller)
-app.add_typer(manifest_cli.manifest_app, name="manifest")

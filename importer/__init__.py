@@ -6,19 +6,44 @@ result = import_image("https://example.com/disk.qcow2.xz", "/data/disk.img",
 probe("https://example.com/disk.qcow2.xz").needs_scratch   # True: qemu-img converts it
 """
 
-from importer.checksum import Checksum
-from importer.errors import FinalError, ImportFailure, TransientError
-from importer.pipeline import (
-    ContentType,
-    ImportOptions,
-    ImportResult,
-    Probe,
-    import_image,
-    probe,
-    usable_capacity,
-)
-from importer.progress import Progress
-from importer.sources import HttpOptions, S3Options
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from importer.checksum import Checksum
+    from importer.errors import FinalError, ImportFailure, TransientError
+    from importer.pipeline import (
+        ContentType,
+        ImportOptions,
+        ImportResult,
+        Probe,
+        import_image,
+        probe,
+        usable_capacity,
+    )
+    from importer.progress import Progress
+    from importer.sources import HttpOptions, S3Options
+
+# Each name's module, imported on first use: importing any importer.* module runs this file
+# first, and a command that needs only importer.errors should not load the whole pipeline.
+_EXPORTS = {
+    "Checksum": "importer.checksum",
+    "ContentType": "importer.pipeline",
+    "FinalError": "importer.errors",
+    "HttpOptions": "importer.sources",
+    "ImportFailure": "importer.errors",
+    "ImportOptions": "importer.pipeline",
+    "ImportResult": "importer.pipeline",
+    "Probe": "importer.pipeline",
+    "Progress": "importer.progress",
+    "S3Options": "importer.sources",
+    "TransientError": "importer.errors",
+    "import_image": "importer.pipeline",
+    "probe": "importer.pipeline",
+    "usable_capacity": "importer.pipeline",
+}
 
 __all__ = [
     "Checksum",
@@ -36,3 +61,17 @@ __all__ = [
     "probe",
     "usable_capacity",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'importer' has no attribute {name!r}")
+    __import__(module)  # not importlib.import_module: -X importtime reports this one
+    value = getattr(sys.modules[module], name)
+    globals()[name] = value  # once found, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -32,7 +32,7 @@ from importer.errors import FinalError
 from importer.pipeline import ContentType
 from importer.quantity import format_quantity, parse_quantity, parse_quantity_exact
 from importer.reasons import Reason
-from importer.sources.http import parse_header
+from importer.sources.http_options import parse_header
 
 GROUP = "diskflow.io"
 VERSION = "v1beta1"

@@ -29,12 +29,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import sh
+from typing import TYPE_CHECKING
 
 from importer.errors import FinalError, TransientError
 from importer.formats import DiskFormat
 from importer.reasons import Reason
+
+if TYPE_CHECKING:
+    import sh
 
 logging.getLogger("sh").setLevel(logging.WARNING)  # sh logs every command at INFO
 
@@ -76,6 +78,8 @@ class Limits:
 
 def qemu_img() -> sh.Command:
     """The qemu-img command, or a clear error naming the package to install."""
+    import sh  # 20 ms of imports (asyncio too): paid only by the template builds that use it
+
     return sh.Command(_qemu_img_path())
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING, Any
+
 from importer.sources.base import Source
-from importer.sources.http import HttpOptions, HttpSource, redact_url
+from importer.sources.http_options import HttpOptions
 from importer.sources.local import LocalSource
-from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
-from importer.sources.resumable import ResumableSource
 from importer.sources.s3_options import S3Options
+
+if TYPE_CHECKING:
+    from importer.sources.http import HttpSource, redact_url
+    from importer.sources.resumable import ResumableSource
 
 __all__ = [
     "HttpOptions",
@@ -19,20 +24,47 @@ __all__ = [
     "redact_url",
 ]
 
+# The network sources import requests, urllib3 and tenacity (boto3 for S3): loaded on first
+# use, so that a local file or blank: import never pays for them.
+_NETWORK = {
+    "HttpSource": "importer.sources.http",
+    "redact_url": "importer.sources.http",
+    "PART_SIZE": "importer.sources.parallel",
+    "PROBE_BYTES": "importer.sources.parallel",
+    "ParallelSource": "importer.sources.parallel",
+    "ResumableSource": "importer.sources.resumable",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _NETWORK.get(name)
+    if module is None:
+        raise AttributeError(f"module 'importer.sources' has no attribute {name!r}")
+    __import__(module)  # not importlib.import_module: -X importtime reports this one
+    value = getattr(sys.modules[module], name)
+    globals()[name] = value
+    return value
+
 
 def open_source(location: str, http: HttpOptions, s3: S3Options, *, connections: int = 1) -> Source:
     """Open an `http(s)://` URL, an `s3://` URL (or CDI's https S3 form when `s3.cdi_url`),
     or a local path, for reading from its first byte; with `connections` ranged GETs in
     parallel where the server allows and the object is large enough to gain from it."""
     web = location.startswith(("http://", "https://"))
+    if not web and not location.startswith("s3://"):
+        return LocalSource(location)
+    # As _NETWORK above: only a URL loads the network sources.
+    from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
+
+    source: ResumableSource
     if location.startswith("s3://") or (s3.cdi_url and web):
         from importer.sources.s3 import S3Source  # boto3 is slow to import: only S3 pays
 
-        source: ResumableSource = S3Source(location, s3, http)
-    elif web:
-        source = HttpSource(location, http)
+        source = S3Source(location, s3, http)
     else:
-        return LocalSource(location)
+        from importer.sources.http import HttpSource
+
+        source = HttpSource(location, http)
     if connections > 1 and source.ranges and (source.size or 0) > PROBE_BYTES + 2 * PART_SIZE:
         return ParallelSource(source, connections=connections)
     return source
