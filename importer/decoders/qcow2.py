@@ -91,7 +91,8 @@ class _Header:
     def __init__(self, head: bytes, file_size: int | None) -> None:
         if len(head) < _V2_HEADER.size:
             raise FinalError(
-                "TruncatedImage", f"the qcow2 image ends after {len(head)} bytes, inside its header"
+                "TruncatedImage",
+                f"the qcow2 image is truncated: it ends after {len(head)} bytes, inside its header",
             )
         (
             magic,
@@ -133,7 +134,8 @@ class _Header:
             if len(head) < _V2_HEADER.size + _V3_HEADER.size:
                 raise FinalError(
                     "TruncatedImage",
-                    f"the qcow2 image ends after {len(head)} bytes, inside its version 3 header",
+                    f"the qcow2 image is truncated: it ends after {len(head)} bytes, inside its "
+                    "version 3 header",
                 )
             incompatible, compatible, autoclear, refcount_order, header_length = (
                 _V3_HEADER.unpack_from(head, _V2_HEADER.size)
@@ -532,7 +534,8 @@ class _Mapper:
             if offset >= file_size:
                 raise FinalError(
                     "TruncatedImage",
-                    f"the qcow2 image is {file_size} bytes, but its {what} lies at {offset:#x}",
+                    f"the qcow2 image is truncated: it is {file_size} bytes, but its {what} lies "
+                    f"at {offset:#x}",
                 )
             file_end = file_size  # qemu reads zeros past the end of the file
         pad = bytes(end - file_end)
