@@ -49,6 +49,8 @@ MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 << 20  # QCOW_MAX_REFTABLE_SIZE
 MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
 SNAPSHOT_HEADER_BYTES = 40  # sizeof(QCowSnapshotHeader)
+MAX_SNAPSHOT_EXTRA_DATA = 1024  # QCOW_MAX_SNAPSHOT_EXTRA_DATA
+MAX_SNAPSHOTS_BYTES = 1024 * MAX_SNAPSHOTS  # QCOW_MAX_SNAPSHOTS_SIZE
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
 MAX_VIRTUAL_SIZE = 1 << 63  # qemu keeps lengths in int64_t
@@ -215,6 +217,7 @@ class _Header:
             )
         self.disk_size = size // SECTOR * SECTOR  # qemu's length is in whole sectors
         self.l1_offset = l1_offset
+        self.nb_snapshots, self.snapshots_offset = nb_snapshots, snapshots_offset
         self.l1_span = l1_span
         self.l1_entries = -(-self.disk_size // l1_span)  # those the disk reads through
         self._extensions(header_length, autoclear)
@@ -325,11 +328,41 @@ class _Mapper:
 
     def start(self) -> None:
         image = self.image
+        if image.nb_snapshots:
+            self._snapshot(0, image.snapshots_offset)
         if image.l1_entries == 0:
             self.layout.mapped()
             return
         self.layout.need(
             image.l1_offset, image.l1_entries * 8, self._l1, what="qcow2 active L1 table"
+        )
+
+    def _snapshot(self, index: int, offset: int) -> None:
+        """Walk the snapshot table as qemu does when it opens the image (qcow2_read_snapshots):
+        its snapshots are not read, but an entry qemu refuses makes the image refused."""
+        image = self.image
+
+        def check(header: bytearray) -> None:
+            id_size, name_size = struct.unpack_from(">HH", header, 12)
+            (extra,) = struct.unpack_from(">I", header, 36)
+            if extra > MAX_SNAPSHOT_EXTRA_DATA:
+                raise FinalError(
+                    "InvalidImage",
+                    f"the qcow2 snapshot table entry {index} has {extra} bytes of extra data "
+                    f"(at most {MAX_SNAPSHOT_EXTRA_DATA})",
+                )
+            end = offset + SNAPSHOT_HEADER_BYTES + extra + id_size + name_size
+            if end - image.snapshots_offset > MAX_SNAPSHOTS_BYTES:
+                raise FinalError(
+                    "InvalidImage",
+                    f"the qcow2 snapshot table is larger than {MAX_SNAPSHOTS_BYTES} bytes "
+                    f"(entry {index} ends at {end:#x})",
+                )
+            if index + 1 < image.nb_snapshots:
+                self._snapshot(index + 1, -(-end // 8) * 8)
+
+        self.layout.need(
+            offset, SNAPSHOT_HEADER_BYTES, check, what=f"qcow2 snapshot table entry {index}"
         )
 
     def _parsed(self, l2_offset: int | None = None) -> None:
