@@ -258,7 +258,7 @@ http {{
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + NGINX_START_TIMEOUT
-        probe = urllib.request.Request(f"{self.base_url}/{SOURCES['gz']}", method="HEAD")
+        probe = urllib.request.Request(f"{self.base_url}/disk.raw", method="HEAD")  # always made
         while True:
             if self._proc.poll() is not None:
                 errors = self._error_log.read_text().strip() if self._error_log.exists() else ""

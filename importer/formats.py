@@ -114,6 +114,11 @@ def outside_reference(fmt: DiskFormat, head: bytes) -> tuple[Reason, str] | None
                 "the vmdk header has no capacity and defers to its embedded descriptor, which "
                 "may name other files; import a monolithic vmdk"
             )
+    # qemu reads a differencing VHD as a dynamic one: the parent's data as holes.
+    if fmt is DiskFormat.VPC and int.from_bytes(head[60:64], "big") == _VHD_DIFFERENCING:
+        return Reason.BACKING_FILE_REJECTED, (
+            "the VHD is a differencing disk: its data is in a parent image"
+        )
     if fmt is DiskFormat.QCOW2 and len(head) >= 80:
         version = int.from_bytes(head[4:8], "big")
         if int.from_bytes(head[8:16], "big"):
@@ -125,6 +130,7 @@ def outside_reference(fmt: DiskFormat, head: bytes) -> tuple[Reason, str] | None
 
 
 _QCOW2_EXTERNAL_DATA_FILE = 1 << 2
+_VHD_DIFFERENCING = 4
 
 
 def _looks_like_html(head: bytes) -> bool:

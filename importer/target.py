@@ -20,9 +20,10 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from importer.buffers import ALIGN, CHUNK, AlignedBuffer, aligned
+from importer.buffers import ALIGN, CHUNK, AlignedBuffer, BufferPool, aligned
 from importer.errors import FinalError
 from importer.limits import Bound
+from importer.workers import WORKERS, Workers
 
 GRANULE = 64 << 10  # zero detection unit: a hole smaller than this is not worth a syscall
 HEAD = 1 << 20  # on a block device the first MiB is written last, so a failed import
@@ -101,11 +102,12 @@ class SparseWriter:
         # page cache, with no copy into the staging buffer and no hole detection.
         self._scratch = scratch
         self._direct_fd = None if scratch else open_direct(path, os.O_WRONLY)
-        self._buffer, self._base = aligned(chunk)
-        self._view = memoryview(self._buffer)[self._base : self._base + chunk]
         self._chunk = chunk
-        self._fill = 0  # bytes waiting in the buffer
-        self._offset = 0  # file offset of the buffer's first byte
+        # Buffers filled from unaligned chunks, written in the background like aligned ones.
+        self._staging = BufferPool(count=WORKERS + 2, size=chunk)
+        self._current: AlignedBuffer | None = None
+        self._writes = Workers("write", depth=WORKERS)
+        self._offset = 0  # file offset of the next buffer to write
         self._head: bytes | None = None
         if block:
             # Zeroed now and written last: an import that dies half-way leaves no old
@@ -116,7 +118,7 @@ class SparseWriter:
 
     @property
     def size(self) -> int:
-        return self._offset + self._fill
+        return self._offset + (0 if self._current is None else len(self._current))
 
     def tighten(self, bound: Bound) -> None:
         """Hold the rest of the stream to `bound` too, where it is the tighter one."""
@@ -132,13 +134,18 @@ class SparseWriter:
                 f"than {self.size + len(data)} bytes arrived; stopped writing{self._bound.hint}",
             )
         view = data.data() if isinstance(data, AlignedBuffer) else memoryview(data)
+        if (
+            isinstance(data, AlignedBuffer)
+            and len(view) == self._chunk
+            and self._current is None
+            and not self._scratch
+        ):  # whole aligned chunks (all but a stream's last) go out as they are
+            self._flush(data)
+            return
         try:
             if self._scratch:
                 pwrite_all(self._fd, view, self._offset)
                 self._offset += len(view)
-            elif isinstance(data, AlignedBuffer) and self._fill == 0 and len(view) == self._chunk:
-                # Whole aligned chunks (all but a stream's last) go out as they are.
-                self._flush_buffer(data.raw, data.base, view, len(view))
             else:
                 self._copy(view)
         finally:
@@ -147,12 +154,16 @@ class SparseWriter:
 
     def _copy(self, source: memoryview) -> None:
         while source:
-            n = min(len(source), self._chunk - self._fill)
-            self._view[self._fill : self._fill + n] = source[:n]
-            self._fill += n
+            if self._current is None:
+                self._current = self._staging.get()
+            current = self._current
+            n = min(len(source), self._chunk - current.length)
+            current.view[current.length : current.length + n] = source[:n]
+            current.length += n
             source = source[n:]
-            if self._fill == self._chunk:
-                self._flush()
+            if current.length == self._chunk:
+                self._current = None
+                self._flush(current)
 
     def write_all(self, chunks: Iterable[bytes | AlignedBuffer]) -> int:
         """Write every chunk, then `finish()`; return the stream's length."""
@@ -162,7 +173,10 @@ class SparseWriter:
 
     def finish(self) -> int:
         """Write what is buffered and set the file's length; return the stream's length."""
-        self._flush()
+        if self._current is not None:
+            current, self._current = self._current, None
+            self._flush(current)
+        self._writes.wait()
         if not self._block:
             os.ftruncate(self._fd, self._offset)
         return self._offset
@@ -174,6 +188,10 @@ class SparseWriter:
         os.fdatasync(self._fd)
 
     def close(self) -> None:
+        self._writes.close()
+        if self._current is not None:
+            self._current.release()
+            self._current = None
         if self._direct_fd is not None:
             os.close(self._direct_fd)
             self._direct_fd = None
@@ -181,19 +199,25 @@ class SparseWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def _flush(self) -> None:
-        length, self._fill = self._fill, 0
-        self._flush_buffer(self._buffer, self._base, self._view, length)
-
-    def _flush_buffer(self, raw: bytearray, base: int, view: memoryview, length: int) -> None:
-        """Write `length` bytes of `view` (which is `raw[base:]`) at the current offset."""
-        start = self._offset
+    def _flush(self, buffer: AlignedBuffer) -> None:
+        """Write `buffer` at the current offset, in the background; it is released then."""
+        start, length = self._offset, len(buffer)
         self._offset += length
         if self._block and start < HEAD:
             keep = min(HEAD, start + length) - start
-            self._head = (self._head or b"") + bytes(view[:keep])
-        for begin, end, zero in zero_runs(raw, base, length):
-            self._put(view, start, begin, end, zero=zero)
+            self._head = (self._head or b"") + bytes(buffer.view[:keep])
+        try:
+            self._writes.submit(self._write_out, buffer, start)
+        except BaseException:
+            buffer.release()
+            raise
+
+    def _write_out(self, buffer: AlignedBuffer, start: int) -> None:
+        try:
+            for begin, end, zero in zero_runs(buffer.raw, buffer.base, len(buffer)):
+                self._put(buffer.view, start, begin, end, zero=zero)
+        finally:
+            buffer.release()
 
     def _put(self, view: memoryview, base: int, begin: int, end: int, *, zero: bool) -> None:
         offset = base + begin
@@ -257,10 +281,13 @@ class GuestWriter:
             view, offset = view[keep:], offset + keep
         raw, base, window = self._buffer()
         while view:
-            n = min(len(view), len(window))
-            window[:n] = view[:n]
-            for begin, stop, zero in zero_runs(raw, base, n):
-                self._put(window[begin:stop], offset + begin, zero=zero)
+            # Staged at the file offset's place in a page, so that the whole pages inside
+            # can go out with O_DIRECT (VHD data lies 512 bytes past a page in its file).
+            skew = offset % ALIGN
+            n = min(len(view), len(window) - skew)
+            window[skew : skew + n] = view[:n]
+            for begin, stop, zero in zero_runs(raw, base + skew, n):
+                self._put(window[skew + begin : skew + stop], offset + begin, zero=zero)
             view, offset = view[n:], offset + n
 
     def finish(self) -> int:
@@ -296,8 +323,19 @@ class GuestWriter:
             if self._block:
                 zero_range(self._fd, offset, len(data), block=True, write_only=self._preallocate)
             return
-        direct = self._direct_fd is not None and len(data) % ALIGN == 0 and offset % ALIGN == 0
-        pwrite_all(self._direct_fd if direct else self._fd, data, offset)
+        if self._direct_fd is None:
+            pwrite_all(self._fd, data, offset)
+            return
+        # Partial pages at either end through the page cache, the whole pages between direct.
+        head = min(len(data), -offset % ALIGN)
+        middle = (len(data) - head) // ALIGN * ALIGN
+        for fd, start, end in (
+            (self._fd, 0, head),
+            (self._direct_fd, head, head + middle),
+            (self._fd, head + middle, len(data)),
+        ):
+            if end > start:
+                pwrite_all(fd, data[start:end], offset + start)
 
 
 _STAGING = 1 << 20

@@ -70,7 +70,12 @@ def start(
     if open_image is None:
         raise Unsupported(f"diskflow does not stream {fmt} images")
     layout = Layout(
-        output, file_size=file_size, spill_dir=spill_dir, check_size=check_size, **limits
+        output,
+        name=str(fmt),
+        file_size=file_size,
+        spill_dir=spill_dir,
+        check_size=check_size,
+        **limits,
     )
     try:
         open_image(head, layout)

@@ -48,12 +48,43 @@ def test_success_prints_json_progress_and_writes_the_termination_log(
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     stages = [e["stage"] for e in events if e["event"] == "progress"]
-    assert stages[0] == "download" and "convert" in stages and stages[-1] == "resize"
+    # qcow2 streams: decoded as it downloads, no convert stage, no scratch space.
+    assert stages[0] == "download" and "convert" not in stages and stages[-1] == "resize"
+    assert {e["path"] for e in events if e["event"] == "progress"} == {"stream"}
     download = [e for e in events if e.get("stage") == "download"][-1]
     assert download["bytes_done"] == download["bytes_total"] == source.stat().st_size
     assert events[-1]["event"] == "done" and events[-1]["format"] == "qcow2"
     result = json.loads(log.read_text())
     assert result["ok"] is True and result["size"] == usable_size(64 * MiB)
+    assert (result["path"], result["fallback"]) == ("stream", None)
+
+
+def test_an_image_through_scratch_space_says_so_and_why(
+    images: Images, nginx: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "termination-log"
+    done = diskflow(
+        f"{nginx}/{images.path('vhdx').name}", tmp_path / "disk.img", "--progress", "json",
+        "--termination-log", log, "--scratch-dir", tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert "convert" in [e["stage"] for e in progress]
+    assert progress[-1]["path"] == "scratch"
+    assert progress[-1]["fallback"] == "diskflow does not stream vhdx images"
+    result = json.loads(log.read_text())
+    assert (result["path"], result["fallback"]) == (
+        "scratch",
+        "diskflow does not stream vhdx images",
+    )
+    no_scratch = diskflow(
+        f"{nginx}/{images.path('vhdx').name}", tmp_path / "other.img", "--no-scratch",
+        "--termination-log", log,
+    )  # fmt: skip
+    assert no_scratch.returncode == 75, no_scratch.stderr
+    failure = json.loads(log.read_text())
+    assert failure["reason"] == "NeedsScratch" and "does not stream vhdx" in failure["message"]
 
 
 def test_final_failure_exits_1_with_reason(faults: FaultServer, tmp_path: Path) -> None:

@@ -36,6 +36,10 @@ def test_every_format_and_compression_over_http(
     assert result.compression == COMPRESSION_NAMES[compression]
     assert result.format == ("vpc" if fmt.startswith("vpc") else fmt)
     assert result.bytes_downloaded == os.path.getsize(images.path(fmt, compression))
+    # Every format streams but vhdx, which goes through scratch space and says why.
+    assert (result.path, result.fallback is None) == (
+        ("scratch", False) if fmt == "vhdx" else ("stream", True)
+    )
     # Holes kept: allocation close to the 4 MiB of data, not the 40 MiB of the disk.
     assert allocated(dest) <= images.data_bytes + 2 * MiB
     leftovers = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("reference"))

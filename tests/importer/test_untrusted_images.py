@@ -54,6 +54,18 @@ def test_backing_file_rejected_when_compressed(images: Images, tmp_path: Path) -
     import_fails(f"{image}.gz", tmp_path, "BackingFileRejected")
 
 
+def test_differencing_vhd_rejected(tmp_path: Path) -> None:
+    # qemu-img reads it as a dynamic VHD: the parent's data would come out as holes.
+    image = tmp_path / "child.vhd"
+    run("qemu-img", "create", "-f", "vpc", image, "8M")
+    data = bytearray(image.read_bytes())
+    for footer in (0, len(data) - 512):
+        struct.pack_into(">I", data, footer + 60, 4)  # disk type: differencing
+    image.write_bytes(data)
+    error = import_fails(image, tmp_path, "BackingFileRejected")
+    assert "differencing" in error.message
+
+
 def test_external_data_file_rejected(tmp_path: Path) -> None:
     image = tmp_path / "data.qcow2"
     run("qemu-img", "create", "-f", "qcow2", "-o", f"data_file={tmp_path / 'secret'}", image, "10M")
@@ -305,7 +317,7 @@ def test_truncated_image_is_refused_when_compressed(images: Images, tmp_path: Pa
     image.write_bytes(data[:-4096])
     run("xz", "-0", image)
     error = import_fails(f"{image}.xz", tmp_path, "TruncatedImage")
-    assert f"of a file of {len(data) - 4096} bytes" in error.message
+    assert f"it ends after {len(data) - 4096} bytes" in error.message
 
 
 def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:

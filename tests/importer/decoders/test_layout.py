@@ -141,10 +141,12 @@ def test_a_table_naming_bytes_past_the_end_is_a_truncated_image(tmp_path):
     extents = [(0, b"x" * 4096, False)]
     image = bytearray(toy_image(extents, SIZE, table_last=False))
     ENTRY.pack_into(image, 20, len(image) + 100, 0, 4096, 0)
-    with pytest.raises(FinalError, match=r"ends after \d+ bytes, but its block") as caught:
+    ends = r"truncated: it ends after \d+ bytes, but needs bytes \d+-\d+ \(block\)"
+    with pytest.raises(FinalError, match=ends) as caught:
         decode(bytes(image), tmp_path, 4096)
     assert caught.value.reason == "TruncatedImage"
-    with pytest.raises(FinalError, match=r"the image is \d+ bytes, but its block") as caught:
+    short = r"truncated: it is \d+ bytes, but needs bytes \d+-\d+ \(block\)"
+    with pytest.raises(FinalError, match=short) as caught:
         decode(bytes(image), tmp_path, 4096, file_size=len(image))
     assert caught.value.reason == "TruncatedImage"
 
