@@ -321,6 +321,13 @@ def import_command(
             "NeedsScratch (exit 75), so that it can be tried again with some.",
         ),
     ] = False,
+    spill_limit: Annotated[
+        str,
+        typer.Option(
+            help="The most qcow2/vmdk data held while its tables have not arrived (16Mi in "
+            "memory, the rest in --scratch-dir); past it the image goes through scratch space."
+        ),
+    ] = "256Mi",
     max_expansion: Annotated[
         float,
         typer.Option(
@@ -406,6 +413,7 @@ def import_command(
                 filesystem_overhead=filesystem_overhead,
                 scratch_dir=str(scratch_dir) if scratch_dir else None,
                 scratch=not no_scratch,
+                spill_limit=parse_quantity(spill_limit),
                 content_type=content_type,
                 max_expansion=max_expansion,
                 decompression_memory=parse_quantity(decompression_memory),

@@ -39,6 +39,7 @@ from importer.capacity import DEFAULT_OVERHEAD, usable_size
 from importer.checksum import Checksum
 from importer.claims import SCRATCH_PREFIX, owned_file, sweep
 from importer.decoders import HEAD_BYTES, Unsupported, decoder_for
+from importer.decoders.layout import SPILL_LIMIT
 from importer.destination import (
     claimed,
     cut_fixed_vhd_footer,
@@ -116,6 +117,10 @@ class ImportOptions:
     """False: there is no scratch space (an importer pod given none): an image that must go
     through it fails with NeedsScratch (transient: tried again with scratch space), and a
     decoder holds data that arrives before its tables in memory only."""
+    spill_limit: int = SPILL_LIMIT
+    """The most data a stream decoder holds while the tables that map it have not arrived
+    (HOLD_MEMORY of it in memory, the rest in a spill file in `scratch_dir`); past it the image
+    goes through scratch space, from a new download."""
     content_type: ContentType = ContentType.KUBEVIRT
     """kubevirt: a disk image, converted to raw; archive: a tar extracted into a directory."""
     archive_max_members: int = 100_000
@@ -547,6 +552,7 @@ def _write_decoded(
                 writer,
                 file_size=file_size,
                 spill_dir=scratch_dir if job.options.scratch else None,
+                spill_limit=job.options.spill_limit,
                 # The expansion is judged against the whole download, where it is known.
                 check_size=lambda size: job.check_virtual_size(size, stream.size),
             )

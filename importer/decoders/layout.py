@@ -244,8 +244,6 @@ class Layout:
             )
 
     def _add(self, need: _Need) -> None:
-        if need.then is not None:
-            need.buffer = bytearray(need.end - need.start)
         past = self._pos if self._chunk is None else self._chunk_end
         if need.start < past or need.end == need.start:
             self._serve(need)
@@ -276,11 +274,13 @@ class Layout:
             self._active.append(need)
 
     def _take(self, need: _Need, data: memoryview | bytes) -> None:
-        if need.buffer is None:
+        if need.then is None:
             # Written by the workers, several at once: one synchronous O_DIRECT write at a
             # time leaves the disk idle between them (a third slower on the disks measured).
             self._workers.submit(self.output.write, need.guest + need.got, bytes(data))
         else:
+            if need.buffer is None:  # made as its bytes start to arrive, not when registered
+                need.buffer = bytearray(need.end - need.start)
             need.buffer[need.got : need.got + len(data)] = data
         need.got += len(data)
 
@@ -297,8 +297,8 @@ class Layout:
         # thousands of times within one chunk.
         while self._ready:
             need = self._ready.popleft()
-            assert need.then is not None and need.buffer is not None
-            data, need.buffer = need.buffer, None
+            assert need.then is not None
+            data, need.buffer = need.buffer or bytearray(), None
             need.then(data)
 
     def _run_ready_if_idle(self) -> None:
@@ -317,8 +317,8 @@ class Layout:
             self._held.add(at, view[at - start :])
 
     def _submit(self, need: _Need) -> None:
-        assert need.then is not None and need.buffer is not None
-        then, data = need.then, need.buffer
+        assert need.then is not None
+        then, data = need.then, need.buffer or bytearray()
         need.buffer = None
         self._workers.submit(then, data)
 
