@@ -2341,6 +2341,7 @@ FUZZ_SEEDS: dict[str, tuple[str, ...]] = {
         "qcow2/v3-c4k/l2-after-data",
         "qcow2/v2-snapshot",
         "qcow2/v3-zero-clusters",
+        "qcow2/v3-big-sparse",
     ),
     "vmdk": (
         "vmdk/monolithic-sparse",
@@ -2348,7 +2349,7 @@ FUZZ_SEEDS: dict[str, tuple[str, ...]] = {
         "vmdk/zeroed-grain",
         "vmdk/vmware-stream",
     ),
-    "vpc": ("vpc/blocks-64k", "vpc/blocks-64k/bat-last", "vpc/creator-vpc-chs"),
+    "vpc": ("vpc/blocks-64k", "vpc/blocks-64k/bat-last", "vpc/creator-vpc-chs", "vpc/big-sparse"),
     "vdi": ("vdi/dynamic", "vdi/dynamic/permuted"),
 }
 
