@@ -357,6 +357,10 @@ class ImportSummary:
     size: int
     """Bytes of the image written (an archive: of file data extracted)."""
     bytes_downloaded: int
+    path: str = "stream"
+    """"stream" (written as it downloaded) or "scratch" (through scratch space and qemu-img)."""
+    fallback: str | None = None
+    """Why an image of a format that streams went through scratch space."""
 
     @classmethod
     def from_dict(cls, data: Any, path: str) -> ImportSummary:
@@ -368,6 +372,8 @@ class ImportSummary:
             checksum_verified=r.flag("checksumVerified", required=True),
             size=r.number("size", low=0, required=True),
             bytes_downloaded=r.number("bytesDownloaded", low=0, required=True),
+            path=r.text("path") or "stream",
+            fallback=r.text("fallback"),
         )
 
 

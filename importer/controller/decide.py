@@ -289,6 +289,8 @@ def _succeeded(status: Status, outcome: Outcome) -> Status:
         checksum_verified=result.checksum is not None,
         size=result.size,
         bytes_downloaded=result.bytes_downloaded,
+        path=result.path,
+        fallback=result.fallback,
     )
     return dataclasses.replace(
         status,

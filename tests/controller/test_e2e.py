@@ -16,6 +16,7 @@ import yaml
 
 from tests.conftest import Images, MiB, run, sha256
 from tests.controller.conftest import StartOperator
+from tests.support.corpus import qcow2_repack
 from tests.support.faultserver import FaultServer
 from tests.support.installer import Installer, write_template
 from tests.support.kube import KubeServer
@@ -179,7 +180,7 @@ def test_http_import_shows_progress_and_fills_the_volume(
     wait_event(kube, namespace, "fedora", "Succeeded")
 
 
-def test_qcow2_gets_scratch_space_and_raw_does_not(
+def test_what_streams_gets_no_scratch_space_and_what_turns_out_not_to_gets_it_next(
     kube: KubeServer,
     kubelet: Kubelet,
     operator: StartOperator,
@@ -188,18 +189,37 @@ def test_qcow2_gets_scratch_space_and_raw_does_not(
     nginx: str,
     tmp_path: Path,
 ) -> None:
-    kube.client.create(datavolume("q", namespace, {"http": {"url": f"{nginx}/disk.qcow2.gz"}}))
-    kube.client.create(datavolume("r", namespace, {"http": {"url": f"{nginx}/disk.raw.zst"}}))
-    start(operator, namespace)
-    for name in ("q", "r"):
-        assert wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]["phase"] == (
-            "Succeeded"
-        )
-    spec = {p.pod: p for p in kubelet.processes(namespace)}
-    assert "--scratch-dir" in spec["importer-q-0"].argv
-    assert "--scratch-dir" not in spec["importer-r-0"].argv
-    assert same_content(disk(kubelet, namespace, "q"), images.reference("qcow2", tmp_path))
+    tables_last = images.dir / "tables-last.qcow2"  # 4 MiB of data before its L2 tables
+    if not tables_last.exists():
+        data = qcow2_repack(images.path("qcow2").read_bytes(), "l2-after-data", seed=1)
+        tables_last.write_bytes(data)
+    sources = {"q": "disk.qcow2.gz", "r": "disk.raw.zst", "x": "disk.vhdx", "t": tables_last.name}
+    for name, source in sources.items():
+        kube.client.create(datavolume(name, namespace, {"http": {"url": f"{nginx}/{source}"}}))
+    # A spill limit below the data that comes before the tables: `t` cannot stream.
+    start(operator, namespace, "--importer-arg=--spill-limit", "--importer-arg=1Mi")
+    results = {}
+    for name in sources:
+        status = wait_phase(kube, namespace, name, "Succeeded", "Failed")["status"]
+        assert status["phase"] == "Succeeded", status
+        results[name] = status
+    argv = {p.pod: p.argv for p in kubelet.processes(namespace)}
+    # qcow2 and raw stream (the probe says so): no scratch volume, and the importer knows.
+    for pod in ("importer-q-0", "importer-r-0", "importer-t-0"):
+        assert "--no-scratch" in argv[pod] and "--scratch-dir" not in argv[pod]
+    # vhdx does not stream: scratch from the start.
+    assert "--scratch-dir" in argv["importer-x-0"]
+    # The tables-last qcow2 found out mid-stream, failed NeedsScratch, and got scratch next.
+    assert "--scratch-dir" in argv["importer-t-1"]
+    assert results["t"]["restartCount"] == 1
+    wait_event(kube, namespace, "t", "NeedsScratch")
+    paths = {name: status["result"]["path"] for name, status in results.items()}
+    assert paths == {"q": "stream", "r": "stream", "x": "scratch", "t": "scratch"}
+    assert "before the tables" in results["t"]["result"]["fallback"]
+    for name in ("q", "t"):
+        assert same_content(disk(kubelet, namespace, name), images.reference("qcow2", tmp_path))
     assert same_content(disk(kubelet, namespace, "r"), images.raw)
+    assert same_content(disk(kubelet, namespace, "x"), images.reference("vhdx", tmp_path))
 
 
 def test_blank_and_archive(
