@@ -53,34 +53,56 @@ def test_failed_raw_import_leaves_no_recognisable_head(device: str, images: Imag
     assert read_device(device, HEAD) == bytes(HEAD)
 
 
-def test_failed_conversion_leaves_no_recognisable_head(device: str, tmp_path: Path) -> None:
-    # A compressed qcow2 whose cluster data is garbage: info accepts it, convert fails.
+@pytest.mark.parametrize(
+    ("options", "reason", "words"),
+    [
+        ([], "InvalidImage", "does not decompress"),  # streamed: the decoder finds it
+        (["-o", "extended_l2=on"], "ConversionFailed", "qemu-img convert failed"),  # scratch
+    ],
+    ids=["stream", "scratch"],
+)
+def test_a_failed_import_leaves_no_recognisable_head(
+    options: list[str], reason: str, words: str, device: str, tmp_path: Path
+) -> None:
+    # A compressed qcow2 whose cluster data is garbage: its tables are fine, its data is not.
     raw, image = tmp_path / "text.raw", tmp_path / "broken.qcow2"
     raw.write_bytes(b"diskflow " * (MiB // 8))
     subprocess.run(
-        ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", raw, image], check=True
+        ["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", *options, raw, image],
+        check=True,
     )
     data = bytearray(image.read_bytes())
     data[5 * 65536 :] = b"\xff" * (len(data) - 5 * 65536)  # past the metadata clusters
     image.write_bytes(bytes(data))
     with pytest.raises(ImportFailure) as caught:
         import_image(str(image), device, options=ImportOptions(scratch_dir=str(tmp_path)))
-    assert caught.value.reason == "ConversionFailed", caught.value.message
-    assert "qemu-img convert failed" in caught.value.message
+    assert caught.value.reason == reason, caught.value.message
+    assert words in caught.value.message
     assert read_device(device, HEAD) == bytes(HEAD)
 
 
-def test_checksum_mismatch_before_conversion_leaves_the_device_untouched(
-    device: str, images: Images, tmp_path: Path
+@pytest.mark.parametrize(("fmt", "head"), [("qcow2", bytes(HEAD)), ("vhdx", b"\xff" * HEAD)])
+def test_checksum_mismatch_leaves_no_recognisable_head(
+    fmt: str, head: bytes, device: str, images: Images, tmp_path: Path
 ) -> None:
+    # A streamed image is on the device when its checksum is known to be wrong, as raw is:
+    # its head is zeroed. One that goes through scratch space never reached the device.
     wrong = Checksum.parse("sha256:" + "1" * 64)
-    with pytest.raises(ImportFailure):
+    with pytest.raises(ImportFailure) as caught:
         import_image(
-            str(images.path("qcow2", "gz")),
+            str(images.path(fmt, "gz")),
             device,
             options=ImportOptions(checksum=wrong, scratch_dir=str(tmp_path)),
         )
-    assert read_device(device, HEAD) == b"\xff" * HEAD
+    assert caught.value.reason == "ChecksumMismatch"
+    assert read_device(device, HEAD) == head
+
+
+def test_streamed_formats_land_on_the_device(device: str, images: Images, tmp_path: Path) -> None:
+    for fmt in ("qcow2", "vmdk", "vdi", "vpc"):
+        result = import_image(str(images.path(fmt, "zst")), device)
+        assert result.path == "stream"
+        assert read_device(device, 40 * MiB) == images.raw.read_bytes(), fmt
 
 
 def test_preallocate_writes_zeroes(device: str, images: Images) -> None:
