@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import hashlib
 import importlib.util
 import multiprocessing
 import os
@@ -870,7 +869,9 @@ class Corpus:
         return path
 
     def scratch(self, suffix: str) -> Path:
-        return Path(tempfile.mkstemp(dir=self.dir, suffix=suffix)[1])
+        fd, path = tempfile.mkstemp(dir=self.dir, suffix=suffix)
+        os.close(fd)
+        return Path(path)
 
 
 SIZE = 3 * MiB + 1536  # the seeded disks: not a multiple of any cluster, block or grain size
@@ -1504,14 +1505,6 @@ TRUNCATED = {
 }
 
 
-def _size_of(p: object) -> int:
-    return len(p.data)  # type: ignore[attr-defined]
-
-
-def _l2_entries(q: object) -> list[tuple[int, int, int]]:
-    return list(q.entries())  # type: ignore[attr-defined]
-
-
 def _qcow2_corruptions() -> dict[str, tuple[str, list[Edit]]]:
     c4k, comp, snap = "qcow2/v3-c4k", "qcow2/v3-zlib-c4k", "qcow2/v3-snapshot"
     big = 1 << 62
@@ -1956,6 +1949,8 @@ def _vdi_corruptions() -> dict[str, tuple[str, list[Edit]]]:
         "block-extra": (dyn, [Edit("block_extra", 512)]),
         "blocks-0": (dyn, [Edit("blocks_in_image", 0)]),
         "blocks-huge": (dyn, [Edit("blocks_in_image", 0xFFFF_FFFF)]),
+        # qemu 7.2's VDI_BLOCKS_IN_IMAGE_MAX is 0x1fffff80: one more is refused.
+        "blocks-past-qemu-max": (dyn, [Edit("blocks_in_image", 0x1FFF_FF81)]),
         "blocks-allocated-0": (dyn, [Edit("blocks_allocated", 0)]),
         "blocks-allocated-huge": (dyn, [Edit("blocks_allocated", 0xFFFF_FFF0)]),
         "bmap-beyond-eof": (dyn, [Edit("offset_bmap", lambda v: len(v.data) + 4096)]),
@@ -2324,10 +2319,6 @@ def judge(
             if differs:
                 return Outcome("differs", "", f"{differs} (config {configs[i]})", qemu_result, runs)
     return Outcome("identical", "", "", qemu_result, runs)
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 # --- Fuzzing: mutations of seed images ------------------------------------------------------
