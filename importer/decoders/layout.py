@@ -50,6 +50,7 @@ class _Need:
     then: Callable[[bytearray], None] | None = None  # None: copy to `guest`
     guest: int = 0
     parallel: bool = False
+    shared_tail: int = 0  # trailing bytes another range may use too: held as if unclaimed
     got: int = 0  # bytes served, from `start`
     buffer: bytearray | None = None
 
@@ -115,18 +116,24 @@ class Layout:
         *,
         what: str,
         parallel: bool = False,
+        shared_tail: int = 0,
     ) -> None:
         """Call `then(data)` with the image's bytes [offset, offset + length) once they have
         all arrived (at once, if they already have). `what` names the range in errors.
 
         `parallel`: call it in a worker thread, where it may only `write` (a compressed
-        cluster); otherwise in the feeding thread, in order, where it may register more."""
+        cluster); otherwise in the feeding thread, in order, where it may register more.
+        `shared_tail`: its last bytes may be the start of a range registered later (qcow2
+        packs compressed clusters end to end, each read to the end of its last sector): they
+        are held as if no range had claimed them."""
         self._check_range(offset, length, what)
         if length > MAX_NEED:
             raise FinalError(
                 "InvalidImage", f"the image's {what} at {offset} is {length} bytes: too large"
             )
-        self._add(_Need(offset, offset + length, what, then, parallel=parallel))
+        need = _Need(offset, offset + length, what, then, parallel=parallel)
+        need.shared_tail = min(shared_tail, length)
+        self._add(need)
 
     def copy(self, offset: int, length: int, guest: int, *, what: str) -> None:
         """Write the image's bytes [offset, offset + length) to the disk at `guest`, as they
@@ -267,7 +274,7 @@ class Layout:
             upto = min(need.end, self._chunk_end)
             begin = need.served_to
             self._take(need, self._chunk[begin - chunk_start : upto - chunk_start])
-            self._covered.append((begin, upto))
+            self._covered.append((begin, min(upto, need.end - need.shared_tail)))
         if need.served_to == need.end:
             self._complete(need)
         else:

@@ -76,7 +76,6 @@ OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 SECTOR = 512
 AHEAD_BYTES = 4 << 20  # L2 tables or compressed clusters registered ahead of the stream
-TAIL_WINDOW_CLUSTERS = 8  # how far before an L2 table the clusters it maps may start
 
 
 def open_image(head: bytes, layout: Layout) -> None:
@@ -319,12 +318,8 @@ class _Mapper:
         self.image = image
         self.layout = layout
         self.pending = 1  # L1 and L2 tables not yet parsed, ranges not yet registered
-        self.l2_unparsed: set[int] = set()  # their offsets
-        # The last sector of compressed clusters just before an L2 table not parsed yet:
-        # sector offset -> (first byte held, bytes). See _compressed.
-        self.tails: dict[int, tuple[int, bytes]] = {}
+        self.l2_tables: set[int] = set()  # their offsets: none may be used twice
         self.inflate = _inflate_zstd if image.compression == COMPRESSION_ZSTD else _inflate_zlib
-        self.tail_window = TAIL_WINDOW_CLUSTERS * image.cluster_size
 
     def start(self) -> None:
         image = self.image
@@ -365,25 +360,10 @@ class _Mapper:
             offset, SNAPSHOT_HEADER_BYTES, check, what=f"qcow2 snapshot table entry {index}"
         )
 
-    def _parsed(self, l2_offset: int | None = None) -> None:
+    def _parsed(self) -> None:
         self.pending -= 1
-        if l2_offset is not None:
-            self.l2_unparsed.discard(l2_offset)
-            for sector in [s for s in self.tails if not self._before_l2(s)]:
-                del self.tails[sector]
         if self.pending == 0:
-            self.tails.clear()
             self.layout.mapped()
-
-    def _before_l2(self, sector: int) -> bool:
-        """Whether an L2 table not parsed yet follows `sector` closely: the compressed
-        clusters it maps may start in that sector."""
-        cluster = self.image.cluster_size
-        first = (sector // cluster + 1) * cluster  # tables are cluster-aligned
-        return any(
-            table in self.l2_unparsed
-            for table in range(first, sector + self.tail_window + 1, cluster)
-        )
 
     def _l1(self, data: bytearray) -> None:
         image = self.image
@@ -399,12 +379,12 @@ class _Mapper:
                     f"the qcow2 L1 entry {index} points to an L2 table at {l2_offset:#x}, not "
                     "cluster-aligned",
                 )
-            if l2_offset in self.l2_unparsed:
+            if l2_offset in self.l2_tables:
                 raise FinalError(
                     "InvalidImage",
                     f"the qcow2 L1 table uses the L2 table at {l2_offset:#x} twice (entry {index})",
                 )
-            self.l2_unparsed.add(l2_offset)
+            self.l2_tables.add(l2_offset)
             self.pending += 1
         tables = sorted(
             (entry & OFFSET_MASK, index)
@@ -428,7 +408,7 @@ class _Mapper:
             self.layout.need(
                 l2_offset,
                 count * 8,
-                self._l2_parser(guest, l2_offset),
+                self._l2_parser(guest),
                 what=f"qcow2 L2 table for disk offset {guest} (L1 entry {index})",
             )
 
@@ -464,10 +444,10 @@ class _Mapper:
 
         register_more()
 
-    def _l2_parser(self, base: int, l2_offset: int) -> Callable[[bytearray], None]:
+    def _l2_parser(self, base: int) -> Callable[[bytearray], None]:
         def parse(data: bytearray) -> None:
             self._l2(base, data)
-            self._parsed(l2_offset)
+            self._parsed()
 
         return parse
 
@@ -550,11 +530,10 @@ class _Mapper:
         """Inflate the compressed cluster `entry` maps to disk offset `guest`.
 
         Compressed clusters are packed end to end, each read up to the end of its last
-        sector: that sector is shared with the next cluster. qemu-img starts an L2 table's
-        first clusters in what is left of the cluster before that table, so they come before
-        the table that maps them, in a sector the cluster before them claimed (the Layout
-        holds only unclaimed bytes). Such last sectors are kept (`tails`) until the L2 tables
-        after them are parsed."""
+        sector: that sector is shared with the next cluster. qemu-img may put clusters before
+        the L2 table that maps them (megabytes before it, with compression running ahead), in
+        a sector the cluster before them claimed: the Layout holds that last sector as if
+        unclaimed (`shared_tail`) until every table is known."""
         image = self.image
         shift = 62 - (image.cluster_bits - 8)  # csize_shift
         offset = entry & ((1 << shift) - 1)
@@ -572,43 +551,24 @@ class _Mapper:
                 )
             file_end = file_size  # qemu reads zeros past the end of the file
         pad = bytes(end - file_end)
-        head = b""
-        first = offset & ~(SECTOR - 1)
-        tail = self.tails.get(first)
-        if tail is not None and tail[0] <= offset:  # the first sector has gone by: kept
-            head = tail[1][offset - tail[0] : min(file_end, first + SECTOR) - tail[0]]
-        start = offset + len(head)
-        inflate_into_disk = self._inflater(guest, length, offset, end - offset, head, pad, what)
-        if start < file_end:
-            self.layout.need(start, file_end - start, inflate_into_disk, what=what, parallel=True)
-        else:
-            inflate_into_disk(bytearray())  # all kept: inflated here, in the feeding thread
-        last = end - SECTOR
-        begin = max(offset, last)
-        if self._before_l2(last) and begin < file_end:
-            # Kept where it can still be: a cluster mapped late has gone by already, but then
-            # what it shares with the next one was claimed by neither, and is held.
-            with contextlib.suppress(Unsupported):
-                self.layout.need(begin, file_end - begin, self._keeper(last, begin), what=what)
-
-    def _keeper(self, sector: int, begin: int) -> Callable[[bytearray], None]:
-        def keep(data: bytearray) -> None:
-            kept = self.tails.get(sector)
-            if self.pending and (kept is None or kept[0] > begin):
-                self.tails[sector] = (begin, bytes(data))
-
-        return keep
+        inflate_into_disk = self._inflater(guest, length, offset, end - offset, pad, what)
+        self.layout.need(
+            offset,
+            file_end - offset,
+            inflate_into_disk,
+            what=what,
+            parallel=True,
+            shared_tail=file_end - max(offset, end - SECTOR),
+        )
 
     def _inflater(
-        self, guest: int, length: int, offset: int, size: int, head: bytes, pad: bytes, what: str
+        self, guest: int, length: int, offset: int, size: int, pad: bytes, what: str
     ) -> Callable[[bytearray], None]:
         cluster = self.image.cluster_size
         inflate = self.inflate
         write = self.layout.write
 
         def inflate_into_disk(data: bytearray) -> None:
-            if head:
-                data[0:0] = head
             if pad:
                 data += pad
             out = inflate(data, cluster)
