@@ -271,6 +271,8 @@ FULL = (
                 checksum_verified=True,
                 size=10 << 30,
                 bytes_downloaded=600 * MiB,
+                path="scratch",
+                fallback="the qcow2 image is encrypted (crypt_method 2)",
             ),
         ),
     ),
@@ -497,6 +499,8 @@ def test_status_is_written_as_cdi_writes_it() -> None:
             "checksumVerified": True,
             "size": 10 << 30,
             "bytesDownloaded": 600 * MiB,
+            "path": "scratch",
+            "fallback": "the qcow2 image is encrypted (crypt_method 2)",
         },
     }
     assert Status.from_dict(written) == status
