@@ -5,7 +5,8 @@ What qemu-img 7.2 reads (block/vdi.c) is what is decoded, byte for byte:
 - The 512-byte header at byte 0: the pre-header's text is not read; the signature
   (0xbeda107f) and version 1.1 are required, as are a block map and data offset on sector
   boundaries, 512-byte sectors, 1 MiB blocks, a block count that covers the disk (and at
-  most 0x3fffffff blocks), a disk of at most 0x3fffffff MiB, and null link and parent UUIDs.
+  most 0x1fffff80 blocks, qemu's VDI_BLOCKS_IN_IMAGE_MAX), a disk of at most that many MiB,
+  and null link and parent UUIDs.
   The image type (static, dynamic...) does not change how it reads. A disk size that is
   not a multiple of 512 is rounded up. The "block extra" field is ignored, as qemu does.
 - Block i of the disk is unallocated (0xFFFFFFFF) or discarded (0xFFFFFFFE), both read as
@@ -32,7 +33,7 @@ HEADER_SIZE = 512
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x0001_0001
 BLOCK_SIZE = 1 << 20
-BLOCKS_MAX = 0x3FFF_FFFF
+BLOCKS_MAX = 0x1FFF_FF80  # qemu 7.2's VDI_BLOCKS_IN_IMAGE_MAX: it refuses more
 DISK_SIZE_MAX = BLOCKS_MAX * BLOCK_SIZE
 DISCARDED = 0xFFFF_FFFE  # entries from here up read as zeros
 

@@ -52,14 +52,10 @@ FALLBACK: dict[str, frozenset[str]] = {
 # Decoder bugs this corpus found, each until its decoder is fixed (then the strict xfail
 # fails: remove the entry). name → what happens.
 KNOWN_BUGS: dict[str, str] = {
-    # Found and fixed so far: vpc/dynamic/bad-checksum (0e76179),
-    # qcow2/v3-snapshot/snapshot-extra-data-* (1ae1719), vmdk/monolithic-sparse/rgd-huge
-    # (11ff6dd): each made a disk of an image qemu-img 7.2 refuses.
-    "vdi/dynamic/blocks-past-qemu-max": (
-        "blocks_in_image 0x1fffff81: qemu-img 7.2 refuses the image (too many blocks "
-        "536870785, max is 536870784: VDI_BLOCKS_IN_IMAGE_MAX), the vdi decoder allows up to "
-        "0x3fffffff blocks and makes a disk of it"
-    ),
+    # Found and fixed so far, each made a disk of an image qemu-img 7.2 refuses:
+    # vpc/dynamic/bad-checksum (0e76179), qcow2/v3-snapshot/snapshot-extra-data-* (1ae1719),
+    # vmdk/monolithic-sparse/rgd-huge (11ff6dd), vdi/dynamic/blocks-past-qemu-max (the vdi
+    # decoder allowed 0x3fffffff blocks; qemu allows 0x1fffff80).
 }
 
 
