@@ -30,8 +30,12 @@ class Workers:
         """Run `work(*args)` in a worker, once a slot is free."""
         while not self._slots.acquire(timeout=0.1):
             self.check()
-        self.check()
-        future = self._pool.submit(work, *args)
+        try:
+            self.check()
+            future = self._pool.submit(work, *args)
+        except BaseException:
+            self._slots.release()
+            raise
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._done)
