@@ -2124,13 +2124,13 @@ class DecodeWorker:
         if self._process is None or not self._process.is_alive():
             self._start()
         assert self._conn is not None and self._process is not None
-        self._conn.send((str(image), str(out), str(spill), config))
-        if not self._conn.poll(self.timeout):
-            self.close()
-            return ("hang", "Timeout", f"no answer after {self.timeout:g}s")
         try:
+            self._conn.send((str(image), str(out), str(spill), config))
+            if not self._conn.poll(self.timeout):
+                self.close()
+                return ("hang", "Timeout", f"no answer after {self.timeout:g}s")
             return self._conn.recv()
-        except EOFError:
+        except (EOFError, OSError):  # the worker died: closed pipe, reset connection
             code = self._process.exitcode if self._process else None
             self.close()
             return ("died", "Died", f"the decode worker died (exit status {code})")
