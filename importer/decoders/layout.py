@@ -103,8 +103,10 @@ class Layout:
     def declare(self, size: int) -> None:
         """Set the disk's virtual size, from the header: checked against the destination
         before anything is written; no `copy` or `write` before it."""
-        if size < 0:
-            raise FinalError("InvalidImage", f"the image's virtual size {size} is negative")
+        if size <= 0:  # as the scratch path refuses it (importer.qemu.validate)
+            raise FinalError(
+                "InvalidImage", f"the {self.name} image's virtual size is {size}: no disk"
+            )
         self._check_size(size)
         self.output.declare(size)
 

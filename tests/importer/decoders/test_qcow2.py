@@ -325,7 +325,10 @@ def test_virtual_size_not_a_multiple_of_512_is_cut_to_whole_sectors(tmp_path):
 def test_empty_disk(tmp_path):
     image = tmp_path / "e.qcow2"
     _qemu_img("create", "-f", "qcow2", image, "0")
-    assert _decoded(image, tmp_path) == b""
+    # No disk at all: refused, as every format is (and the scratch path refuses it).
+    with pytest.raises(FinalError, match="virtual size is 0") as caught:
+        _decoded(image, tmp_path)
+    assert caught.value.reason == "InvalidImage"
     _qemu_img("create", "-f", "qcow2", image, "64M")
     assert _decoded(image, tmp_path) == bytes(64 * MiB)
 
