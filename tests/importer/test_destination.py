@@ -145,19 +145,20 @@ def age(path: Path) -> None:
     os.utime(path, (time.time() - SWEEP_AGE, time.time() - SWEEP_AGE))
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vhdx"])
 def test_files_of_a_killed_import_are_swept_by_the_next(
     fmt: str, images: Images, tmp_path: Path
 ) -> None:
-    """SIGKILL (or the OOM killer) leaves a partial file (raw) or a scratch file (qcow2); the
-    next import removes it: its owner's lock died with it."""
+    """SIGKILL (or the OOM killer) leaves a partial file (raw; qcow2, which streams) or a
+    scratch file (vhdx, which goes through scratch space); the next import removes it: its
+    owner's lock died with it."""
     scratch, volume = tmp_path / "scratch", tmp_path / "volume"
     scratch.mkdir()
     volume.mkdir()
     fifo, dest = tmp_path / "slow", volume / "disk.img"
     os.mkfifo(fifo)
     killed = diskflow_import(fifo, dest, "--scratch-dir", scratch)
-    left_in = scratch if fmt == "qcow2" else volume
+    left_in, clean = (scratch, volume) if fmt == "vhdx" else (volume, scratch)
     with open(fifo, "wb") as writer:
         writer.write(images.path(fmt).read_bytes()[: 2 * MiB])
         writer.flush()
@@ -167,6 +168,9 @@ def test_files_of_a_killed_import_are_swept_by_the_next(
         killed.wait()
     leftovers = [p for p in left_in.iterdir() if p.name != ".disk.img.diskflow-lock"]
     assert leftovers
+    # Only where the path writes: a streamed image takes no scratch file, nor does vhdx
+    # write to the volume before qemu-img converts it.
+    assert [p for p in clean.iterdir() if p.name != ".disk.img.diskflow-lock"] == []
     for path in leftovers:
         age(path)
     # A scratch file some live import still holds is left alone, however old.
@@ -184,6 +188,7 @@ def test_files_of_a_killed_import_are_swept_by_the_next(
     assert not any(p.exists() for p in leftovers)
     assert held.exists()
     assert sorted(p.name for p in volume.iterdir()) == ["disk.img"]
+    assert subprocess.run(["cmp", dest, images.raw]).returncode == 0
 
 
 def test_the_commit_point_is_marked_only_when_the_import_stands(
@@ -239,8 +244,9 @@ def test_a_full_destination_is_no_space_naming_it(small_fs: Path, tmp_path: Path
 def test_a_full_scratch_directory_is_no_space_naming_it(small_fs: Path, tmp_path: Path) -> None:
     raw = tmp_path / "random.raw"
     raw.write_bytes(os.urandom(100 * MiB))
+    # Extended L2 entries: no decoder takes it, so it goes through scratch space.
     qcow2 = tmp_path / "random.qcow2"
-    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, qcow2)
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on", raw, qcow2)
     options = ImportOptions(scratch_dir=str(small_fs))
     with pytest.raises(ImportFailure) as caught:
         import_image(str(qcow2), str(tmp_path / "disk.img"), options=options)
@@ -249,6 +255,13 @@ def test_a_full_scratch_directory_is_no_space_naming_it(small_fs: Path, tmp_path
     assert "--scratch-dir" in caught.value.message
     assert list(small_fs.iterdir()) == []
     assert not (tmp_path / "disk.img").exists()
+    # The same disk in a qcow2 that streams needs no scratch space: the full one is no matter.
+    streams = tmp_path / "streams.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, streams)
+    result = import_image(str(streams), str(tmp_path / "disk.img"), options=options)
+    assert (result.path, result.fallback) == ("stream", None)
+    assert (tmp_path / "disk.img").read_bytes() == raw.read_bytes()
+    assert list(small_fs.iterdir()) == []
 
 
 def test_a_read_only_destination_is_named(small_fs: Path, images: Images) -> None:

@@ -7,6 +7,7 @@ import bz2
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from importer import ImportOptions, import_image
+from importer import ImportOptions, import_image, probe
+from importer.decoders import HEAD_BYTES
 from importer.errors import ImportFailure
 from importer.sources import HttpOptions
 from tests.conftest import Images, MiB, run
@@ -72,13 +74,18 @@ def test_a_qcow2_bomb_is_refused_by_its_virtual_size(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vdi", "vpc", "vhdx"])
 def test_an_image_too_large_is_refused_from_its_header(fmt: str, tmp_path: Path) -> None:
-    """The rest of the file never arrives: the header alone must be enough to refuse it."""
+    """The rest of the file never arrives: the header alone must be enough to refuse it,
+    whether a decoder streams the format (qcow2, vmdk, vdi, vpc) or it goes through scratch
+    space (vhdx). A decoder parses the header from the image's first 2 MiB (HEAD_BYTES: a
+    qcow2 header's extensions may fill a 2 MiB cluster), so the image is made larger than what
+    arrives, and what arrives larger than that."""
     raw, image = tmp_path / "big.raw", tmp_path / f"big.{fmt}"
-    with open(raw, "wb") as f:  # 3 GiB, of which the first MiB is data: a file over 64 KiB
-        f.write(os.urandom(MiB))
+    with open(raw, "wb") as f:  # 3 GiB, of which the first 16 MiB are data
+        f.write(os.urandom(16 * MiB))
         f.truncate(3 * GiB)
     run("qemu-img", "convert", "-f", "raw", "-O", fmt, raw, image)
     data = image.read_bytes()
+    assert len(data) > 8 * MiB > HEAD_BYTES
     fifo = tmp_path / "slow"
     os.mkfifo(fifo)
     outcome: list[BaseException | None] = []
@@ -94,8 +101,8 @@ def test_an_image_too_large_is_refused_from_its_header(fmt: str, tmp_path: Path)
     worker.start()
     writer = open(fifo, "wb", buffering=0)  # noqa: SIM115 - closed below, after the verdict
     try:
-        # All of a small image but its last byte: the stream has not ended.
-        writer.write(data[: min(len(data) - 1, 8 * MiB)])
+        # Its first 8 MiB: the stream has not ended.
+        writer.write(data[: 8 * MiB])
         worker.join(timeout=60)
         assert not worker.is_alive(), "the import waited for the rest of the image"
     finally:
@@ -106,6 +113,11 @@ def test_an_image_too_large_is_refused_from_its_header(fmt: str, tmp_path: Path)
     assert isinstance(failure, ImportFailure)
     assert failure.reason == "ImageTooLarge"
     assert "virtual size" in failure.message
+    # As the header says it (a VHD's geometry rounds 3 GiB up), against the usable capacity.
+    told = re.search(r"virtual size (\d+) bytes", failure.message)
+    assert told is not None and 3 * GiB <= int(told[1]) < 3 * GiB + MiB, failure.message
+    assert "usable capacity" in failure.message
+    assert {p.name for p in tmp_path.iterdir()} == {"big.raw", f"big.{fmt}", "slow"}
 
 
 def test_an_xz_window_above_the_limit_says_how_to_raise_it(tmp_path: Path) -> None:
@@ -162,14 +174,25 @@ def test_cli_options_for_the_bounds(images: Images, tmp_path: Path) -> None:
     assert (tmp_path / "disk.img").read_bytes() == images.raw.read_bytes()
 
 
-def test_an_image_file_far_larger_than_its_disk_stops_filling_scratch(tmp_path: Path) -> None:
-    """Without --size nothing bounded the scratch copy: a qcow2 header saying 16 MiB, then
-    hundreds of MB more, went to scratch (a node's /tmp) in full."""
-    image = tmp_path / "padded.qcow2"
-    run("qemu-img", "create", "-q", "-f", "qcow2", image, "16M")
+def padded(image: Path, fmt: str, *options: str) -> Path:
+    """A 16 MiB disk of `fmt`, then 200 MiB of random bytes after the image."""
+    run("qemu-img", "create", "-q", "-f", fmt, *options, image, "16M")
     with open(image, "ab") as f:
         for _ in range(200):
             f.write(os.urandom(MiB))
+    return image
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "qcow2"])
+def test_an_image_file_far_larger_than_its_disk_stops_filling_scratch(
+    fmt: str, tmp_path: Path
+) -> None:
+    """Without --size nothing bounded the scratch copy: a header saying 16 MiB, then hundreds
+    of MB more, went to scratch (a node's /tmp) in full. vhdx goes through scratch space; so
+    does a qcow2 with extended L2 entries (no decoder takes it)."""
+    options = ["-o", "extended_l2=on"] if fmt == "qcow2" else []
+    image = padded(tmp_path / f"padded.{fmt}", fmt, *options)
+    assert probe(str(image)).needs_scratch
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     with pytest.raises(ImportFailure) as caught:
@@ -178,4 +201,21 @@ def test_an_image_file_far_larger_than_its_disk_stops_filling_scratch(tmp_path: 
         )
     assert caught.value.reason == "ImageTooLarge"
     assert "16777216 bytes" in caught.value.message
+    assert list(scratch.iterdir()) == []
+    assert not (tmp_path / "disk.img").exists()
+
+
+def test_a_streamed_image_file_far_larger_than_its_disk_takes_no_scratch(
+    tmp_path: Path,
+) -> None:
+    """What a decoder streams lands nothing in scratch space: the bytes after the image's
+    last cluster are read and dropped, never written anywhere, and the disk is its 16 MiB."""
+    image = padded(tmp_path / "padded.qcow2", "qcow2")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    dest = tmp_path / "disk.img"
+    result = import_image(str(image), str(dest), options=ImportOptions(scratch_dir=str(scratch)))
+    assert (result.path, result.fallback) == ("stream", None)
+    assert result.size == 16 * MiB
+    assert dest.stat().st_size == 16 * MiB and dest.stat().st_blocks == 0
     assert list(scratch.iterdir()) == []

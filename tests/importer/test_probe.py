@@ -55,6 +55,9 @@ def served(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         member.size = len(data)
         tar.addfile(member, io.BytesIO(data))
     (root / "page.img").write_bytes(HTML)
+    # A qcow2 no decoder takes (extended L2 entries): it goes through scratch space.
+    run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on",
+        images.raw, root / "subclusters.qcow2")  # fmt: skip
     prefix = tmp_path_factory.mktemp("probe-nginx")
     with running_nginx(prefix, "access_log off;", f"root {root};") as base:
         yield base
@@ -82,17 +85,24 @@ def test_uncompressed_raw_is_as_large_as_its_download(served: str) -> None:
     ("fmt", "compression"),
     [("qcow2", None), ("qcow2", "gz"), ("vmdk", None), ("vdi", "zst"), ("vpc", "bz2")],
 )
-def test_converted_formats_need_scratch_and_tell_their_size(
+def test_decoded_formats_stream_and_tell_their_size(
     fmt: str, compression: str | None, served: str, images: Images
 ) -> None:
+    """A decoder streams these formats: no scratch space, and the size from the header."""
     image = images.path(fmt, compression)
     found = probe(f"{served}/{image.name}")
-    assert (found.format, found.needs_scratch) == (fmt, True)
+    assert (found.format, found.needs_scratch) == (fmt, False)
     assert found.compression == COMPRESSIONS[compression]
     assert found.download_size == image.stat().st_size
     # As qemu-img reads it (a VHD's geometry rounds its 40 MiB up).
     info = json.loads(run("qemu-img", "info", "--output", "json", "-f", fmt, images.path(fmt)))
     assert found.virtual_size == info["virtual-size"]
+
+
+def test_a_qcow2_no_decoder_takes_needs_scratch_and_tells_its_size(served: str) -> None:
+    found = probe(f"{served}/subclusters.qcow2")
+    assert (found.format, found.compression, found.needs_scratch) == ("qcow2", "none", True)
+    assert found.virtual_size == DISK
 
 
 def test_vhdx_size_lies_past_what_a_probe_reads(served: str) -> None:
@@ -191,7 +201,7 @@ def test_probe_of_an_s3_object(moto_s3: str, images: Images) -> None:
         format="qcow2",
         download_size=image.stat().st_size,
         virtual_size=DISK,
-        needs_scratch=True,
+        needs_scratch=False,  # a decoder streams it
     )
 
 
@@ -206,7 +216,8 @@ def test_import_and_probe_agree(
     fmt: str, compression: str | None, served: str, images: Images, tmp_path: Path
 ) -> None:
     """Each test image, probed and imported: the same compression and format, and scratch
-    space exactly where the import used qemu-img (its result's stages say)."""
+    space exactly where the import used qemu-img (its result's path and stages say): vhdx
+    only; every other format streams."""
     url = f"{served}/{images.path(fmt, compression).name}"
     found = probe(url)
     progress = Progress()
@@ -216,4 +227,16 @@ def test_import_and_probe_agree(
     # A fixed VHD streams as raw; the import names it by the footer it cut off at the end.
     assert found.format == ("raw" if fmt == "vpc-fixed" else result.format)
     stages = [snapshot.stage for snapshot in progress.snapshots()]
-    assert found.needs_scratch == ("convert" in stages) == (fmt not in ("raw", "vpc-fixed"))
+    assert found.needs_scratch == ("convert" in stages) == (fmt == "vhdx")
+    assert result.path == ("scratch" if found.needs_scratch else "stream")
+    assert (result.fallback is not None and "vhdx" in result.fallback) == (fmt == "vhdx")
+
+
+def test_import_and_probe_agree_on_a_qcow2_no_decoder_takes(served: str, tmp_path: Path) -> None:
+    url = f"{served}/subclusters.qcow2"
+    found = probe(url)
+    progress = Progress()
+    result = import_image(url, str(tmp_path / "disk.img"), progress=progress)
+    assert (found.format, found.needs_scratch) == (result.format, True) == ("qcow2", True)
+    assert "convert" in [snapshot.stage for snapshot in progress.snapshots()]
+    assert result.path == "scratch" and "extended L2" in (result.fallback or "")

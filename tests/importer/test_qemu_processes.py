@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from importer import qemu
+from importer import probe, qemu
 from importer.errors import ImportFailure
 from importer.formats import DiskFormat
 from tests.conftest import MiB, run
@@ -24,7 +24,8 @@ EXIT_TRANSIENT = 75
 
 @pytest.fixture(scope="module")
 def slow_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """512 MiB of random data in 512-byte clusters: qemu-img convert takes seconds over it."""
+    """512 MiB of random data in 512-byte clusters: qemu-img convert takes seconds over it. It
+    streams (a decoder takes it): an import does not run qemu-img on it."""
     root = tmp_path_factory.mktemp("slow")
     raw, image = root / "random.raw", root / "random.qcow2"
     with open(raw, "wb") as f:
@@ -35,9 +36,29 @@ def slow_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image
 
 
-def qemu_img_processes(marker: Path) -> list[int]:
-    """Live qemu-img processes with `marker` in their command line (a zombie has none)."""
-    found = []
+@pytest.fixture(scope="module")
+def slow_scratch_qcow2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A qcow2 that goes through scratch space and qemu-img (extended L2 entries: no decoder
+    takes it) and that qemu-img converts slowly: 128 MiB of 512-byte subclusters, every other
+    one data, every other one unallocated (seconds of block-status calls)."""
+    root = tmp_path_factory.mktemp("slow-scratch")
+    raw, image = root / "striped.raw", root / "striped.qcow2"
+    zeros = bytes(512)
+    with open(raw, "wb") as f:
+        for _ in range(32):
+            data = os.urandom(2 * MiB)
+            f.write(b"".join(data[i : i + 512] + zeros for i in range(0, len(data), 512)))
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-S", "512",
+        "-o", "extended_l2=on,cluster_size=16k", raw, image)  # fmt: skip
+    raw.unlink()
+    assert probe(str(image)).needs_scratch
+    return image
+
+
+def qemu_img_commands(marker: Path) -> dict[int, list[bytes]]:
+    """Live qemu-img processes with `marker` in their command line (a zombie has none), and
+    their command lines, read once (a process may end between two reads)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -48,8 +69,13 @@ def qemu_img_processes(marker: Path) -> list[int]:
         if os.path.basename(argv[0]) == b"qemu-img" and any(
             str(marker).encode() in arg for arg in argv
         ):
-            found.append(int(entry))
+            found[int(entry)] = argv
     return found
+
+
+def qemu_img_processes(marker: Path) -> list[int]:
+    """Live qemu-img processes with `marker` in their command line."""
+    return list(qemu_img_commands(marker))
 
 
 def wait_for(condition: object, what: str, deadline: float = 60.0) -> None:
@@ -78,16 +104,14 @@ def start_import(source: Path, workdir: Path) -> subprocess.Popen[str]:
 
 
 def converting(workdir: Path) -> bool:
-    return any(
-        b"convert" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        for pid in qemu_img_processes(workdir / "scratch")
-    )
+    """Whether qemu-img converts a scratch file (`qemu-img info` on it comes and goes first)."""
+    return any(b"convert" in argv for argv in qemu_img_commands(workdir / "scratch").values())
 
 
-def test_sigterm_during_convert_leaves_no_qemu_img(slow_qcow2: Path, workdir: Path) -> None:
+def test_sigterm_during_convert_leaves_no_qemu_img(slow_scratch_qcow2: Path, workdir: Path) -> None:
     rng = random.Random()
     for _ in range(3):
-        importer = start_import(slow_qcow2, workdir)
+        importer = start_import(slow_scratch_qcow2, workdir)
         try:
             wait_for(lambda: converting(workdir), "qemu-img convert")
             time.sleep(rng.uniform(0, 0.5))  # not to wait for anything: a random moment
@@ -103,8 +127,30 @@ def test_sigterm_during_convert_leaves_no_qemu_img(slow_qcow2: Path, workdir: Pa
         assert list((workdir / "scratch").iterdir()) == []
 
 
-def test_sigkill_of_the_importer_kills_qemu_img(slow_qcow2: Path, workdir: Path) -> None:
+def writing(out: Path) -> bool:
+    """Whether the import has written guest data to its (temporary) file in `out`."""
+    return any(p.stat().st_blocks > 0 for p in out.iterdir() if "diskflow-lock" not in p.name)
+
+
+def test_sigterm_during_a_streamed_import_cleans_up(slow_qcow2: Path, workdir: Path) -> None:
+    """The streamed path runs no qemu-img, and SIGTERM leaves nothing behind it either."""
     importer = start_import(slow_qcow2, workdir)
+    try:
+        wait_for(lambda: writing(workdir / "out"), "a streamed write to the destination")
+        importer.send_signal(signal.SIGTERM)
+        _, stderr = importer.communicate(timeout=30)
+    finally:
+        importer.kill()
+        importer.wait()
+    assert importer.returncode == EXIT_TRANSIENT, stderr
+    assert "[Terminated]" in stderr
+    assert qemu_img_processes(workdir) == []
+    assert list((workdir / "out").iterdir()) == []
+    assert list((workdir / "scratch").iterdir()) == []
+
+
+def test_sigkill_of_the_importer_kills_qemu_img(slow_scratch_qcow2: Path, workdir: Path) -> None:
+    importer = start_import(slow_scratch_qcow2, workdir)
     try:
         wait_for(lambda: converting(workdir), "qemu-img convert")
     finally:
