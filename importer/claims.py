@@ -108,22 +108,28 @@ def owned_file(directory: str, prefix: str, suffix: str = "") -> Iterator[str]:
     The file is removed when the block fails. When it succeeds the caller has renamed it, or
     it is removed all the same (a scratch file).
     """
-    while True:
-        path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
-        try:
-            fd = os.open(
-                path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-            )
-            break
-        except FileExistsError:
-            continue
+    # The name is known before the file exists, and the cleanup is in force from then on: a
+    # SIGTERM (raised as an exception) just after os.open returns still removes the file.
+    path, fd = "", -1
     try:
+        while True:
+            path = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+            try:
+                fd = os.open(
+                    path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+                )
+                break
+            except FileExistsError:
+                path = ""  # someone else's
         fcntl.flock(fd, fcntl.LOCK_EX)  # new and unique: nobody else holds it, no wait
         yield path
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.close(fd)
+        if path:
+            # Without fd, os.open may have failed (nothing to remove) or been cut short.
+            with contextlib.suppress(FileNotFoundError if fd >= 0 else OSError):
+                os.unlink(path)
+        if fd >= 0:
+            os.close(fd)
 
 
 def sweep(directory: str, prefix: str, suffix: str = "") -> list[str]:

@@ -368,3 +368,33 @@ def test_a_full_archive_destination_is_no_space_naming_it(small_fs: Path, tmp_pa
     assert caught.value.reason == "NoSpace"
     assert f"{small_fs} has no room left for the archive's files" in caught.value.message
     assert list(small_fs.iterdir()) == []
+
+
+def test_a_sigterm_just_as_a_partial_file_is_made_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI raises on SIGTERM; CPython runs the handler as soon as os.open returns, before
+    # the file's cleanup could be set up after it. Sent from inside os.open: that very moment.
+    from importer import claims
+    from importer.errors import TransientError
+
+    def terminated(signum: int, frame: object) -> None:
+        raise TransientError("Terminated", "stopped by SIGTERM")
+
+    real_open = os.open
+
+    def open_then_signalled(path: str, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if str(path).endswith(".partial"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fd
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    monkeypatch.setattr(os, "open", open_then_signalled)
+    try:
+        with pytest.raises(TransientError), claims.owned_file(str(tmp_path), ".d.", ".partial"):
+            pass
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
