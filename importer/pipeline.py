@@ -13,9 +13,9 @@ data than a stream holds) cannot hand the bytes on: the import starts again on t
 path, from a new download. The result says which path was taken, and why.
 
 Fetching, hashing, inflating and writing run in threads joined by bounded queues, so memory
-stays bounded and the stages overlap. The raw-or-scratch decision is made from the first
-bytes of the stream, never by a failed first attempt; `probe()` makes it without importing,
-with the same code stopped after those bytes. A file destination is written under a temporary
+stays bounded and the stages overlap. The stream-or-scratch decision is made from the first
+bytes of the stream (only a layout the decoder cannot hold changes it later, as above);
+`probe()` makes it without importing, with the same code stopped after those bytes. A file destination is written under a temporary
 name and renamed only when complete; a block device gets its first MiB last. The destination
 is claimed for the whole import (importer.claims), and what the image may take is bounded
 even without a size (importer.limits).
