@@ -15,10 +15,10 @@ path, from a new download. The result says which path was taken, and why.
 Fetching, hashing, inflating and writing run in threads joined by bounded queues, so memory
 stays bounded and the stages overlap. The stream-or-scratch decision is made from the first
 bytes of the stream (only a layout the decoder cannot hold changes it later, as above);
-`probe()` makes it without importing, with the same code stopped after those bytes. A file destination is written under a temporary
-name and renamed only when complete; a block device gets its first MiB last. The destination
-is claimed for the whole import (importer.claims), and what the image may take is bounded
-even without a size (importer.limits).
+`probe()` makes it without importing, with the same code stopped after those bytes. A file
+destination is written under a temporary name and renamed only when complete; a block device
+gets its first MiB last. The destination is claimed for the whole import (importer.claims),
+and what the image may take is bounded even without a size (importer.limits).
 """
 
 from __future__ import annotations
