@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 
 from importer.decoders import Unsupported
-from importer.errors import FinalError
-from tests.support.decoding import decode
+from tests.support.decoding import decoded, field, patch, qemu_img, qemu_raw, refused
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNKS = [512, 4096, 65537, MiB]
 
 
-def qemu_img(*args: str | Path) -> None:
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+def raw_of(image: Path, tmp_path: Path) -> bytes:
+    return qemu_raw(image, tmp_path, "vdi")
 
 
 def pattern(size: int = 5 * MiB + 1536) -> bytes:
@@ -31,19 +30,6 @@ def pattern(size: int = 5 * MiB + 1536) -> bytes:
     return bytes(data)
 
 
-def raw_of(image: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"{image.name}.qemu.raw"
-    qemu_img("convert", "-f", "vdi", "-O", "raw", image, out)
-    return out.read_bytes()
-
-
-def decoded(image: Path, tmp_path: Path, **kwargs) -> bytes:
-    out = tmp_path / f"{image.name}.decoded.raw"
-    out.unlink(missing_ok=True)
-    decode(image, out, **kwargs)
-    return out.read_bytes()
-
-
 def vdi(tmp_path: Path, static: bool = False, data: bytes | None = None) -> Path:
     raw = tmp_path / "d.raw"
     raw.write_bytes(pattern() if data is None else data)
@@ -51,24 +37,6 @@ def vdi(tmp_path: Path, static: bool = False, data: bytes | None = None) -> Path
     options = ["-o", "static=on"] if static else []
     qemu_img("convert", "-f", "raw", "-O", "vdi", *options, raw, image)
     return image
-
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def field(path: Path, offset: int, fmt: str = "<I") -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-
-def refused(image: Path, tmp_path: Path, reason: str, match: str, **kwargs) -> None:
-    with pytest.raises(FinalError, match=match) as caught:
-        decoded(image, tmp_path, **kwargs)
-    assert caught.value.reason == reason
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -11,47 +11,14 @@ from pathlib import Path
 import pytest
 
 from importer.decoders import Unsupported
-from importer.errors import FinalError
-from tests.support.decoding import decode
+from tests.support.decoding import decoded, qemu_img, qemu_raw, refused
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNKS = [512, 4096, 65537, MiB]
 
 
-def qemu_img(*args: str | Path) -> str:
-    return subprocess.run(
-        ["qemu-img", *map(str, args)], check=True, capture_output=True, text=True
-    ).stdout
-
-
-def pattern(size: int = 5 * MiB + 1536) -> bytes:
-    """Data, a zero block, holes, data straddling blocks, a partial last block."""
-    data = bytearray(size)
-    data[: 70 * KiB] = os.urandom(70 * KiB)
-    data[2 * MiB - 100 : 2 * MiB + 100] = b"x" * 200  # straddles two 2 MiB blocks
-    data[-512:] = b"y" * 512
-    return bytes(data)
-
-
 def raw_of(image: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"{image.name}.qemu.raw"
-    qemu_img("convert", "-f", "vpc", "-O", "raw", image, out)
-    return out.read_bytes()
-
-
-def decoded(image: Path, tmp_path: Path, **kwargs) -> bytes:
-    out = tmp_path / f"{image.name}.decoded.raw"
-    out.unlink(missing_ok=True)
-    decode(image, out, **kwargs)
-    return out.read_bytes()
-
-
-def vhd(tmp_path: Path, options: str = "subformat=dynamic", data: bytes | None = None) -> Path:
-    raw = tmp_path / "d.raw"
-    raw.write_bytes(pattern() if data is None else data)
-    image = tmp_path / f"d.{options.replace('=', '-').replace(',', '.')}.vhd"
-    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", options, raw, image)
-    return image
+    return qemu_raw(image, tmp_path, "vpc")
 
 
 def patch(path: Path, offset: int, data: bytes) -> None:
@@ -67,10 +34,21 @@ def patch(path: Path, offset: int, data: bytes) -> None:
             f.write(struct.pack(">I", ~sum(footer) & 0xFFFF_FFFF))
 
 
-def refused(image: Path, tmp_path: Path, reason: str, match: str, **kwargs) -> None:
-    with pytest.raises(FinalError, match=match) as caught:
-        decoded(image, tmp_path, **kwargs)
-    assert caught.value.reason == reason
+def pattern(size: int = 5 * MiB + 1536) -> bytes:
+    """Data, a zero block, holes, data straddling blocks, a partial last block."""
+    data = bytearray(size)
+    data[: 70 * KiB] = os.urandom(70 * KiB)
+    data[2 * MiB - 100 : 2 * MiB + 100] = b"x" * 200  # straddles two 2 MiB blocks
+    data[-512:] = b"y" * 512
+    return bytes(data)
+
+
+def vhd(tmp_path: Path, options: str = "subformat=dynamic", data: bytes | None = None) -> Path:
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(pattern() if data is None else data)
+    image = tmp_path / f"d.{options.replace('=', '-').replace(',', '.')}.vhd"
+    qemu_img("convert", "-f", "raw", "-O", "vpc", "-o", options, raw, image)
+    return image
 
 
 def footer(size: int, creator: bytes = b"qem2", chs: tuple = (65535, 16, 255), kind=3) -> bytes:

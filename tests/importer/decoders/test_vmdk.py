@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from importer.decoders import Unsupported
-from importer.errors import FinalError
-from tests.support.decoding import decode
+from tests.support.decoding import decoded, field, patch, qemu_img, qemu_raw, refused
 
 KiB, MiB = 1 << 10, 1 << 20
 CHUNKS = [512, 4096, 65537, MiB]
@@ -21,8 +20,8 @@ GRAIN = 64 * KiB
 GD_AT_END = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def qemu_img(*args: str | Path) -> None:
-    subprocess.run(["qemu-img", *map(str, args)], check=True, capture_output=True)
+def raw_of(image: Path, tmp_path: Path) -> bytes:
+    return qemu_raw(image, tmp_path)
 
 
 def pattern(size: int = 3 * MiB + 1536) -> bytes:
@@ -36,43 +35,12 @@ def pattern(size: int = 3 * MiB + 1536) -> bytes:
     return bytes(data)
 
 
-def raw_of(image: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"{image.name}.qemu.raw"
-    qemu_img("convert", "-O", "raw", image, out)
-    return out.read_bytes()
-
-
-def decoded(image: Path, tmp_path: Path, **kwargs) -> bytes:
-    out = tmp_path / f"{image.name}.decoded.raw"
-    out.unlink(missing_ok=True)
-    decode(image, out, **kwargs)
-    return out.read_bytes()
-
-
 def vmdk(tmp_path: Path, subformat: str, data: bytes | None = None, name: str = "d") -> Path:
     raw = tmp_path / f"{name}.raw"
     raw.write_bytes(pattern() if data is None else data)
     image = tmp_path / f"{name}.{subformat}.vmdk"
     qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", f"subformat={subformat}", raw, image)
     return image
-
-
-def patch(path: Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-
-
-def header_field(path: Path, offset: int, fmt: str) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-
-def refused(image: Path, tmp_path: Path, reason: str, match: str, **kwargs) -> None:
-    with pytest.raises(FinalError, match=match) as caught:
-        decoded(image, tmp_path, **kwargs)
-    assert caught.value.reason == reason
 
 
 # A VMware-style stream: grains, then their grain tables, the grain directory, the footer and
@@ -188,9 +156,9 @@ def test_vmware_streams_with_the_directory_at_the_end(
 
 def test_a_zeroed_grain_entry_reads_as_zeros(tmp_path: Path):
     image = vmdk(tmp_path, "monolithicSparse")
-    gd = header_field(image, 56, "<Q") * 512
-    gt = header_field(image, gd, "<I") * 512
-    patch(image, 8, struct.pack("<I", header_field(image, 8, "<I") | 4))  # zeroed-grain flag
+    gd = field(image, 56, "<Q") * 512
+    gt = field(image, gd, "<I") * 512
+    patch(image, 8, struct.pack("<I", field(image, 8, "<I") | 4))  # zeroed-grain flag
     patch(image, gt, struct.pack("<I", 1))  # grain 0: zeroed
     expected = raw_of(image, tmp_path)
     assert expected[:GRAIN] == bytes(GRAIN)
@@ -233,7 +201,7 @@ def test_tables_after_the_grains_are_held_then_spilled(tmp_path: Path, subformat
 
 def test_a_grain_marker_lba_that_disagrees_with_the_grain_table(tmp_path: Path):
     image = vmdk(tmp_path, "streamOptimized")
-    first = header_field(image, 64, "<Q") * 512  # qemu-img's first grain, for sector 0
+    first = field(image, 64, "<Q") * 512  # qemu-img's first grain, for sector 0
     patch(image, first, struct.pack("<Q", 128))
     refused(image, tmp_path, "InvalidImage", "grain marker at sector 128 is for disk sector 128")
 
@@ -313,22 +281,22 @@ def test_a_descriptor_without_a_cid_is_refused_as_qemu_does(tmp_path: Path):
 
 def test_a_compressed_grain_larger_than_two_grains(tmp_path: Path):
     image = vmdk(tmp_path, "streamOptimized")
-    first = header_field(image, 64, "<Q") * 512
+    first = field(image, 64, "<Q") * 512
     patch(image, first + 8, struct.pack("<I", 2 * GRAIN))
     refused(image, tmp_path, "InvalidImage", "compressed size of 131072 bytes")
 
 
 def test_a_grain_that_does_not_inflate(tmp_path: Path):
     image = vmdk(tmp_path, "streamOptimized")
-    first = header_field(image, 64, "<Q") * 512
+    first = field(image, 64, "<Q") * 512
     patch(image, first + 12, b"\xff" * 16)
     refused(image, tmp_path, "InvalidImage", "does not inflate")
 
 
 def test_a_grain_table_entry_past_the_end(tmp_path: Path):
     image = vmdk(tmp_path, "monolithicSparse")
-    gd = header_field(image, 56, "<Q") * 512
-    gt = header_field(image, gd, "<I") * 512
+    gd = field(image, 56, "<Q") * 512
+    gt = field(image, gd, "<I") * 512
     patch(image, gt, struct.pack("<I", 1 << 24))
     refused(image, tmp_path, "TruncatedImage", "grain for disk sector 0")
     refused(image, tmp_path, "TruncatedImage", "grain for disk sector 0", known_size=True)
@@ -336,9 +304,9 @@ def test_a_grain_table_entry_past_the_end(tmp_path: Path):
 
 def test_two_grain_table_entries_for_one_grain(tmp_path: Path):
     image = vmdk(tmp_path, "monolithicSparse")
-    gd = header_field(image, 56, "<Q") * 512
-    gt = header_field(image, gd, "<I") * 512
-    patch(image, gt + 4, struct.pack("<I", header_field(image, gt, "<I")))
+    gd = field(image, 56, "<Q") * 512
+    gt = field(image, gd, "<I") * 512
+    patch(image, gt + 4, struct.pack("<I", field(image, gt, "<I")))
     refused(image, tmp_path, "InvalidImage", "more than once")
 
 
