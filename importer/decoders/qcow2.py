@@ -24,8 +24,6 @@ compression types. Corrupt or hostile images raise FinalError("InvalidImage").
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import struct
 import sys
 import threading
@@ -77,7 +75,6 @@ OFLAG_COMPRESSED = 1 << 62
 OFLAG_ZERO = 1 << 0
 SECTOR = 512
 RUN_BYTES = 1 << 20  # compressed clusters inflated and written together, at most
-AHEAD_BYTES = 4 << 20  # L2 tables or compressed clusters registered ahead of the stream
 
 
 def open_image(head: bytes, layout: Layout) -> None:
@@ -319,7 +316,7 @@ class _Mapper:
     def __init__(self, image: _Header, layout: Layout) -> None:
         self.image = image
         self.layout = layout
-        self.pending = 1  # L1 and L2 tables not yet parsed, ranges not yet registered
+        self.pending = 1  # L1 and L2 tables not yet parsed
         self.l2_tables: set[int] = set()  # their offsets: none may be used twice
         self.inflate = _inflate_zstd if image.compression == COMPRESSION_ZSTD else _inflate_zlib
 
@@ -393,58 +390,21 @@ class _Mapper:
             for index, entry in enumerate(entries)
             if entry & OFFSET_MASK
         )
-        self._ahead(
-            (
-                (offset, image.cluster_size, self._l2_registrar(offset, index))
-                for offset, index in tables
-            ),
-            "qcow2 L2 table",
-        )
+        # All at once: a range's buffer is made only as its bytes arrive.
+        for offset, index in tables:
+            self._register_l2(offset, index)
         self._parsed()
 
-    def _l2_registrar(self, l2_offset: int, index: int) -> Callable[[], None]:
-        def register() -> None:
-            image = self.image
-            guest = index * image.l1_span
-            count = min(1 << image.l2_bits, -(-(image.disk_size - guest) // image.cluster_size))
-            self.layout.need(
-                l2_offset,
-                count * 8,
-                self._l2_parser(guest),
-                what=f"qcow2 L2 table for disk offset {guest} (L1 entry {index})",
-            )
-
-        return register
-
-    def _ahead(self, items: Iterator[tuple[int, int, Callable[[], None]]], what: str) -> None:
-        """Register ranges (offset, size, register), in file order, a few MiB ahead of the
-        stream: the Layout gives each range its buffer when it is registered, and a large
-        image has hundreds of MiB of L2 tables or compressed clusters. The next ranges are
-        registered when the stream reaches the last one registered (a one-byte range there),
-        or at once where the stream is past it already (their bytes are held)."""
-        budget = max(AHEAD_BYTES, 4 * self.image.cluster_size)
-        pending = next(items, None)
-        # Not mapped until all are registered: a one-byte range the stream is past already
-        # is served from held bytes, later, and so are the ranges after it.
-        self.pending += 1
-
-        def register_more(_: bytearray | None = None) -> None:
-            nonlocal pending
-            while pending is not None:
-                spent, last = 0, pending[0]
-                while pending is not None and spent < budget:
-                    last, size, register = pending
-                    register()
-                    spent += size
-                    pending = next(items, None)
-                if pending is None:
-                    break
-                with contextlib.suppress(Unsupported):  # the stream is past `last`: go on
-                    self.layout.need(last, 1, register_more, what=f"{what} at {last:#x}")
-                    return
-            self._parsed()
-
-        register_more()
+    def _register_l2(self, l2_offset: int, index: int) -> None:
+        image = self.image
+        guest = index * image.l1_span
+        count = min(1 << image.l2_bits, -(-(image.disk_size - guest) // image.cluster_size))
+        self.layout.need(
+            l2_offset,
+            count * 8,
+            self._l2_parser(guest),
+            what=f"qcow2 L2 table for disk offset {guest} (L1 entry {index})",
+        )
 
     def _l2_parser(self, base: int) -> Callable[[bytearray], None]:
         def parse(data: bytearray) -> None:
@@ -503,18 +463,15 @@ class _Mapper:
             run_host, run_guest, run_length = host, guest, length
         if run_length:
             layout.copy(run_host, run_length, run_guest, what=_data(run_guest))
-        if compressed:
-            self._ahead(
-                self._compressed_clusters(base, entries, compressed), "qcow2 compressed cluster"
-            )
+        for run in self._compressed_runs(base, entries, compressed):
+            self._compressed(run)
 
-    def _compressed_clusters(
+    def _compressed_runs(
         self, base: int, entries: array[int], indexes: array[int]
-    ) -> Iterator[tuple[int, int, Callable[[], None]]]:
-        """(offset, size, register) of an L2 table's compressed clusters, in file order, in
-        runs: clusters next to each other in the file and on the disk are inflated by one
-        worker and written in one write (qemu-img -c packs them so; 64 KiB writes one by one
-        left the disk waiting)."""
+    ) -> Iterator[list[_Compressed]]:
+        """An L2 table's compressed clusters, in file order, in runs: clusters next to each
+        other in the file and on the disk are inflated by one worker and written in one write
+        (qemu-img -c packs them so; 64 KiB writes one by one left the disk waiting)."""
         image = self.image
         cluster, disk, file_size = image.cluster_size, image.disk_size, image.file_size
         shift = 62 - (image.cluster_bits - 8)  # csize_shift
@@ -540,19 +497,11 @@ class _Mapper:
                 and run[-1].offset <= this.offset <= run[-1].end <= this.end
                 and len(run) * cluster < RUN_BYTES
             ):
-                yield (
-                    run[0].offset,
-                    run[-1].end - run[0].offset,
-                    functools.partial(self._compressed, run),
-                )
+                yield run
                 run = []
             run.append(this)
         if run:
-            yield (
-                run[0].offset,
-                run[-1].end - run[0].offset,
-                functools.partial(self._compressed, run),
-            )
+            yield run
 
     def _compressed(self, run: list[_Compressed]) -> None:
         """Inflate a run of compressed clusters into the disk.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from importer.decoders import Unsupported, qcow2
+from importer.decoders import Unsupported
 from importer.decoders.qcow2 import _inflate_zlib, _inflate_zstd
 from importer.errors import FinalError
 from tests.support.decoding import decode
@@ -390,10 +390,9 @@ def test_too_much_data_before_its_tables_falls_back(tmp_path, raw):
         ["-c", "-o", "cluster_size=4096,compression_type=zstd"],
     ],
 )
-def test_tables_and_clusters_registered_a_little_ahead(tmp_path, raw, options, monkeypatch):
-    """With no budget to speak of, L2 tables and compressed clusters are registered a few at
-    a time as the stream reaches them: the same disk."""
-    monkeypatch.setattr(qcow2, "AHEAD_BYTES", 0)
+def test_many_small_tables_and_clusters_in_order_and_shuffled(tmp_path, raw, options):
+    """Thousands of L2 tables and compressed clusters, registered at once, their buffers made
+    only as their bytes arrive: the same disk, in qemu-img's order and shuffled."""
     image = _convert(raw, tmp_path / "a.qcow2", *options)
     _check(image, tmp_path, chunks=(4096, 65537))
     shuffled = _shuffle(image, tmp_path / "s.qcow2")
