@@ -3,7 +3,7 @@
 from importer import import_image, ImportOptions, probe
 result = import_image("https://example.com/disk.qcow2.xz", "/data/disk.img",
                       options=ImportOptions(size=10 << 30))
-probe("https://example.com/disk.qcow2.xz").needs_scratch   # True: qemu-img converts it
+probe("https://example.com/disk.qcow2.xz").needs_scratch   # False: qcow2 streams (vhdx: True)
 """
 
 from __future__ import annotations
