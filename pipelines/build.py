@@ -65,6 +65,7 @@ class BuildOptions:
     timeout: float = 3 * 3600.0
     no_output_timeout: float = 600.0
     network: str = "user"  # virt-install --network; user-mode needs no bridge in a pod
+    boot_timeout: float = 1800.0  # the boot test: seconds until the marker is on the console
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,10 @@ class BuildRequest:
     publish_to: str | None = None
     force: bool = False  # build even when the same build id is already published
     workdir: str | None = None  # where the install disk lives meanwhile (default: $TMPDIR)
+    # The tree %include may read from (default: the kickstart's git repository, else its
+    # directory); nothing outside it is read.
+    kickstart_root: str | None = None
+    boot_test: bool = True  # boot the finished image once before publishing it
     build: BuildOptions = field(default_factory=BuildOptions)
     finalize: FinalizeOptions = field(default_factory=FinalizeOptions)
     publish: PublishOptions = field(default_factory=PublishOptions)
