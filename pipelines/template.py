@@ -13,6 +13,11 @@
     location = "https://mirror.stream.centos.org/9-stream/BaseOS/x86_64/os/"
     kernel_args = "inst.text"     # optional, appended to the installer's command line
 
+    [boot]                        # optional: how the boot test starts the finished image
+    kernel = "vmlinuz"            # a kernel (and initrd) to boot directly, for an image with
+    initrd = "initrd.img"         # no bootloader; default: the image's own bootloader
+    kernel_args = "root=/dev/vda1 console=ttyS0"
+
 Relative `iso`, `kernel` and `initrd` paths are relative to the metadata file. A location
 must not carry credentials (`user:password@`): it is passed on virt-install's command line and
 recorded in the published manifest.
@@ -31,6 +36,7 @@ from importer.quantity import parse_quantity
 TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMPLATE_KEYS = {"version", "os_variant", "disk_size", "memory", "vcpus"}
 INSTALL_KEYS = {"location", "iso", "kernel", "initrd", "kernel_args"}
+BOOT_KEYS = {"kernel", "initrd", "kernel_args"}
 
 # A URL's authority (what urlsplit calls netloc): userinfo, if any, is what precedes an "@".
 _AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
@@ -48,6 +54,15 @@ class InstallSource:
 
 
 @dataclass(frozen=True)
+class BootSource:
+    """How the boot test starts the image: its own bootloader, or the kernel given here."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    kernel_args: str = ""
+
+
+@dataclass(frozen=True)
 class Template:
     name: str
     kickstart: Path
@@ -58,23 +73,28 @@ class Template:
     memory: int  # bytes
     vcpus: int
     install: InstallSource
+    boot: BootSource = BootSource()
 
     def to_json(self) -> dict:
         """The template as JSON-ready data (paths as strings), for a queued build's state."""
-        return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()} | {
-            "install": {
-                k: str(v) if isinstance(v, Path) else v for k, v in vars(self.install).items()
-            }
-        }
+
+        def plain(value: object) -> object:
+            if isinstance(value, InstallSource | BootSource):
+                return {k: plain(v) for k, v in vars(value).items()}
+            return str(value) if isinstance(value, Path) else value
+
+        return {k: plain(v) for k, v in vars(self).items()}
 
     @classmethod
     def from_json(cls, data: dict) -> Template:
-        install = {
-            k: Path(v) if k in ("iso", "kernel", "initrd") and v else v
-            for k, v in data["install"].items()
-        }
-        paths = {k: Path(data[k]) for k in ("kickstart", "metadata")}
-        return cls(**(data | paths | {"install": InstallSource(**install)}))
+        def paths(table: dict) -> dict:
+            return {k: Path(v) if k in ("iso", "kernel", "initrd") and v else v
+                    for k, v in table.items()}  # fmt: skip
+
+        files = {k: Path(data[k]) for k in ("kickstart", "metadata")}
+        sources = {"install": InstallSource(**paths(data["install"])),
+                   "boot": BootSource(**paths(data.get("boot", {})))}  # fmt: skip
+        return cls(**(data | files | sources))
 
 
 def metadata_path(kickstart: Path) -> Path:
@@ -120,6 +140,7 @@ def load_template(kickstart: Path, media_base: Path | None = None) -> Template:
         memory=_quantity(template, "memory", meta),
         vcpus=_positive_int(template, "vcpus", meta, default=2),
         install=_install_source(install, meta, media_base or meta.parent),
+        boot=_boot_source(data, meta, media_base or meta.parent),
     )
 
 
@@ -197,8 +218,30 @@ def _install_source(table: dict, meta: Path, base: Path) -> InstallSource:
     return InstallSource(**paths, kernel_args=kernel_args)
 
 
-def _existing_file(table: dict, key: str, meta: Path, base: Path) -> Path:
-    path = base / _string(table, key, meta, section="install")
+def _boot_source(data: dict, meta: Path, base: Path) -> BootSource:
+    if "boot" not in data:
+        return BootSource()
+    table = _table(data, "boot", BOOT_KEYS, meta)
+    if ("kernel" in table) != ("initrd" in table):
+        raise FinalError("InvalidTemplate", f"{meta}: [boot] kernel and initrd go together")
+    kernel_args = table.get("kernel_args", "")
+    if not isinstance(kernel_args, str):
+        raise FinalError("InvalidTemplate", f"{meta}: [boot] kernel_args must be a string")
+    if kernel_args and "kernel" not in table:
+        raise FinalError(
+            "InvalidTemplate",
+            f"{meta}: [boot] kernel_args needs kernel and initrd (the image's own bootloader "
+            "has its own command line)",
+        )
+    files = {key: _existing_file(table, key, meta, base, section="boot")
+             for key in ("kernel", "initrd") if key in table}  # fmt: skip
+    return BootSource(**files, kernel_args=kernel_args)
+
+
+def _existing_file(
+    table: dict, key: str, meta: Path, base: Path, *, section: str = "install"
+) -> Path:
+    path = base / _string(table, key, meta, section=section)
     if not path.is_file():
-        raise FinalError("InvalidTemplate", f"{meta}: [install] {key}: no such file {path}")
+        raise FinalError("InvalidTemplate", f"{meta}: [{section}] {key}: no such file {path}")
     return path
