@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def install(
     emit: Emit = discard,
 ) -> Installed:
     """Install `template` with the (flattened) `kickstart` text onto a new disk in `workdir`."""
-    virt_install = _require_tool("virt-install", "virtinst")
+    virt_install = require_tool("virt-install", "virtinst")
     connect = libvirt_uri(options.connect)
     check_libvirt(connect)
     choice = choose_accel(options.accel)
@@ -109,7 +110,7 @@ def install(
     qemu_img()("create", "-q", "-f", "qcow2", str(disk), str(template.disk_size))
     console, installer = workdir / "console.log", workdir / "installer.log"
     domain = f"diskflow-{template.name}-{secrets.token_hex(4)}"
-    (workdir / OWNER_FILE).write_text(_owner())
+    (workdir / OWNER_FILE).write_text(owner_record())
     template = _with_private_media(template, workdir, domain)
     os_variant = known_os_variant(virt_install, template.os_variant, emit)
     command = virt_install_command(
@@ -122,35 +123,21 @@ def install(
         emit("install", "warning", f"could not look for what killed builds left: {e!r}")
     emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
     started = time.monotonic()
-    log = workdir / "virt-install.log"
     before = _virtinst_files()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-    try:
-        _watch(process, [LogTail(console, "console"), LogTail(installer, "installer")], log,
-               options, choice, emit)  # fmt: skip
-    finally:
-        # Each step on its own: one that fails (a hung libvirtd) must not skip the others,
-        # nor replace the error the build failed with.
-        for cleanup in (
-            lambda: _stop(process),
-            lambda: destroy_domain(connect, domain, emit),
+    run_domain(
+        command, Watch("install", connect, domain, options.timeout, options.no_output_timeout,
+                       choice),
+        [LogTail(console, "console"), LogTail(installer, "installer")], workdir, emit,
+        cleanups=(
             lambda: _remove_virtinst_leftovers(before, domain if template.install.kernel else None),
             lambda: kickstart_file.unlink(missing_ok=True),
-        ):
-            try:
-                cleanup()
-            except Exception as e:
-                emit("install", "warning", f"clean-up of {domain} incomplete: {e!r}")
-    if process.returncode != 0:
-        raise _virt_install_failure(log)
+        ),
+    )  # fmt: skip
     if not _has_data(disk):
         raise FinalError(
             "InstallFailed",
             f"the installer powered off without writing to the disk; last console lines:\n"
-            f"{_tail(console)}",
+            f"{tail(console)}",
         )
     seconds = time.monotonic() - started
     # No process owns the disk now: the sweep must not take it for a killed build's.
@@ -184,22 +171,22 @@ def virt_install_command(
         f"--osinfo={os_variant}",
         f"--memory={template.memory // 2**20}",
         f"--vcpus={template.vcpus}",
-        f"--disk=path={_escape(disk)},format=qcow2,bus=virtio,cache=unsafe",
+        f"--disk=path={escape(disk)},format=qcow2,bus=virtio,cache=unsafe",
         f"--network={options.network}",
         f"--initrd-inject={kickstart}",
-        f"--serial=file,path={_escape(console)}",
-        f"--channel=file,path={_escape(installer)},target.type=virtio,"
+        f"--serial=file,path={escape(console)}",
+        f"--channel=file,path={escape(installer)},target.type=virtio,"
         f"target.name={ANACONDA_LOG_CHANNEL}",
         "--graphics=none",
         "--noautoconsole",
         "--wait=-1",  # diskflow's own watchdogs decide when to give up
         "--noreboot",
         "--transient",
-        f"--metadata=description={_owner()}",
+        f"--metadata=description={owner_record()}",
     ]
     if source.kernel:
         command.append(
-            f"--install=kernel={_escape(source.kernel)},initrd={_escape(source.initrd)},"
+            f"--install=kernel={escape(source.kernel)},initrd={escape(source.initrd)},"
             f'kernel_args="{boot_args}",kernel_args_overwrite=yes'
         )
     else:
@@ -251,7 +238,7 @@ def libvirt_uri(connect: str | None) -> str:
 
 def check_libvirt(connect: str) -> None:
     """Raise a clear error unless libvirt answers at `connect`."""
-    virsh = _require_tool("virsh", "libvirt-clients")
+    virsh = require_tool("virsh", "libvirt-clients")
     try:
         subprocess.run(
             [virsh, "--connect", connect, "uri"], capture_output=True, text=True,
@@ -270,7 +257,7 @@ def check_libvirt(connect: str) -> None:
         ) from None
 
 
-def destroy_domain(connect: str, domain: str, emit: Emit = discard) -> None:
+def destroy_domain(connect: str, domain: str, emit: Emit = discard, stage: str = "install") -> None:
     """Destroy and undefine `domain` if it exists; a domain that stays is reported loudly."""
     virsh = shutil.which("virsh") or "virsh"
     for action in ("destroy", "undefine"):
@@ -278,17 +265,64 @@ def destroy_domain(connect: str, domain: str, emit: Emit = discard) -> None:
             [virsh, "--connect", connect, action, domain], capture_output=True, timeout=60
         )
     if domain_exists(connect, domain):
-        emit("install", "warning", f"domain {domain} could not be removed: remove it by hand")
+        emit(stage, "warning", f"domain {domain} could not be removed: remove it by hand")
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What a domain's run is watched for, and how it is named in events and errors."""
+
+    stage: str  # the events' stage: "install", "boot-test"
+    connect: str
+    domain: str
+    timeout: float  # seconds the whole run may take
+    no_output_timeout: float  # seconds of silence on every channel before giving up
+    choice: AccelChoice
+    until: Callable[[Line], bool] | None = None  # a line that ends the run successfully
+
+
+def run_domain(
+    command: list[str],
+    watch: Watch,
+    tails: list[LogTail],
+    workdir: Path,
+    emit: Emit,
+    cleanups: tuple[Callable[[], object], ...] = (),
+) -> bool:
+    """Run virt-install's `command` and watch the guest's `tails` until it is done.
+
+    Done is the guest powering off (False) or, with `watch.until`, a line it matches (True).
+    FinalError for a failure pattern, the timeout or silence; the domain is destroyed and
+    undefined whatever happens, then `cleanups` run.
+    """
+    log = workdir / f"virt-install-{watch.stage}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        done = _watch(process, tails, log, watch, emit)
+    finally:
+        # Each step on its own: one that fails (a hung libvirtd) must not skip the others,
+        # nor replace the error the run failed with. The domain goes first: stopping
+        # virt-install may take its grace period, and the guest must not run meanwhile.
+        for cleanup in (
+            lambda: destroy_domain(watch.connect, watch.domain, emit, watch.stage),
+            lambda: _stop(process),
+            *cleanups,
+        ):
+            try:
+                cleanup()
+            except Exception as e:
+                emit(watch.stage, "warning", f"clean-up of {watch.domain} incomplete: {e!r}")
+    if not done and process.returncode != 0:
+        raise _virt_install_failure(log)
+    return done
 
 
 def _watch(
-    process: subprocess.Popen,
-    tails: list[LogTail],
-    log: Path,
-    options: BuildOptions,
-    choice: AccelChoice,
-    emit: Emit,
-) -> None:
+    process: subprocess.Popen, tails: list[LogTail], log: Path, watch: Watch, emit: Emit
+) -> bool:
     virt_install_log = LogTail(log, "virt-install")
     started = time.monotonic()
     last_output: float | None = None  # when the guest last said something
@@ -298,20 +332,22 @@ def _watch(
         exited = process.poll() is not None
         now = time.monotonic()
         for line in virt_install_log.read(final=exited):
-            emit("install", "info", line.text)
+            emit(watch.stage, "info", line.text)
         lines = [line for tail in tails for line in tail.read(final=exited)]
         # The silence clock starts with the guest: virt-install may spend minutes before it
         # (fetching an install tree's kernel, libvirt probing QEMU's capabilities).
         if lines or (last_output is None and tails[0].path.exists()):
             last_output = now
         for line in lines:
-            emit("install", line.source, line.text, line=line.number)
+            emit(watch.stage, line.source, line.text, line=line.number)
             recent.append(line)
             if failure:
                 if len(failure.context) < FAILURE_CONTEXT_LINES:
                     failure.context.append(line)
             elif pattern := failure_in(line):
                 failure = _Failure(pattern, line, now + FAILURE_CONTEXT_SECONDS, [line])
+            elif watch.until and watch.until(line):
+                return True
         if failure and (exited or now >= failure.until):
             raise FinalError(
                 "InstallFailed",
@@ -319,23 +355,23 @@ def _watch(
                 f"{failure.first.number}):\n{_format(failure.context)}",
             )
         if exited:
-            return
-        if now - started > options.timeout:
+            return False
+        if now - started > watch.timeout:
             raise FinalError(
                 "Timeout",
-                f"the install did not finish within {options.timeout:.0f}s; last lines:\n"
+                f"the {watch.stage} did not finish within {watch.timeout:.0f}s; last lines:\n"
                 f"{_format(recent)}",
             )
-        if last_output is not None and now - last_output > options.no_output_timeout:
+        if last_output is not None and now - last_output > watch.no_output_timeout:
             hint = (
                 " With KVM, a host whose KVM cannot run this guest looks exactly like this;"
                 " try --accel tcg to check."
-                if choice.accel is Accel.KVM
+                if watch.choice.accel is Accel.KVM
                 else ""
             )
             raise FinalError(
                 "NoConsoleOutput",
-                f"no console or installer output for {options.no_output_timeout:.0f}s: the guest "
+                f"no console or installer output for {watch.no_output_timeout:.0f}s: the guest "
                 f"looks hung.{hint} Last lines:\n{_format(recent) or '(none at all)'}",
             )
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -428,7 +464,8 @@ def sweep_workdirs(workroot: Path, keep_installed: float = INSTALLED_KEEP_SECOND
     return removed
 
 
-def _owner() -> str:
+def owner_record() -> str:
+    """The owner record of a build's domain and work dir: this host and process."""
     # Asked per build: a Celery pool process is not the process that imported this module.
     return f"diskflow build host={socket.gethostname()} pid={os.getpid()}"
 
@@ -499,20 +536,23 @@ def _last_error(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _tail(path: Path, count: int = FAILURE_CONTEXT_LINES) -> str:
-    tail = LogTail(path, "console")
-    return _format(deque(tail.read(final=True), maxlen=count)) or "(none at all)"
+def tail(path: Path, count: int = FAILURE_CONTEXT_LINES) -> str:
+    """The last `count` lines of a console file, formatted for an error message."""
+    lines = LogTail(path, "console").read(final=True)
+    return _format(deque(lines, maxlen=count)) or "(none at all)"
 
 
 def _format(lines: list[Line] | deque[Line]) -> str:
     return "\n".join(f"  {line.source}:{line.number}: {line.text}" for line in lines)
 
 
-def _escape(path: Path | None) -> str:
+def escape(path: Path | None) -> str:
+    """`path` as a virt-install option value."""
     return str(path).replace(",", ",,")  # virt-install's option parser splits on single commas
 
 
-def _require_tool(name: str, package: str) -> str:
+def require_tool(name: str, package: str) -> str:
+    """The path of the tool `name`, or FinalError("MissingTool") naming its Debian package."""
     path = shutil.which(name)
     if not path:
         raise FinalError("MissingTool", f"{name} is not installed (Debian package {package})")

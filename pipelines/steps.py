@@ -1,8 +1,9 @@
-"""The four steps of a template build, as plain functions over a JSON-ready state.
+"""The steps of a template build, as plain functions over a JSON-ready state.
 
-validate → install → finalize → publish. The CLI runs them one after the other in-process;
-Celery runs each as a task of a chain and passes the state along as JSON. Every step takes
-the state the previous one returned, so both engines share every line of build logic.
+validate → install → finalize → boot test → publish. The CLI runs them one after the other
+in-process; Celery runs each as a task of a chain and passes the state along as JSON. Every
+step takes the state the previous one returned, so both engines share every line of build
+logic.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from importer.sources.http import redact_url
 from importer.sources.s3_options import S3Options
 from pipelines import kickstart, provenance
 from pipelines.accel import Accel
+from pipelines.boottest import CONSOLE_LOG, METHOD, boot_test
 from pipelines.build import BuildOptions, install
 from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.datavolume import datavolume, to_yaml
@@ -39,7 +41,9 @@ from pipelines.template import Template, load_template
 MANIFEST_SCHEMA = "diskflow.io/template-build/v1"
 PROGRESS_SECONDS = 2.0
 LOGS = ("console.log", "installer.log")
-OUTPUT_FILES = ("manifest.json", "datavolume.yaml", *LOGS)  # besides NAME.qcow2[.sha256]
+# Besides NAME.qcow2[.sha256]; manifest.json is written last, once the image passed its boot
+# test: a directory without one holds no finished build.
+OUTPUT_FILES = ("manifest.json", "datavolume.yaml", *LOGS, CONSOLE_LOG)
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,7 @@ def install_step(state: BuildState, emit: Emit = discard) -> BuildState:
 
 
 def finalize_step(state: BuildState, emit: Emit = discard) -> BuildState:
-    """Compress (and seal) the installed disk into OUTPUT/NAME/NAME.qcow2; write the manifest."""
+    """Compress (and seal) the installed disk into OUTPUT/NAME/NAME.qcow2, with its .sha256."""
     if state.skipped:
         return state
     if not state.disk or not Path(state.disk).is_file():
@@ -252,8 +256,48 @@ def finalize_step(state: BuildState, emit: Emit = discard) -> BuildState:
     }
     manifest["durations"] = manifest["durations"] | {"finalize": round(done.seconds, 3)}
     (image.parent / f"{image.name}.sha256").write_text(f"{done.sha256}  {image.name}\n")
-    _write_json(state.output_dir / "manifest.json", manifest)
     return replace(state, workdir=None, disk=None, image=str(image), manifest=manifest)
+
+
+def boot_test_step(state: BuildState, emit: Emit = discard) -> BuildState:
+    """Boot the finished image once, unless the request says not to; then write its manifest.
+
+    An image that fails its boot test is removed with its .sha256 (its console log stays):
+    nothing is left that looks like a finished build, so nothing of it can be published.
+    """
+    if state.skipped:
+        return state
+    image = Path(state.image or "")
+    if not state.image or not image.is_file():
+        raise FinalError(
+            "BuildOutputMissing",
+            f"the finished image {state.image} is not on this machine: the build must run again",
+        )
+    if not state.request.boot_test:
+        emit("boot-test", "warning", "the image is not boot-tested (--no-boot-test)")
+        record: dict[str, Any] = {"tested": False}
+        seconds = 0.0
+    else:
+        try:
+            tested = boot_test(
+                image, state.template, state.request.build, state.request.workdir,
+                keep_console=state.output_dir / CONSOLE_LOG, emit=emit,
+            )  # fmt: skip
+        except BaseException:
+            for name in (image.name, f"{image.name}.sha256"):
+                (image.parent / name).unlink(missing_ok=True)
+            raise
+        record = {
+            "tested": True,
+            "method": METHOD,
+            "accel": tested.accel.value,
+            "boot": "kernel" if tested.kernel else "bootloader",
+        }
+        seconds = tested.seconds
+    manifest = state.manifest | {"boot_test": record}
+    manifest["durations"] = manifest["durations"] | {"boot_test": round(seconds, 3)}
+    _write_json(state.output_dir / "manifest.json", manifest)
+    return replace(state, manifest=manifest)
 
 
 def publish_step(state: BuildState, emit: Emit = discard) -> BuildState:
@@ -336,9 +380,9 @@ def write_datavolume(
 
 
 def build_template(request: BuildRequest, emit: Emit = discard) -> BuildState:
-    """All four steps in this process: the embedded default, no broker needed."""
+    """All the steps in this process: the embedded default, no broker needed."""
     state = validate_step(request, emit)
-    for step in (install_step, finalize_step, publish_step):
+    for step in (install_step, finalize_step, boot_test_step, publish_step):
         state = step(state, emit)
     return state
 

@@ -1,4 +1,4 @@
-"""The Celery app: validate → install → finalize → publish as a chain of tasks.
+"""The Celery app: validate → install → finalize → boot test → publish as a chain of tasks.
 
 Each task is a thin shell over the step of the same name in `pipelines.steps`. Settings that
 matter for builds on KVM workers:
@@ -15,7 +15,7 @@ matter for builds on KVM workers:
   unacknowledged message per pool process, so every unacknowledged message is a running task,
   whose clock (in Redis, from its delivery) starts with the task.
 - the install disk stays on the worker that installed it, so the install task routes the rest
-  of its chain (finalize, publish) to that worker's own queue.
+  of its chain (finalize, boot test, publish) to that worker's own queue.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pipelines.events import Emit, event
 from pipelines.steps import (
     BuildRequest,
     BuildState,
+    boot_test_step,
     finalize_step,
     install_step,
     publish_step,
@@ -208,15 +209,18 @@ def install(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
 
 
 def within_max_build_time(state: BuildState, limits: WorkerSettings, emit: Emit) -> BuildState:
-    """`state` with a build timeout longer than the worker allows lowered to its maximum."""
-    asked = state.request.build.timeout
-    if state.skipped or asked <= limits.max_build_timeout:
-        return state
-    emit("install", "warning", f"the build's timeout of {asked:.0f}s is lowered to "
-         f"{limits.max_build_timeout}s, this worker's maximum ({MAX_BUILD_TIMEOUT_ENV}), which "
-         f"keeps a build within the broker's visibility timeout of {limits.visibility_timeout}s "
-         f"({VISIBILITY_ENV})")  # fmt: skip
-    build = replace(state.request.build, timeout=float(limits.max_build_timeout))
+    """`state` with an install or boot test timeout longer than the worker allows lowered to
+    its maximum: each runs in a task of its own, within the broker's visibility timeout."""
+    build = state.request.build
+    for name, what in (("timeout", "build"), ("boot_timeout", "boot test")):
+        asked = getattr(build, name)
+        if state.skipped or asked <= limits.max_build_timeout:
+            continue
+        emit("install", "warning", f"the {what}'s timeout of {asked:.0f}s is lowered to "
+             f"{limits.max_build_timeout}s, this worker's maximum ({MAX_BUILD_TIMEOUT_ENV}), "
+             "which keeps a task within the broker's visibility timeout of "
+             f"{limits.visibility_timeout}s ({VISIBILITY_ENV})")  # fmt: skip
+        build = replace(build, **{name: float(limits.max_build_timeout)})
     return replace(state, request=replace(state.request, build=build))
 
 
@@ -226,6 +230,12 @@ def finalize(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
     return self.run_step(finalize_step, BuildState.from_json(previous["state"]))[1]
 
 
+@app.task(base=StepTask, bind=True, name="diskflow.boot_test")
+def boot_test(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
+    """Boot the finished image once and wait for its marker; write its manifest."""
+    return self.run_step(boot_test_step, BuildState.from_json(previous["state"]))[1]
+
+
 @app.task(base=StepTask, bind=True, name="diskflow.publish")
 def publish(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
     """Upload the template, its checksum and its manifest; the manifest goes last."""
@@ -233,10 +243,11 @@ def publish(self: StepTask, previous: dict[str, Any]) -> dict[str, Any]:
 
 
 def submit(request: BuildRequest) -> list[AsyncResult]:
-    """Queue the build; returns the results of its four tasks, in order."""
+    """Queue the build; returns the results of its tasks, in order."""
     packed = request.packed().to_json()
     check_broker()
-    last = chain(validate.s(packed), install.s(), finalize.s(), publish.s()).apply_async()
+    steps = (validate.s(packed), install.s(), finalize.s(), boot_test.s(), publish.s())
+    last = chain(*steps).apply_async()
     results = [last]
     while results[0].parent is not None:
         results.insert(0, results[0].parent)

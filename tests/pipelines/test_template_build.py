@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ pytest_plugins = ["tests.support.installer"]
 
 from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
+from pipelines.boottest import METHOD  # noqa: E402
 from pipelines.build import (  # noqa: E402
     OWNER_FILE,
     VIRTINST_SCRATCH,
@@ -43,6 +46,8 @@ from pipelines.steps import (  # noqa: E402
 from tests.conftest import MiB, run, sha256  # noqa: E402
 from tests.support.installer import (  # noqa: E402
     ANACONDA_LOG_DIRECTIVE,
+    OS_SECTOR,
+    OS_SECTORS,
     TAIL_MARKER_OFFSET,
     Installer,
     expected_marker,
@@ -149,8 +154,60 @@ def test_build_produces_a_compressed_template_with_manifest(
     # The console was streamed as events and kept as a file.
     assert "diskflow-test-installer: done" in recorder.lines("console")
     assert "diskflow-test-installer: done" in (tmp_path / "out/golden/console.log").read_text()
+    # The image was booted once, with its [boot] kernel, and its seed's script ran.
+    assert manifest["boot_test"] == {"tested": True, "method": METHOD, "accel": "tcg",
+                                     "boot": "kernel"}  # fmt: skip
+    assert manifest["durations"]["boot_test"] > 0
+    booted = (tmp_path / "out/golden/boot-console.log").read_text()
+    assert "diskflow-test-os: running the user-data script of /dev/vdb" in booted
+    boot_lines = [e["message"] for e in recorder.events if e["stage"] == "boot-test"]
+    assert any(re.fullmatch(r"diskflow-boot-test [0-9a-f]{16} ok", line) for line in boot_lines)
     assert domains("diskflow-golden-") == []
     assert list(vm_dir.iterdir()) == []
+
+
+def test_an_image_that_does_not_boot_fails_its_boot_test_and_is_not_kept(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    # As a broken bootloader would: %post wipes what the installer installed.
+    wipe = f"dd if=/dev/zero of=/dev/vda bs=512 seek={OS_SECTOR} count={OS_SECTORS} conv=notrunc"
+    kickstart = write_template(tmp_path, minimal_installer, "broken", post=wipe)
+    output = tmp_path / "out"
+
+    failure, recorder = failed_build(kickstart, vm_dir, output)
+
+    assert failure.reason == "BootTestFailed"
+    assert "the guest stopped without printing the marker" in failure.message
+    assert "diskflow-test-installer: error: no operating system on /dev/vda" in failure.message
+    assert {"install", "finalize"} <= recorder.stages()  # it installed; only booting failed
+    assert not (output / "broken/manifest.json").exists()
+    assert "no operating system" in (output / "broken/boot-console.log").read_text()
+
+
+def test_an_image_without_a_bootloader_fails_its_boot_test_on_silence(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    # No [boot] kernel: the image's own bootloader, which the test installer never installs.
+    kickstart = write_template(tmp_path, minimal_installer, "nobootloader", boot=False)
+    options = replace(FAST, no_output_timeout=8)
+
+    failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out", options)
+
+    assert failure.reason == "BootTestFailed"
+    assert "no console or installer output for 8s" in failure.message
+
+
+def test_no_boot_test_publishes_untested_and_says_so(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(tmp_path, minimal_installer, "untested", boot=False)
+
+    state, recorder = build(kickstart, vm_dir, tmp_path / "out", boot_test=False)
+
+    assert state.manifest["boot_test"] == {"tested": False}
+    assert "the image is not boot-tested (--no-boot-test)" in recorder.lines("warning")
+    assert "boot-test" not in {e["stage"] for e in recorder.events if e["kind"] == "console"}
+    assert (tmp_path / "out/untested/manifest.json").exists()
 
 
 def test_same_inputs_give_the_same_build_id_and_a_changed_kickstart_another(

@@ -1,314 +1,42 @@
-"""A tiny kickstart "installer" for tests: Debian's cloud kernel and a busybox initramfs.
-
-A real distribution install needs a mirror, which a guest cannot reach here. This installer
-boots under virt-install like Anaconda would (kernel + initrd, kickstart injected as /ks.cfg),
-runs the kickstart's %post sections with busybox sh, writes a marker to /dev/vda and powers off.
-"""
+"""The test side of the tiny installer (pipelines/tiny_installer.py): its fixtures, and
+kickstarts and templates it can install."""
 
 from __future__ import annotations
 
 import grp
-import gzip
 import hashlib
-import io
-import lzma
 import os
 import pwd
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import zstandard
 from pykickstart.parser import KickstartParser
 from pykickstart.version import RHEL9, makeVersion
 
-from tests.conftest import MiB, run
-
-KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
-QEMU_CONF = Path("/etc/libvirt/qemu.conf")
-BUSYBOX = Path("/bin/busybox")  # from busybox-static: the initramfs has no libc
-ANACONDA_LOG_PORT = "org.fedoraproject.anaconda.log.0"
-ANACONDA_LOG_DIRECTIVE = "# diskflow-test: anaconda-log"
-MARKER_HEADER = b"diskflow-test-installer ok\n"
-# The second marker sits this far before the end of the disk.
-TAIL_MARKER_OFFSET = MiB
-
-# Dependency order. virtio_ring is tried again after virtio because which of the two needs the
-# other has varied between kernels (in 6.1 virtio needs virtio_ring's virtio_break_device).
-# The guest ignores insmod errors (already loaded, unknown symbol) and checks REQUIRED_MODULES.
-MODULE_ORDER = (
-    "virtio_ring",
-    "virtio",
-    "virtio_ring",
-    "virtio_pci_modern_dev",
-    "virtio_pci_legacy_dev",
-    "virtio_pci",
-    "virtio_blk",
-    "virtio_console",
+from pipelines.tiny_installer import (
+    ANACONDA_LOG_DIRECTIVE,
+    ANACONDA_LOG_PORT,
+    BOOT_ARGS,
+    MARKER_HEADER,
+    OS_SECTOR,
+    OS_SECTORS,
+    TAIL_MARKER_OFFSET,
+    Installer,
+    build_installer,
 )
-REQUIRED_MODULES = frozenset({"virtio_ring", "virtio", "virtio_pci", "virtio_blk"})
 
-INIT = r"""#!/bin/sh
-# PID 1 of the diskflow test installer. Every way out ends in halt: if PID 1 exits the
-# kernel panics and the VM never stops.
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-exec </dev/console >/dev/console 2>&1
-# Kernel messages would interleave with the lines tests look for.
-echo 1 >/proc/sys/kernel/printk
+__all__ = [  # what tests import from here, besides the fixtures
+    "ANACONDA_LOG_DIRECTIVE", "ANACONDA_LOG_PORT", "BOOT_ARGS", "MARKER_HEADER", "OS_SECTOR",
+    "OS_SECTORS", "TAIL_MARKER_OFFSET", "Installer", "expected_marker", "validate_kickstart",
+    "write_kickstart", "write_template", "write_tree",
+]  # fmt: skip
 
-say() { echo "diskflow-test-installer: $*"; }
-halt() {
-    sync
-    poweroff -f
-    while :; do sleep 1000; done
-}
-fail() { say "error: $*"; halt; }
-uptime_s() { read -r up _ </proc/uptime; echo "${up%.*}"; }
-
-say starting
-
-for m in @MODULES@; do
-    [ -f "/lib/modules/$m.ko" ] && insmod "/lib/modules/$m.ko" 2>/dev/null
-done
-for m in @REQUIRED@; do
-    [ -d "/sys/module/$m" ] || fail "module $m did not load: $(insmod "/lib/modules/$m.ko" 2>&1)"
-done
-
-deadline=$(($(uptime_s) + 60))
-while [ ! -b /dev/vda ]; do
-    [ "$(uptime_s)" -lt "$deadline" ] || fail "no /dev/vda after 60 s (is the disk on bus=virtio?)"
-    sleep 0.1
-done
-
-ks=
-for arg in $(cat /proc/cmdline); do
-    case "$arg" in
-    inst.ks=file:* | ks=file:*) ks="${arg#*ks=file:}" ;;
-    esac
-done
-[ -n "$ks" ] || fail "no inst.ks=file:/PATH on the kernel command line: $(cat /proc/cmdline)"
-[ -f "$ks" ] || fail "kickstart $ks not found in the initrd (was it given to --initrd-inject?)"
-say "kickstart $ks"
-
-# Each %post section becomes /tmp/post.N.sh; they run in order like Anaconda runs them.
-mkdir -p /tmp
-awk '
-    /^%post([ \t]|$)/ { n++; f = sprintf("/tmp/post.%03d.sh", n); printf "" > f; next }
-    f != "" && /^%end([ \t]|$)/ { close(f); f = ""; next }
-    f != "" { print > f }
-' "$ks" || fail "cannot read the %post sections of $ks"
-
-log=
-if grep -q '^@DIRECTIVE@[[:space:]]*$' "$ks"; then
-    port_deadline=$(($(uptime_s) + 10))
-    while [ -z "$log" ] && [ "$(uptime_s)" -lt "$port_deadline" ]; do
-        for name in /sys/class/virtio-ports/*/name; do
-            [ -f "$name" ] && [ "$(cat "$name")" = "@PORT@" ] || continue
-            port=$(basename "$(dirname "$name")")
-            [ -c "/dev/$port" ] && log="/dev/$port"
-        done
-        [ -n "$log" ] || sleep 0.1
-    done
-    if [ -n "$log" ]; then
-        say "%post output also goes to $log (@PORT@)"
-    else
-        say "no virtio port named @PORT@: %post output goes to the console only"
-    fi
-fi
-
-for script in /tmp/post.*.sh; do
-    [ -f "$script" ] || continue
-    say "running %post ($script)"
-    if [ -n "$log" ]; then
-        { sh "$script" </dev/null; echo $? >/tmp/post.status; } 2>&1 | tee "$log"
-        status=$(cat /tmp/post.status)
-    else
-        sh "$script" </dev/null
-        status=$?
-    fi
-    if [ "$status" != 0 ]; then
-        say "%post failed with status $status"
-        halt
-    fi
-done
-
-sum=$(sha256sum "$ks") || fail "cannot hash $ks"
-printf 'diskflow-test-installer ok\n%s\n' "${sum%% *}" >/tmp/marker
-sectors=$(cat /sys/block/vda/size)
-tail_sectors=$((@TAIL_OFFSET@ / 512))
-[ "$sectors" -ge $((2 * tail_sectors)) ] || fail "/dev/vda has only $sectors sectors"
-dd if=/tmp/marker of=/dev/vda conv=notrunc,fsync 2>/dev/null || fail "cannot write to /dev/vda"
-dd if=/tmp/marker of=/dev/vda bs=512 seek=$((sectors - tail_sectors)) conv=notrunc,fsync \
-    2>/dev/null || fail "cannot write the end of /dev/vda"
-sync
-say done
-halt
-"""
-
-
-@dataclass(frozen=True)
-class Installer:
-    kernel: Path
-    initrd: Path
-
-
-def cache_dir() -> Path:
-    """Where downloaded packages are kept between runs."""
-    configured = os.environ.get("DISKFLOW_TEST_CACHE")
-    path = Path(configured) if configured else Path.home() / ".cache" / "diskflow-tests"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def kernel_package() -> str:
-    """The versioned linux-image-*-cloud-amd64 package that the metapackage depends on."""
-    out = run("apt-cache", "depends", KERNEL_METAPACKAGE)
-    names = re.findall(r"Depends: (linux-image-\S+-cloud-amd64)\s*$", out, re.MULTILINE)
-    if not names:
-        raise RuntimeError(f"{KERNEL_METAPACKAGE} depends on no kernel image:\n{out}")
-    return names[0]
-
-
-def kernel_deb(cache: Path) -> Path:
-    """The kernel .deb, from the cache or downloaded into it."""
-    try:
-        package = kernel_package()
-    except (subprocess.CalledProcessError, RuntimeError):
-        # No apt lists (apt-get update not run): an earlier download still serves.
-        cached = sorted(cache.glob("linux-image-*-cloud-amd64_*.deb"))
-        if cached:
-            return cached[-1]
-        raise
-    cached = sorted(cache.glob(f"{package}_*.deb"))
-    if cached:
-        return cached[-1]
-    # Download into a private directory and rename, so a concurrent run never sees half a file.
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        subprocess.run(
-            ["apt-get", "download", "-q", package],
-            cwd=scratch,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        (deb,) = Path(scratch).glob(f"{package}_*.deb")
-        target = cache / deb.name
-        deb.rename(target)
-    for old in cache.glob("linux-image-*-cloud-amd64_*.deb"):
-        if old != target:
-            old.unlink(missing_ok=True)
-    return target
-
-
-def module_bytes(tree: Path, name: str) -> bytes | None:
-    """The uncompressed module NAME from an extracted kernel package, if it has one."""
-    for path in sorted(tree.glob(f"lib/modules/*/kernel/**/{name}.ko*")):
-        data = path.read_bytes()
-        if path.name == f"{name}.ko":
-            return data
-        # Busybox insmod cannot decompress, so the host does it.
-        if path.name == f"{name}.ko.xz":
-            return lzma.decompress(data)
-        if path.name == f"{name}.ko.zst":
-            return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-    return None
-
-
-class Cpio:
-    """A cpio archive in the newc format the kernel unpacks, built in memory."""
-
-    def __init__(self) -> None:
-        self.out = io.BytesIO()
-        self.inode = 1000
-
-    def _entry(
-        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
-    ) -> None:
-        self.inode += 1
-        nlink = 2 if mode & 0o170000 == 0o040000 else 1
-        fields = [self.inode, mode, 0, 0, nlink, 0, len(data), 0, 0, *rdev, len(name) + 1, 0]
-        header = b"070701" + b"".join(b"%08X" % f for f in fields)
-        self.out.write(header + name.encode() + b"\0")
-        self.out.write(b"\0" * (-self.out.tell() % 4))
-        self.out.write(data)
-        self.out.write(b"\0" * (-self.out.tell() % 4))
-
-    def directory(self, name: str) -> None:
-        self._entry(name, 0o040755)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._entry(name, 0o100000 | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._entry(name, 0o120777, target.encode())
-
-    def char_device(self, name: str, major: int, minor: int) -> None:
-        self._entry(name, 0o020600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0)
-        return self.out.getvalue()
-
-
-def build_initrd(tree: Path) -> bytes:
-    """The gzipped initramfs: busybox, its applets, the virtio modules and /init."""
-    if not BUSYBOX.exists():
-        raise RuntimeError(f"{BUSYBOX} is missing (Debian: busybox-static)")
-    archive = Cpio()
-    directories = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp"]
-    for name in [*directories, "lib", "lib/modules"]:
-        archive.directory(name)
-    # The kernel opens /dev/console for PID 1 before /init can mount devtmpfs.
-    archive.char_device("dev/console", 5, 1)
-    archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
-    applets = run(BUSYBOX, "--list-full").split()
-    for applet in applets:
-        if applet != "bin/busybox" and applet.rsplit("/", 1)[0] in directories:
-            archive.symlink(applet, "/bin/busybox")
-    present = []
-    for name in dict.fromkeys(MODULE_ORDER):
-        data = module_bytes(tree, name)
-        if data is None:
-            if name in REQUIRED_MODULES:
-                raise RuntimeError(f"the kernel package has no {name} module")
-            continue
-        archive.file(f"lib/modules/{name}.ko", data)
-        present.append(name)
-    init = (
-        INIT.replace("@MODULES@", " ".join(m for m in MODULE_ORDER if m in present))
-        .replace("@REQUIRED@", " ".join(sorted(REQUIRED_MODULES)))
-        .replace("@DIRECTIVE@", ANACONDA_LOG_DIRECTIVE)
-        .replace("@PORT@", ANACONDA_LOG_PORT)
-        .replace("@TAIL_OFFSET@", str(TAIL_MARKER_OFFSET))
-    )
-    archive.file("init", init.encode(), 0o755)
-    return gzip.compress(archive.finish(), compresslevel=6, mtime=0)
-
-
-def build_installer(root: Path, cache: Path | None = None) -> Installer:
-    """Extract the cloud kernel into ROOT and build the initrd next to it."""
-    root.mkdir(parents=True, exist_ok=True)
-    deb = kernel_deb(cache or cache_dir())
-    tree = root / "kernel-package"
-    run("dpkg-deb", "-x", deb, tree)
-    (vmlinuz,) = tree.glob("boot/vmlinuz-*")
-    kernel = root / "vmlinuz"
-    shutil.copyfile(vmlinuz, kernel)
-    initrd = root / "initrd.gz"
-    initrd.write_bytes(build_initrd(tree))
-    shutil.rmtree(tree)
-    # No permissions to open up: virt-install (as root) copies both files into
-    # /var/lib/libvirt/boot, and QEMU only ever reads those copies.
-    return Installer(kernel, initrd)
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 
 
 def qemu_user() -> str:
@@ -418,11 +146,13 @@ def write_template(
     extra: str = "",
     disk_size: str = "64Mi",
     location: str | None = None,
+    boot: bool = True,
 ) -> Path:
     """A template diskflow can build with the test installer: NAME.ks and NAME.toml.
 
     The installer comes as kernel + initrd, or from the install tree at `location` (see
-    `write_tree`)."""
+    `write_tree`). With `boot`, a [boot] table boots what it installed with the same kernel
+    and initrd, for the boot test."""
     kickstart = write_kickstart(directory / f"{name}.ks", post, extra)
     (directory / f"{name}.toml").write_text(
         "[template]\n"
@@ -436,6 +166,12 @@ def write_template(
             f'location = "{location}"\n'
             if location
             else f'kernel = "{installer.kernel}"\ninitrd = "{installer.initrd}"\n'
+        )
+        + (
+            f'\n[boot]\nkernel = "{installer.kernel}"\ninitrd = "{installer.initrd}"\n'
+            f'kernel_args = "{BOOT_ARGS}"\n'
+            if boot
+            else ""
         )
     )
     return kickstart
