@@ -4,7 +4,6 @@ kickstarts and templates it can install."""
 from __future__ import annotations
 
 import grp
-import hashlib
 import os
 import pwd
 import re
@@ -28,6 +27,9 @@ from pipelines.tiny_installer import (
     TAIL_MARKER_OFFSET,
     Installer,
     build_installer,
+    expected_marker,
+    write_kickstart,
+    write_template,
 )
 
 __all__ = [  # what tests import from here, besides the fixtures
@@ -103,78 +105,10 @@ def vm_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_kickstart(path: Path, post: str = "echo installing", extra: str = "") -> Path:
-    """Write a kickstart valid for pykickstart's RHEL9 syntax, with POST as its %post body.
-
-    EXTRA goes before %post: more commands, or ANACONDA_LOG_DIRECTIVE.
-    """
-    lines = [
-        "# diskflow test kickstart",
-        "text",
-        "lang en_US.UTF-8",
-        "keyboard us",
-        "timezone Etc/UTC --utc",
-        "rootpw --lock",
-        "zerombr",
-        "clearpart --all --initlabel",
-        "autopart",
-        "poweroff",
-    ]
-    if extra:
-        lines.append(extra.rstrip("\n"))
-    lines += ["", "%post", post.rstrip("\n"), "%end", ""]
-    path.write_text("\n".join(lines))
-    return path
-
-
 def validate_kickstart(path: Path) -> None:
     """Raise pykickstart's error if PATH is not a valid RHEL9 kickstart."""
     parser = KickstartParser(makeVersion(RHEL9))
     parser.readKickstart(str(path))
-
-
-def expected_marker(kickstart: Path) -> bytes:
-    """What the installer writes at the start of the disk and TAIL_MARKER_OFFSET before its end."""
-    return MARKER_HEADER + hashlib.sha256(kickstart.read_bytes()).hexdigest().encode() + b"\n"
-
-
-def write_template(
-    directory: Path,
-    installer: Installer,
-    name: str = "tiny",
-    post: str = "echo installing",
-    extra: str = "",
-    disk_size: str = "64Mi",
-    location: str | None = None,
-    boot: bool = True,
-) -> Path:
-    """A template diskflow can build with the test installer: NAME.ks and NAME.toml.
-
-    The installer comes as kernel + initrd, or from the install tree at `location` (see
-    `write_tree`). With `boot`, a [boot] table boots what it installed with the same kernel
-    and initrd, for the boot test."""
-    kickstart = write_kickstart(directory / f"{name}.ks", post, extra)
-    (directory / f"{name}.toml").write_text(
-        "[template]\n"
-        'version = "RHEL9"\n'
-        'os_variant = "linux2022"\n'
-        f'disk_size = "{disk_size}"\n'
-        'memory = "256Mi"\n'
-        "vcpus = 1\n"
-        "\n[install]\n"
-        + (
-            f'location = "{location}"\n'
-            if location
-            else f'kernel = "{installer.kernel}"\ninitrd = "{installer.initrd}"\n'
-        )
-        + (
-            f'\n[boot]\nkernel = "{installer.kernel}"\ninitrd = "{installer.initrd}"\n'
-            f'kernel_args = "{BOOT_ARGS}"\n'
-            if boot
-            else ""
-        )
-    )
-    return kickstart
 
 
 def write_tree(directory: Path, installer: Installer) -> Path:

@@ -1,0 +1,113 @@
+"""The template half of the embedded default: the whole product's flow on one machine.
+
+Builds a tiny template with the tiny installer (Debian's cloud kernel and busybox: no
+distribution mirror), boot-tests it, publishes it to a directory served over HTTP on
+loopback, writes its DataVolume, and imports the image back with `diskflow import`, as the
+DataVolume's importer pod would: the URL, checksum and size all come from that DataVolume.
+"""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import yaml
+
+from importer.api import DataVolume, HttpSource
+from importer.errors import FinalError
+from pipelines.accel import Accel
+from pipelines.build import BuildOptions
+from pipelines.events import Emit, discard
+from pipelines.steps import BuildRequest, PublishOptions, build_template
+from pipelines.tiny_installer import build_installer, expected_marker, write_template
+
+NAME = "demo"
+POST = 'echo "hello from the demo template\'s %post"'
+
+
+@dataclass(frozen=True)
+class TemplateDemo:
+    """What the demo made, all under its directory."""
+
+    image: Path  # the built template (qcow2)
+    manifest: dict
+    datavolume: Path
+    disk: Path  # the template imported back (raw)
+    import_command: list[str]
+
+
+@contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """An HTTP server for `directory` on 127.0.0.1; yields its base URL (with a slash)."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run_template_demo(
+    directory: Path, accel: Accel = Accel.AUTO, emit: Emit = discard, progress: str = "none"
+) -> TemplateDemo:
+    """Build, boot-test, publish and import back a tiny template, all inside `directory`.
+
+    `progress` is passed to `diskflow import` (its events go to this process's stderr).
+    """
+    directory = directory.resolve()
+    store = directory / "store"
+    store.mkdir(parents=True, exist_ok=True)
+    emit("demo", "info", "building the tiny installer (Debian's cloud kernel and busybox)")
+    installer = build_installer(directory / "installer")
+    (directory / "kickstarts").mkdir(exist_ok=True)
+    kickstart = write_template(directory / "kickstarts", installer, NAME, post=POST)
+    with serving(store) as base_url:
+        request = BuildRequest(
+            kickstart=str(kickstart),
+            output=str(directory / "build"),
+            publish_to=str(store),
+            force=True,  # a demo run again builds again
+            build=BuildOptions(
+                accel=accel, network="none", timeout=900, boot_timeout=900, no_output_timeout=300
+            ),
+            publish=PublishOptions(public_url=base_url),
+        )
+        state = build_template(request, emit)
+        datavolume = Path(state.output_dir) / "datavolume.yaml"
+        if not datavolume.is_file():
+            raise FinalError("InternalError", f"the build wrote no DataVolume at {datavolume}")
+        dv = DataVolume.from_manifest(yaml.safe_load(datavolume.read_text()))
+        source = dv.spec.source
+        if not isinstance(source, HttpSource) or not source.checksum:
+            raise FinalError("InternalError", f"{datavolume} has no http source with a checksum")
+        disk = directory / "disk.img"
+        # The volume a cluster would provision for it, as its importer pod would be told.
+        size = str(dv.spec.storage.pvc_size())
+        arguments = [source.url, str(disk), "--checksum", source.checksum, "--size", size]
+        command = [sys.executable, "-m", "diskflow", "import", *arguments, "--progress", progress]
+        emit("demo", "info", "importing it back as its DataVolume says: diskflow import "
+             + " ".join(arguments))  # fmt: skip
+        imported = subprocess.run(command, stdout=sys.stderr)
+        if imported.returncode != 0:
+            raise FinalError(
+                "ImportFailed", f"diskflow import exited with {imported.returncode} (see above)"
+            )
+    marker = expected_marker(kickstart)
+    with open(disk, "rb") as imported:
+        if imported.read(len(marker)) != marker:
+            raise FinalError("InternalError", f"{disk} does not hold what the template installed")
+    return TemplateDemo(Path(state.image or ""), state.manifest, datavolume, disk, command)
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
