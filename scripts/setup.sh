@@ -6,18 +6,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The importer needs qemu-img; template builds need virt-install (which needs cpio for
-# --initrd-inject), libvirt and QEMU, and git for `diskflow ci`.
+# --initrd-inject), libvirt and QEMU, xorriso (the boot test's NoCloud seed), and git for
+# `diskflow ci`; `diskflow demo template` needs busybox-static (its tiny installer; the
+# cloud kernel's package is downloaded with apt, not installed).
 packages=(python3 python3-venv qemu-utils util-linux mount
-          qemu-system-x86 libvirt-daemon-system libvirt-clients virtinst cpio git)
+          qemu-system-x86 libvirt-daemon-system libvirt-clients virtinst cpio xorriso git
+          busybox-static)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then
     # Real servers and tools the tests drive: nginx (Range/ETag; WebDAV for publishing),
-    # compressors, openssl (TLS), Redis (the Celery broker), busybox (the tests' installer),
+    # compressors, openssl (TLS), Redis (the Celery broker),
     # libguestfs (virt-sysprep for --seal; its appliance needs a kernel in /boot) and
     # e2fsprogs (a test OS disk made without mounting, read back with debugfs); debootstrap,
     # buildah and podman (the container images, built from Debian packages: no registry).
     packages+=(nginx-light libnginx-mod-http-dav-ext curl gzip xz-utils zstd bzip2 openssl
-               redis-server busybox-static libguestfs-tools linux-image-cloud-amd64 e2fsprogs
+               redis-server libguestfs-tools linux-image-cloud-amd64 e2fsprogs
                debootstrap buildah podman)
     extras="[test]"
 fi
