@@ -7,7 +7,10 @@ there; error messages are mapped back to the submitter's paths.
 
 A bundle is data from elsewhere: every name in it must land inside the scratch directory,
 and the kickstart is read confined to it (`kickstart.confined`), so no %include can make the
-worker read its own files.
+worker read its own files. Installer media (iso, kernel, initrd) are not in the bundle: the
+worker reads them where the metadata says, and only under the directories its
+DISKFLOW_MEDIA_DIRS names (none by default, so a queued build with local media is refused
+until the worker is given some).
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from importer.errors import FinalError, ImportFailure
-from pipelines.kickstart import confined, included_files
-from pipelines.template import metadata_path
+from pipelines.kickstart import confined, included_files, read_text
+from pipelines.template import MEDIA_DIRS_ENV, metadata_path
 
 
 @dataclass(frozen=True)
@@ -37,17 +40,41 @@ class Bundle:
         return Path(self.origin, self.kickstart).parent
 
 
-def pack(kickstart: Path) -> Bundle:
-    """The kickstart, its metadata and its %includes, read now."""
+def pack(kickstart: Path, root: Path | None = None) -> Bundle:
+    """The kickstart, its metadata and its %includes, read now.
+
+    `root` confines the %includes as in kickstart.flatten (default: the kickstart's git
+    repository, else its directory); every file is read bounded, as the worker would.
+    """
     kickstart = kickstart.resolve()
-    paths = [kickstart, metadata_path(kickstart), *included_files(kickstart)]
+    paths = [kickstart, metadata_path(kickstart), *included_files(kickstart, root)]
     existing = [p.resolve() for p in paths if p.is_file()]
-    root = Path(os.path.commonpath([p.parent for p in existing]))
+    common = Path(os.path.commonpath([p.parent for p in existing]))
     return Bundle(
-        origin=str(root),
-        kickstart=str(kickstart.relative_to(root)),
-        files={str(p.relative_to(root)): p.read_text() for p in existing},
+        origin=str(common),
+        kickstart=str(kickstart.relative_to(common)),
+        files={
+            str(p.relative_to(common)): read_text(p, reason="InvalidTemplate") for p in existing
+        },
     )
+
+
+def media_dirs(environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
+    """The directories a worker reads a queued build's installer media from (DISKFLOW_MEDIA_DIRS,
+    colon-separated absolute paths; empty entries are skipped); none unless configured.
+
+    FinalError("InvalidArgument") names the variable and the entry that is not absolute.
+    """
+    text = environ.get(MEDIA_DIRS_ENV, "")
+    dirs = tuple(Path(entry) for entry in text.split(":") if entry)
+    for entry in dirs:
+        if not entry.is_absolute():
+            # A relative one would mean whatever the worker's working directory is.
+            raise FinalError(
+                "InvalidArgument",
+                f"{MEDIA_DIRS_ENV}={text!r}: {str(entry)!r} is not an absolute directory",
+            )
+    return dirs
 
 
 @contextmanager

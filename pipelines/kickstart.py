@@ -7,25 +7,39 @@ injected file, so builds inject the *flattened* text: every such %include replac
 included file's lines. Validation parses exactly that text, so what was checked is what is
 installed, and every problem is reported at the file and line it came from.
 
-An absolute path or a URL in %include names a file the installer reads itself (typically one a
-%pre script writes to /tmp); it stays in the flattened text, with a warning that diskflow cannot
-check it.
+Every read is *confined* to a root, the template tree: the one given (`root=`, `--root DIR`,
+`BuildRequest.kickstart_root`), else the one set by `confined()` (a queued build's unpacked
+bundle), else `default_root()`: the kickstart's git repository (the nearest directory above it
+holding a `.git`), else the kickstart's own directory. An %include that resolves outside it,
+through `..` or a symlink, is refused unread, so a kickstart in a pull request cannot pull a
+CI runner's or a worker's files into a build, an error message or the installer.
 
-A kickstart from somewhere else (a queued build's bundle, unpacked into a scratch directory)
-is read *confined* to a root: a local %include that resolves outside it is refused rather
-than read, so a kickstart cannot make a worker read its own files into a build or an error.
+Only regular files are read (a FIFO, device or directory is refused without waiting on it), at
+most MAX_FILE_BYTES each and MAX_TOTAL_BYTES in all (a file counts once per %include of it),
+nested at most MAX_DEPTH deep. An error or warning located in an included file names the file,
+the line and the problem, but not the line's words: the file may not be a kickstart at all
+(a token, a password line), and the message ends up in CI logs.
+
+An absolute path in %include names a file the installer reads itself, which a %pre script
+writes (the generated-partitioning pattern: `%include /tmp/part-include`). It stays in the
+flattened text, and is accepted only when a %pre section of the kickstart mentions the path;
+without one it is an error, since the installer would stop on a missing file. No warning is
+given for it: the %pre that creates it is checked like the rest. A URL in %include stays too,
+with a warning that diskflow cannot check its content.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
 import re
 import shlex
+import stat
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -41,6 +55,10 @@ from importer.errors import FinalError
 # pykickstart puts its own line numbers (counted in the flattened text) into some messages;
 # diskflow reports the original file and line instead.
 _LINE_PHRASE = re.compile(r"\s+(?:on|at) line \d+")
+
+MAX_FILE_BYTES = 1 << 20  # one kickstart file, or one file it includes
+MAX_TOTAL_BYTES = 4 << 20  # all of them together, a file counted once per %include of it
+MAX_DEPTH = 32  # %include within %include
 
 # The root set by `confined()`, for flatten/validate calls that pass none themselves.
 _ROOT: ContextVar[Path | None] = ContextVar("diskflow_kickstart_root", default=None)
@@ -115,18 +133,33 @@ class Validation:
         return kickstart_digest(self.text)
 
 
+def default_root(path: Path) -> Path:
+    """The tree `path` may %include from unless told otherwise (resolved): its git repository's
+    top (the nearest directory above it holding a `.git`, directory or file), else its own
+    directory.
+
+    git itself is not run: the answer must not hang on git's configuration (safe.directory)
+    or on whether git is installed.
+    """
+    start = Path(path).resolve().parent
+    for directory in (start, *start.parents):
+        if os.path.lexists(directory / ".git"):
+            return directory
+    return start
+
+
 def flatten(path: Path, root: Path | None = None) -> Flattened:
     """Inline every local %include of `path`, transitively; FinalError names file and line.
 
-    With a `root` (or inside `confined(root)`), a file outside it is refused, not read.
+    Files are read confined to `root`, else to the `confined()` root, else to
+    default_root(path): a file outside it is refused, not read.
     """
-    if root is None:
-        root = _ROOT.get()
-    flattener = _Flattener(Path(root).resolve() if root is not None else None)
     path = Path(path)
-    if flattener.root is not None and not path.resolve().is_relative_to(flattener.root):
+    flattener = _Flattener(_root(path, root))
+    if not path.resolve().is_relative_to(flattener.root):
         raise FinalError("InvalidKickstart", f"{path}: the kickstart is outside {flattener.root}")
     flattener.expand(path, (), None)
+    flattener.check_absolute()
     return Flattened(
         text="".join(flattener.lines),
         origins=tuple(flattener.origins),
@@ -141,16 +174,27 @@ def validate(path: Path, version: str, root: Path | None = None) -> Validation:
     Raises FinalError("InvalidTemplate") for a version pykickstart does not know, and
     FinalError("InvalidKickstart", "FILE:LINE: problem") for anything wrong in the kickstart or
     the files it includes. pykickstart's warnings come back in `Validation.warnings`.
-    `root` confines the files read, as in flatten().
+    `root` confines the files read, as in flatten(). A problem in an included file is told
+    without the words of its line.
     Not thread-safe: the warnings filters and pykickstart's parser state are process-wide.
     """
     handler = _handler(version)
     flat = flatten(path, root)
     parser = _Parser(handler, followIncludes=False, errorsAreFatal=True)
     found = list(flat.notes)
+    lines = flat.text.splitlines()
+    # Names pykickstart itself defines: saying them gives nothing of an included file away.
+    vocabulary = {*handler.commands, *getattr(parser, "_sections", {}), "%end", "%include"}
+
+    def problem(line: int, message: str) -> str:
+        message = _clean(message)
+        if flat.origin(line).path == flat.files[0] or not lines:
+            return message  # the file the user named: its text is theirs to see
+        text = lines[min(max(line, 1), len(lines)) - 1]
+        return _redact(message, text, vocabulary)
 
     def record(message: Warning | str, *_: object) -> None:
-        found.append(Diagnostic(flat.origin(parser.line), _clean(str(message))))
+        found.append(Diagnostic(flat.origin(parser.line), problem(parser.line, str(message))))
 
     with warnings.catch_warnings():
         # Only the kickstart's own problems are for users; pykickstart's deprecation notices
@@ -162,10 +206,11 @@ def validate(path: Path, version: str, root: Path | None = None) -> Validation:
             parser.readKickstartFromString(flat.text)
         except KickstartError as e:
             line = e.lineno if e.lineno else parser.line
-            problem = _clean(str(e.message)) or "cannot parse this line"
-            raise FinalError("InvalidKickstart", f"{flat.origin(line)}: {problem}") from None
+            said = problem(line, str(e.message)) or "cannot parse this line"
+            raise FinalError("InvalidKickstart", f"{flat.origin(line)}: {said}") from None
         except ValueError as e:  # shlex, for a line with unbalanced quotes
-            raise FinalError("InvalidKickstart", f"{flat.origin(parser.line)}: {e}") from None
+            said = problem(parser.line, str(e))
+            raise FinalError("InvalidKickstart", f"{flat.origin(parser.line)}: {said}") from None
     return Validation(
         kickstart=Path(path),
         version=version,
@@ -175,35 +220,54 @@ def validate(path: Path, version: str, root: Path | None = None) -> Validation:
     )
 
 
-def included_files(path: Path) -> list[Path]:
+def included_files(path: Path, root: Path | None = None) -> list[Path]:
     """Every local file `path` %includes, transitively, in order of first use.
 
-    Lenient, for change detection: a missing or unreadable file is listed but not followed, and
-    malformed %include lines are skipped, so a change that breaks a template still selects it.
+    Lenient, for change detection and packing: a missing, unreadable, non-regular or too large
+    file is listed but not followed, and malformed %include lines are skipped, so a change that
+    breaks a template still selects it. Confined as flatten() is: a file outside the root is
+    neither listed nor read, and at most MAX_TOTAL_BYTES are read in all.
     """
     path = Path(path)
+    top = _root(path, root)
     seen = {path.resolve()}
     found: list[Path] = []
+    budget = MAX_TOTAL_BYTES
 
-    def walk(current: Path) -> None:
-        try:
-            text = current.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError):
+    def walk(current: Path, depth: int) -> None:
+        nonlocal budget
+        real = current.resolve()
+        if depth > MAX_DEPTH or not real.is_relative_to(top):
             return
+        try:
+            data = _read_regular(real, str(current), min(MAX_FILE_BYTES, budget))
+            text = _decode(data, str(current))
+        except FinalError:
+            return
+        budget -= len(data)
         for line in text.splitlines():
             try:
                 target = _include_target(line)
             except ValueError:
                 continue
-            included = _local_include(current, target) if target else None
-            if included is None or included.resolve() in seen:
+            if not target or "://" in target or os.path.isabs(target):
+                continue
+            included = current.parent / target
+            if included.resolve() in seen or not included.resolve().is_relative_to(top):
                 continue
             seen.add(included.resolve())
             found.append(included)
-            walk(included)
+            walk(included, depth + 1)
 
-    walk(path)
+    walk(path, 0)
     return found
+
+
+def read_text(path: Path, limit: int = MAX_FILE_BYTES, reason: str = "InvalidKickstart") -> str:
+    """The text of the regular file `path`, as flatten() reads it: at most `limit` bytes of
+    UTF-8; FinalError(reason) naming the file otherwise. Not confined: callers check that."""
+    path = Path(path)
+    return _decode(_read_regular(path.resolve(), str(path), limit, reason), str(path), reason)
 
 
 def kickstart_digest(flat_text: str) -> str:
@@ -211,20 +275,52 @@ def kickstart_digest(flat_text: str) -> str:
     return hashlib.sha256(flat_text.encode()).hexdigest()
 
 
+def _root(path: Path, root: Path | None) -> Path:
+    """The (resolved) root that reads for kickstart `path` are confined to."""
+    context = _ROOT.get()
+    if root is None:
+        return context if context is not None else default_root(path)
+    chosen = Path(root).resolve()
+    if context is not None and not chosen.is_relative_to(context):
+        # A root given inside confined() (one from a queued request, say) narrows it, never
+        # widens it.
+        raise FinalError(
+            "InvalidKickstart", f"the root {root} is outside {context}, the files' own tree"
+        )
+    return chosen
+
+
 class _Flattener:
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root  # resolved; None: not confined
+    def __init__(self, root: Path) -> None:
+        self.root = root  # resolved
         self.lines: list[str] = []
         self.origins: list[Location] = []
         self.files: list[Path] = []
         self.notes: list[Diagnostic] = []
+        self.total = 0  # bytes read, a file counted once per %include of it
+        self.absolute: list[tuple[Location, str]] = []  # %include lines of installer paths
 
     def expand(self, path: Path, stack: tuple[Path, ...], at: Location | None) -> None:
         real = path.resolve()
         if real in stack:
             chain = " -> ".join(str(p) for p in (*stack[stack.index(real) :], real))
             raise FinalError("InvalidKickstart", f"{at}: %include cycle: {chain}")
-        text = _read(path, at)
+        where = f"{at}: %include {path}" if at else str(path)
+        if len(stack) > MAX_DEPTH:
+            raise FinalError(
+                "InvalidKickstart", f"{where}: %include nested more than {MAX_DEPTH} deep"
+            )
+        data = _read_regular(real, where, MAX_FILE_BYTES)
+        # Counted per %include, not per file: a file included twice is in the text twice, and
+        # includes that fan out at every level would otherwise multiply the work unchecked.
+        self.total += len(data)
+        if self.total > MAX_TOTAL_BYTES:
+            raise FinalError(
+                "InvalidKickstart",
+                f"{where}: the kickstart and its includes come to more than "
+                f"{_size(MAX_TOTAL_BYTES)} (the limit; a file counts once per %include of it)",
+            )
+        text = _decode(data, where)
         if real not in {p.resolve() for p in self.files}:
             self.files.append(path)
         for number, line in enumerate(text.splitlines(keepends=True), start=1):
@@ -233,11 +329,7 @@ class _Flattener:
                 target = _include_target(line)
             except ValueError as e:
                 raise FinalError("InvalidKickstart", f"{here}: {e}") from None
-            included = _local_include(path, target, self.root, here) if target else None
-            if included is not None:
-                self.expand(included, (*stack, real), here)
-                continue
-            if target:
+            if target and "://" in target:
                 self.notes.append(
                     Diagnostic(
                         here,
@@ -245,19 +337,125 @@ class _Flattener:
                         "diskflow cannot check its content",
                     )
                 )
+            elif target and os.path.isabs(target):
+                self.absolute.append((here, target))  # checked once every %pre is known
+            elif target:
+                self.expand(self.local(path, target, here), (*stack, real), here)
+                continue
             # A file's last line may lack a line break; the next file must not continue it.
             self.lines.append(line if line.splitlines() != [line] else line + "\n")
             self.origins.append(here)
 
+    def local(self, including: Path, target: str, at: Location) -> Path:
+        """The file a relative %include names; FinalError if it resolves outside the root."""
+        included = including.parent / target
+        if not included.resolve().is_relative_to(self.root):
+            raise FinalError(
+                "InvalidKickstart",
+                f"{at}: %include {target} is outside {self.root}: only files under it can be "
+                "included",
+            )
+        return included
 
-def _read(path: Path, at: Location | None) -> str:
-    where = f"{at}: %include {path}" if at else str(path)
+    def check_absolute(self) -> None:
+        """Refuse an absolute %include that no %pre section of the kickstart writes."""
+        if not self.absolute:
+            return
+        scripts = _pre_scripts(self.lines)
+        for here, target in self.absolute:
+            if not re.search(rf"(?<![\w./-]){re.escape(target)}(?![\w./-])", scripts):
+                raise FinalError(
+                    "InvalidKickstart",
+                    f"{here}: %include {target}: the installer reads an absolute path itself, "
+                    f"so a %pre section of the kickstart must create it, and none mentions "
+                    f"{target}",
+                )
+
+
+def _pre_scripts(lines: Iterable[str]) -> str:
+    """The bodies of the %pre sections among flattened kickstart lines, %include lines left out
+    (an %include inside a %pre does not create its file)."""
+    body: list[str] = []
+    inside = False
+    for line in lines:
+        first = line.split()[0] if line.split() else ""
+        if inside and first == "%end":
+            inside = False
+        elif inside and first != "%include":
+            body.append(line)
+        elif not inside and first == "%pre":
+            inside = True
+    return "".join(body)
+
+
+def _read_regular(real: Path, where: str, limit: int, reason: str = "InvalidKickstart") -> bytes:
+    """The bytes of `real` (a resolved path) if it is a regular file of at most `limit` bytes;
+    FinalError(reason) starting with `where` otherwise."""
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise FinalError("InvalidKickstart", f"{where}: not UTF-8 text ({e.reason})") from None
+        # A FIFO or device is refused before it is opened at all (opening one may block or
+        # act)...
+        _check_regular(os.stat(real), where, limit, reason)
+        # ...and what is opened is checked again, as it may have been swapped meanwhile:
+        # non-blocking, so that even a FIFO slipped in cannot hang the open, and never
+        # through a symlink put in place of the (resolved, checked) name.
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(real, flags)
     except OSError as e:
-        raise FinalError("InvalidKickstart", f"{where}: cannot read: {e.strerror}") from None
+        raise FinalError(reason, f"{where}: cannot read: {e.strerror}") from None
+    try:
+        _check_regular(os.fstat(fd), where, limit, reason)
+        data = bytearray()
+        while len(data) <= limit:  # one byte more than allowed tells a file grown since
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise FinalError(reason, f"{where}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise _too_large(where, f"more than {limit}", limit, reason)
+    return bytes(data)
+
+
+def _check_regular(info: os.stat_result, where: str, limit: int, reason: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise FinalError(
+            reason, f"{where}: is {_kind(info.st_mode)}, not a regular file: it is not read"
+        )
+    if info.st_size > limit:
+        raise _too_large(where, str(info.st_size), limit, reason)
+
+
+def _too_large(where: str, size: str, limit: int, reason: str) -> FinalError:
+    return FinalError(
+        reason, f"{where}: is {size} bytes, over the limit of {_size(limit)} for one file"
+    )
+
+
+def _kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a FIFO",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 and limit % (1 << 20) == 0 else f"{limit} bytes"
+
+
+def _decode(data: bytes, where: str, reason: str = "InvalidKickstart") -> str:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FinalError(reason, f"{where}: not UTF-8 text ({e.reason})") from None
+    # Universal newlines, as the text-mode reads before did: the same file, the same digest.
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _include_target(line: str) -> str | None:
@@ -272,23 +470,24 @@ def _include_target(line: str) -> str | None:
     return args[1]
 
 
-def _local_include(
-    including: Path, target: str, root: Path | None = None, at: Location | None = None
-) -> Path | None:
-    """The file in the repository an %include names, None if the installer must read it.
+# Where a line's words end, besides whitespace: pykickstart quotes option values on their own.
+_WORD_BREAK = re.compile(r"[\s=,;:'\"()\[\]{}<>]+")
 
-    With a (resolved) `root`, a file outside it is refused: FinalError names the line `at`.
-    """
-    if "://" in target or os.path.isabs(target):
-        return None
-    included = including.parent / target
-    if root is not None and not included.resolve().is_relative_to(root):
-        where = f"{at}: " if at else ""
-        raise FinalError(
-            "InvalidKickstart",
-            f"{where}%include {target} is outside {root}: only files under it can be included",
-        )
-    return included
+
+def _redact(message: str, line: str, vocabulary: set[str]) -> str:
+    """`message` without the words of `line` (pykickstart's own names stay), or, if some of
+    them cannot be taken out cleanly, a message that says nothing of the line."""
+    words = {*line.split(), *_WORD_BREAK.split(line)}
+    with contextlib.suppress(ValueError):
+        words.update(shlex.split(line))  # values as pykickstart sees them, unquoted
+    words = {w for w in words if w and w not in vocabulary}
+    shown = message
+    for word in sorted(words, key=len, reverse=True):
+        shown = re.sub(rf"(?<![\w-]){re.escape(word)}(?![\w-])", "…", shown)
+    # A word pykickstart quoted inside another one (changed case, a prefix): say nothing.
+    if any(len(w) >= 3 and w.lower() in shown.lower() for w in words):
+        return "pykickstart cannot accept this line (its text is not shown: an included file's)"
+    return shown if shown == message else f"{shown} (the line's words are not shown)"
 
 
 def _handler(version: str) -> BaseHandler:

@@ -147,10 +147,10 @@ class BuildState:
 def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
     """Check the template and its kickstart; work out the build id; skip if published."""
     started = time.monotonic()
-    with _kickstart_files(request) as (path, media_base, shown):
-        template = load_template(path, media_base)
+    with _kickstart_files(request) as (path, media_base, media_roots, root, shown):
+        template = load_template(path, media_base, media_roots)
         emit("validate", "start", f"validating {request.kickstart} as {template.version}")
-        checked = kickstart.validate(template.kickstart, template.version)
+        checked = kickstart.validate(template.kickstart, template.version, root)
         for warning in checked.warnings:
             emit("validate", "warning", shown(str(warning)))
     media = provenance.inputs(template)
@@ -396,17 +396,29 @@ def _keep_logs(workdir: Path, output: Path) -> None:
 @contextmanager
 def _kickstart_files(
     request: BuildRequest,
-) -> Iterator[tuple[Path, Path | None, Callable[[str], str]]]:
+) -> Iterator[tuple[Path, Path | None, tuple[Path, ...] | None, Path | None, Callable[[str], str]]]:
     """The kickstart to read, in place or unpacked from the request's bundle; where relative
-    media paths start; and how to show a message about the files (with the submitter's paths).
+    media paths start; the directories media must be under (None: anywhere); the root its
+    %includes are confined to (None: the default, or the bundle's); and how to show a message
+    about the files (with the submitter's paths).
     """
+    from pipelines.bundle import media_dirs  # here: only this function reads the setting
+
     bundle = request.bundle
     if bundle is None:
-        yield Path(request.kickstart), None, str
+        # The user's own files on their own machine: media anywhere, includes in their tree.
+        root = Path(request.kickstart_root) if request.kickstart_root else None
+        yield Path(request.kickstart), None, None, root, str
         return
+    # Read before unpacking: a misconfigured worker fails before it writes anything.
+    roots = media_dirs()
     with unpacked(bundle) as path:
         scratch = str(path.parents[len(Path(bundle.kickstart).parts) - 1])
-        yield path, bundle.media_base, lambda text: text.replace(scratch, bundle.origin)
+
+        def shown(text: str) -> str:
+            return text.replace(scratch, bundle.origin)
+
+        yield path, bundle.media_base, roots, None, shown
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -79,11 +79,15 @@ class InvalidSettings(FinalError):
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """The worker's numeric settings, read from its environment and checked together."""
+    """The worker's settings, read from its environment and checked together."""
 
     concurrency: int = 1
     visibility_timeout: int = DEFAULT_VISIBILITY_TIMEOUT
     max_build_timeout: int = DEFAULT_VISIBILITY_TIMEOUT - BUILD_MARGIN_SECONDS
+    # DISKFLOW_MEDIA_DIRS: where a queued build's iso/kernel/initrd may be (none by default).
+    # The validate step reads it itself (pipelines.bundle.media_dirs); here it is checked
+    # when the worker starts, so a bad value stops the worker rather than every build.
+    media_dirs: tuple[str, ...] = ()
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> WorkerSettings:
@@ -112,7 +116,13 @@ class WorkerSettings:
                 "Redis would hand a build still running to a second worker. Lower the first "
                 f"(at most {visibility - margin}) or raise the second."
             )
-        return cls(number(CONCURRENCY_ENV, 1), visibility, max_build)
+        from pipelines.bundle import media_dirs
+
+        try:
+            media = tuple(str(d) for d in media_dirs(environ))
+        except FinalError as e:
+            raise InvalidSettings(e.message) from None
+        return cls(number(CONCURRENCY_ENV, 1), visibility, max_build, media)
 
 
 def make_app(settings: WorkerSettings, broker: str | None = None) -> Celery:

@@ -18,7 +18,10 @@
     initrd = "initrd.img"         # no bootloader; default: the image's own bootloader
     kernel_args = "root=/dev/vda1 console=ttyS0"
 
-Relative `iso`, `kernel` and `initrd` paths are relative to the metadata file. A location
+Relative `iso`, `kernel` and `initrd` paths are relative to the metadata file; each must name a
+regular file. A queued build's are read by the worker, which only reads media under the
+directories it is configured with (`media_roots`, from DISKFLOW_MEDIA_DIRS): the metadata
+comes from whoever queued the build and must not make the worker read its own files. A location
 must not carry credentials (`user:password@`): it is passed on virt-install's command line and
 recorded in the published manifest.
 """
@@ -26,17 +29,23 @@ recorded in the published manifest.
 from __future__ import annotations
 
 import re
+import stat
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from importer.errors import FinalError
 from importer.quantity import parse_quantity
+from pipelines.kickstart import MAX_FILE_BYTES, read_text
 
 TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMPLATE_KEYS = {"version", "os_variant", "disk_size", "memory", "vcpus"}
 INSTALL_KEYS = {"location", "iso", "kernel", "initrd", "kernel_args"}
 BOOT_KEYS = {"kernel", "initrd", "kernel_args"}
+# The worker setting (colon-separated absolute directories) that a queued build's media must be
+# under; read by pipelines.bundle.media_dirs, named here in load_template's errors.
+MEDIA_DIRS_ENV = "DISKFLOW_MEDIA_DIRS"
 
 # A URL's authority (what urlsplit calls netloc): userinfo, if any, is what precedes an "@".
 _AUTHORITY = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)")
@@ -102,23 +111,27 @@ def metadata_path(kickstart: Path) -> Path:
     return kickstart.with_suffix(".toml")
 
 
-def load_template(kickstart: Path, media_base: Path | None = None) -> Template:
+def load_template(
+    kickstart: Path, media_base: Path | None = None, media_roots: Sequence[Path] | None = None
+) -> Template:
     """Read a kickstart's metadata; every error names the file and the key.
 
     Relative iso/kernel/initrd paths are relative to `media_base` (default: the metadata's
-    directory).
+    directory). With `media_roots` (a worker's DISKFLOW_MEDIA_DIRS; empty: none allowed), a
+    media file that resolves outside all of them is refused; None reads media anywhere, for
+    the user's own local builds.
     """
     kickstart = Path(kickstart)
     if not kickstart.is_file():
         raise FinalError("InvalidTemplate", f"{kickstart}: no such kickstart file")
     meta = metadata_path(kickstart)
+    if not meta.exists():
+        raise FinalError("InvalidTemplate", f"{kickstart}: its metadata file {meta} is missing")
     try:
-        data = tomllib.loads(meta.read_text())
-    except FileNotFoundError:
-        raise FinalError(
-            "InvalidTemplate", f"{kickstart}: its metadata file {meta} is missing"
-        ) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        # Bounded and regular files only, as kickstarts are read: a symlink to /dev/zero in a
+        # pull request must fail the check, not hang it.
+        data = tomllib.loads(read_text(meta, MAX_FILE_BYTES, reason="InvalidTemplate"))
+    except tomllib.TOMLDecodeError as e:
         raise FinalError("InvalidTemplate", f"{meta}: not valid TOML: {e}") from None
 
     if not TEMPLATE_NAME.fullmatch(kickstart.stem):
@@ -139,8 +152,8 @@ def load_template(kickstart: Path, media_base: Path | None = None) -> Template:
         disk_size=_quantity(template, "disk_size", meta),
         memory=_quantity(template, "memory", meta),
         vcpus=_positive_int(template, "vcpus", meta, default=2),
-        install=_install_source(install, meta, media_base or meta.parent),
-        boot=_boot_source(data, meta, media_base or meta.parent),
+        install=_install_source(install, meta, media_base or meta.parent, media_roots),
+        boot=_boot_source(data, meta, media_base or meta.parent, media_roots),
     )
 
 
@@ -185,7 +198,9 @@ def _positive_int(table: dict, key: str, meta: Path, *, default: int) -> int:
     return value
 
 
-def _install_source(table: dict, meta: Path, base: Path) -> InstallSource:
+def _install_source(
+    table: dict, meta: Path, base: Path, roots: Sequence[Path] | None = None
+) -> InstallSource:
     kinds = [k for k in ("location", "iso", "kernel") if k in table]
     if len(kinds) != 1:
         raise FinalError(
@@ -211,14 +226,16 @@ def _install_source(table: dict, meta: Path, base: Path) -> InstallSource:
             )
         return InstallSource(location=location, kernel_args=kernel_args)
     paths = {
-        key: _existing_file(table, key, meta, base)
+        key: _existing_file(table, key, meta, base, roots=roots)
         for key in ("iso", "kernel", "initrd")
         if key in table
     }
     return InstallSource(**paths, kernel_args=kernel_args)
 
 
-def _boot_source(data: dict, meta: Path, base: Path) -> BootSource:
+def _boot_source(
+    data: dict, meta: Path, base: Path, roots: Sequence[Path] | None = None
+) -> BootSource:
     if "boot" not in data:
         return BootSource()
     table = _table(data, "boot", BOOT_KEYS, meta)
@@ -233,15 +250,42 @@ def _boot_source(data: dict, meta: Path, base: Path) -> BootSource:
             f"{meta}: [boot] kernel_args needs kernel and initrd (the image's own bootloader "
             "has its own command line)",
         )
-    files = {key: _existing_file(table, key, meta, base, section="boot")
+    files = {key: _existing_file(table, key, meta, base, section="boot", roots=roots)
              for key in ("kernel", "initrd") if key in table}  # fmt: skip
     return BootSource(**files, kernel_args=kernel_args)
 
 
 def _existing_file(
-    table: dict, key: str, meta: Path, base: Path, *, section: str = "install"
+    table: dict,
+    key: str,
+    meta: Path,
+    base: Path,
+    *,
+    section: str = "install",
+    roots: Sequence[Path] | None = None,
 ) -> Path:
+    """The regular file `key` names; within `roots` (resolved, symlinks followed) if given."""
     path = base / _string(table, key, meta, section=section)
-    if not path.is_file():
-        raise FinalError("InvalidTemplate", f"{meta}: [{section}] {key}: no such file {path}")
+    where = f"{meta}: [{section}] {key}"
+    if roots is not None:
+        # Checked before anything else about the file: the metadata must not even learn
+        # whether a file outside exists.
+        allowed = [Path(root).resolve() for root in roots]
+        if not any(path.resolve().is_relative_to(root) for root in allowed):
+            dirs = ", ".join(str(root) for root in allowed) or "none are configured"
+            raise FinalError(
+                "InvalidTemplate",
+                f"{where}: {path} is outside the directories this worker reads installer media "
+                f"from ({MEDIA_DIRS_ENV}: {dirs})",
+            )
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FinalError("InvalidTemplate", f"{where}: no such file {path}") from None
+    except OSError as e:
+        raise FinalError("InvalidTemplate", f"{where}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        # virt-install and the build id's checksum read it whole: a FIFO or a device would
+        # hang them or never end.
+        raise FinalError("InvalidTemplate", f"{where}: {path} is not a regular file")
     return path

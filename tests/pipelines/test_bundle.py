@@ -42,6 +42,7 @@ def tmpdir_(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def repo(tmp_path: Path) -> Path:
     """A submitter's checkout: a template that includes a file from a sibling directory."""
     root = tmp_path / "repo"
+    (root / ".git").mkdir(parents=True)  # the tree its %includes are confined to
     write(root / "kickstarts" / "web.ks", minimal("%include ../common/base.ks\n"))
     write(root / "kickstarts" / "web.toml", METADATA)
     write(root / "kickstarts" / "media" / "install.iso", "not really an iso\n")
@@ -77,7 +78,10 @@ def test_packed_template_validates_unpacked(repo: Path, tmpdir_: Path) -> None:
     assert list(tmpdir_.iterdir()) == []  # the scratch directory is gone
 
 
-def test_validate_step_runs_from_the_bundle(repo: Path, tmpdir_: Path) -> None:
+def test_validate_step_runs_from_the_bundle(
+    repo: Path, tmpdir_: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISKFLOW_MEDIA_DIRS", f"/nonexistent:{repo / 'kickstarts' / 'media'}")
     kickstart = repo / "kickstarts" / "web.ks"
     request = BuildRequest(kickstart=str(kickstart)).packed()
     state = validate_step(request)
@@ -183,7 +187,10 @@ def test_nested_include_that_leaves_the_bundle_is_refused(tmpdir_: Path) -> None
     assert SECRET not in e.value.message
 
 
-def test_validate_step_refuses_an_escaping_include(repo: Path, tmpdir_: Path) -> None:
+def test_validate_step_refuses_an_escaping_include(
+    repo: Path, tmpdir_: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DISKFLOW_MEDIA_DIRS", str(repo))  # the media are fine: the include isn't
     # The root travels from unpacked() to the validate step's kickstart.validate unasked.
     write(tmpdir_ / "outside.ks", f"{SECRET}\n")
     request = BuildRequest(kickstart=str(repo / "kickstarts" / "web.ks")).packed()
@@ -206,6 +213,7 @@ def test_validate_step_refuses_an_escaping_include(repo: Path, tmpdir_: Path) ->
 def test_confinement_ends_with_the_block(tmp_path: Path, tmpdir_: Path) -> None:
     with unpacked(bundle_of({"t.ks": minimal()})):
         pass
+    (tmp_path / ".git").mkdir()  # tmp_path is the repository: ../shared.ks is in it
     ks = write(tmp_path / "repo" / "t.ks", minimal("%include ../shared.ks\n"))
     write(tmp_path / "shared.ks", "zerombr\n")
     assert flatten(ks).text.endswith("zerombr\n")
@@ -232,8 +240,9 @@ def test_errors_inside_name_the_submitters_paths(tmpdir_: Path) -> None:
 
 
 def test_warnings_of_a_bundled_kickstart_name_the_submitters_files(
-    repo: Path, tmpdir_: Path
+    repo: Path, tmpdir_: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("DISKFLOW_MEDIA_DIRS", str(repo))
     kickstart = repo / "kickstarts" / "web.ks"
     kickstart.write_text(kickstart.read_text() + "autostep\n")
     events: list[tuple[str, str]] = []
