@@ -53,7 +53,7 @@ if [[ $# -eq 0 && -x $debian_python ]] &&
     .venv-debian/bin/python -m pip install -q --upgrade "pip>=24"
     .venv-debian/bin/python -m pip install -q -e ".[test]"
     pytest .venv-debian tests/importer tests/contracts tests/charts tests/controller/test_plan.py \
-        tests/controller/test_decide.py
+        tests/controller/test_decide.py tests/cli/test_import_cli.py
     demo=$(mktemp -d)
     .venv-debian/bin/diskflow demo "$demo" --progress none
     rm -rf "$demo"

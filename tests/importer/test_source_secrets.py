@@ -16,8 +16,8 @@ from importer import HttpOptions, ImportOptions, S3Options, import_image
 from importer.errors import ImportFailure
 from pipelines.publish.http import HttpStore
 from tests.conftest import Images, run, running_nginx
-from tests.importer.test_cli import diskflow
 from tests.importer.test_import_formats import assert_same_content
+from tests.support.commands import diskflow_import as diskflow
 from tests.support.faultserver import FaultServer
 from tests.support.stores import BUCKET, AuthS3, s3_client
 

@@ -4,7 +4,6 @@ log, Prometheus metrics, and credentials that never show up in any output."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,21 +18,10 @@ from prometheus_client.samples import Sample
 from importer.capacity import usable_size
 from importer.progress import MetricsReporter, Snapshot
 from tests.conftest import Images, MiB, free_port
+from tests.support.commands import diskflow_import
 from tests.support.faultserver import FaultServer
 
 SECRET = "correct-horse-battery-staple"
-
-
-def diskflow(
-    *args: str | Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "diskflow", "import", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 def test_success_prints_json_progress_and_writes_the_termination_log(
@@ -41,7 +29,7 @@ def test_success_prints_json_progress_and_writes_the_termination_log(
 ) -> None:
     log = tmp_path / "termination-log"
     source = images.path("qcow2", "xz")
-    done = diskflow(
+    done = diskflow_import(
         f"{nginx}/{source.name}", tmp_path / "disk.img", "--progress", "json",
         "--termination-log", log, "--size", "64Mi",
     )  # fmt: skip
@@ -63,7 +51,7 @@ def test_an_image_through_scratch_space_says_so_and_why(
     images: Images, nginx: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "termination-log"
-    done = diskflow(
+    done = diskflow_import(
         f"{nginx}/{images.path('vhdx').name}", tmp_path / "disk.img", "--progress", "json",
         "--termination-log", log, "--scratch-dir", tmp_path,
     )  # fmt: skip
@@ -78,7 +66,7 @@ def test_an_image_through_scratch_space_says_so_and_why(
         "scratch",
         "diskflow does not stream vhdx images",
     )
-    no_scratch = diskflow(
+    no_scratch = diskflow_import(
         f"{nginx}/{images.path('vhdx').name}", tmp_path / "other.img", "--no-scratch",
         "--termination-log", log,
     )  # fmt: skip
@@ -90,7 +78,9 @@ def test_an_image_through_scratch_space_says_so_and_why(
 def test_final_failure_exits_1_with_reason(faults: FaultServer, tmp_path: Path) -> None:
     log = tmp_path / "termination-log"
     url = faults.url(uuid.uuid4().hex, "disk.raw.gz", status=404, times=9)
-    done = diskflow(url, tmp_path / "disk.img", "--progress", "none", "--termination-log", log)
+    done = diskflow_import(
+        url, tmp_path / "disk.img", "--progress", "none", "--termination-log", log
+    )
     assert done.returncode == 1
     assert "404" in done.stderr and "[NotFound]" in done.stderr
     record = json.loads(log.read_text())
@@ -105,7 +95,7 @@ def test_final_failure_exits_1_with_reason(faults: FaultServer, tmp_path: Path) 
 
 def test_transient_failure_exits_75(faults: FaultServer, tmp_path: Path) -> None:
     url = faults.url(uuid.uuid4().hex, "disk.raw.gz", status=503, times=99)
-    done = diskflow(
+    done = diskflow_import(
         url, tmp_path / "d.img", "--progress", "json", "--retries", "1", "--retry-backoff", "0"
     )
     assert done.returncode == 75
@@ -120,9 +110,9 @@ def test_bad_arguments_are_named(images: Images, tmp_path: Path) -> None:
         ("--header", "no colon here"): "is not of the form",
     }
     for args, message in cases.items():
-        done = diskflow(images.raw, tmp_path / "d.img", "--progress", "none", *args)
+        done = diskflow_import(images.raw, tmp_path / "d.img", "--progress", "none", *args)
         assert done.returncode == 1 and message in done.stderr, done.stderr
-    done = diskflow(images.raw, tmp_path / "no-such-dir" / "d.img", "--progress", "none")
+    done = diskflow_import(images.raw, tmp_path / "no-such-dir" / "d.img", "--progress", "none")
     assert done.returncode == 1 and "does not exist" in done.stderr
 
 
@@ -138,7 +128,7 @@ def test_credentials_never_appear_in_output(faults: FaultServer, tmp_path: Path)
         (["--auth-file", auth, "--header-file", headers], {}),
         ([], {"DISKFLOW_HTTP_USER": "admin", "DISKFLOW_HTTP_PASSWORD": SECRET}),
     ):
-        done = diskflow(
+        done = diskflow_import(
             url, tmp_path / "d.img", "--progress", "json", "--termination-log", log, *extra, env=env
         )
         assert done.returncode == 1
@@ -149,7 +139,7 @@ def test_credentials_never_appear_in_output(faults: FaultServer, tmp_path: Path)
 
 
 def test_half_set_credentials_are_refused(images: Images, tmp_path: Path) -> None:
-    done = diskflow(images.raw, tmp_path / "d.img", env={"DISKFLOW_HTTP_USER": "admin"})
+    done = diskflow_import(images.raw, tmp_path / "d.img", env={"DISKFLOW_HTTP_USER": "admin"})
     assert done.returncode == 1 and "DISKFLOW_HTTP_PASSWORD" in done.stderr
 
 
@@ -257,7 +247,7 @@ def test_a_taken_metrics_port_fails_for_now_before_reading(
     token, log = uuid.uuid4().hex, tmp_path / "termination-log"
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        done = diskflow(
+        done = diskflow_import(
             faults.url(token, "disk.raw.gz"), tmp_path / "d.img", "--progress", "none",
             "--metrics-addr", "127.0.0.1", "--metrics-port", port, "--termination-log", log,
         )  # fmt: skip
@@ -276,7 +266,7 @@ def test_a_metrics_address_of_no_interface_is_refused(images: Images, tmp_path: 
         ("192.0.2.1", f"192.0.2.1:{port}: Cannot assign requested address"),  # TEST-NET-1
         ("metrics.example", "'metrics.example' is not an IPv4 or IPv6 address"),
     ):
-        done = diskflow(
+        done = diskflow_import(
             images.raw, tmp_path / "d.img", "--progress", "none",
             "--metrics-addr", address, "--metrics-port", port,
         )  # fmt: skip
@@ -306,12 +296,12 @@ def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> No
 
 def test_progress_bar_shows_stages_bytes_and_speed(images: Images, tmp_path: Path) -> None:
     # vhdx goes through scratch space: downloaded, then converted by qemu-img.
-    done = diskflow(images.path("vhdx", "gz"), tmp_path / "d.img", "--progress", "bar")
+    done = diskflow_import(images.path("vhdx", "gz"), tmp_path / "d.img", "--progress", "bar")
     assert done.returncode == 0, done.stderr
     assert "download" in done.stderr and "convert" in done.stderr and "MiB" in done.stderr
     assert done.stdout.startswith("imported ")
     # vmdk streams: decoded as it downloads, with no convert stage.
-    done = diskflow(images.path("vmdk", "gz"), tmp_path / "e.img", "--progress", "bar")
+    done = diskflow_import(images.path("vmdk", "gz"), tmp_path / "e.img", "--progress", "bar")
     assert done.returncode == 0, done.stderr
     assert "download" in done.stderr and "MiB" in done.stderr
     assert "convert" not in done.stderr
@@ -372,7 +362,9 @@ def test_sigterm_cleans_up_and_reports_when_streaming(faults: FaultServer, tmp_p
 def test_secret_header_file_lines_are_never_echoed(images: Images, tmp_path: Path) -> None:
     headers = tmp_path / "headers"
     headers.write_text(f"X-Ok: 1\nBearer {SECRET}\n")
-    done = diskflow(images.raw, tmp_path / "d.img", "--progress", "json", "--header-file", headers)
+    done = diskflow_import(
+        images.raw, tmp_path / "d.img", "--progress", "json", "--header-file", headers
+    )
     assert done.returncode == 1 and "line 2 of" in done.stderr
     assert SECRET not in done.stdout + done.stderr
 
@@ -388,6 +380,6 @@ def test_more_bad_arguments(images: Images, tmp_path: Path) -> None:
         (["--auth-file", auth], "Latin-1"),
     ]
     for args, message in cases:
-        done = diskflow(images.raw, tmp_path / "d.img", "--progress", "none", *args)
+        done = diskflow_import(images.raw, tmp_path / "d.img", "--progress", "none", *args)
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr

@@ -17,17 +17,11 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from tests.conftest import run, sha256  # noqa: E402
+from tests.support.commands import diskflow  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TRACEBACK = 'echo "Traceback (most recent call last):"; echo "Boom"'
-
-
-def diskflow(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "diskflow", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
 
 
 def test_every_shipped_kickstart_passes_validate() -> None:
