@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -14,37 +12,29 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import typer.main
 from typer.core import TyperGroup
 
-from diskflow.options import (
-    S3Addressing,
-    S3AddressingOption,
-    S3CredentialsFile,
-    S3Endpoint,
-    S3Profile,
-    S3Region,
-    s3_options,
-)
+from diskflow.failures import guarded, print_failure
+from diskflow.flags import takes_groups
+from diskflow.options import S3Flags
 from importer import (
     Checksum,
     ContentType,
     HttpOptions,
-    ImportFailure,
     ImportOptions,
     ImportResult,
     Progress,
     import_image,
 )
 from importer.capacity import DEFAULT_OVERHEAD
-from importer.errors import FinalError, TransientError
-from importer.outcome import EXIT_FINAL, Outcome
+from importer.errors import FinalError
+from importer.outcome import Outcome
 from importer.progress import JsonReporter, MetricsReporter, Reporter, RichReporter, reporting
 from importer.quantity import parse_quantity
-from importer.reasons import Reason
 from importer.sources.http_options import parse_header
 
 if TYPE_CHECKING:
@@ -145,7 +135,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-T = TypeVar("T")
 USER_ENV, PASSWORD_ENV = "DISKFLOW_HTTP_USER", "DISKFLOW_HTTP_PASSWORD"
 
 
@@ -177,6 +166,7 @@ def main(
 
 
 @app.command("import")
+@takes_groups
 def import_command(
     source: Annotated[
         str,
@@ -281,11 +271,8 @@ def import_command(
             "(under 100 MB/s over the first 8 MiB); 1: always one stream.",
         ),
     ] = 4,
-    s3_endpoint: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
-    s3_profile: S3Profile = None,
-    s3_credentials_file: S3CredentialsFile = None,
+    *,  # the options of S3Flags go here, in --help too
+    store: S3Flags,
     s3: Annotated[
         bool,
         typer.Option(
@@ -396,18 +383,7 @@ def import_command(
                     min_rate=min_rate,
                     min_rate_window=min_rate_window,
                 ),
-                s3=replace(
-                    s3_options(
-                        s3_endpoint,
-                        s3_region,
-                        s3_addressing,
-                        s3_profile,
-                        s3_credentials_file,
-                        cdi_url=s3,
-                    ),
-                    access_key=access_key,
-                    secret_key=secret_key,
-                ),
+                s3=replace(store.options(cdi_url=s3), access_key=access_key, secret_key=secret_key),
                 connections=connections,
                 preallocate=preallocate,
                 filesystem_overhead=filesystem_overhead,
@@ -467,53 +443,6 @@ def _run(
         stage=lambda: state.current_stage,
     )
     _finish(Outcome.success(result, state.current_stage), mode, termination_log)
-
-
-def guarded(
-    job: Callable[[], T],
-    finish: Callable[[Outcome], None],
-    *,
-    completed: Callable[[], bool] = lambda: False,
-    stage: Callable[[], str | None] = lambda: None,
-) -> T:
-    """Run `job`; on failure hand `finish` the outcome and exit 1 (final) or 75.
-
-    A SIGTERM unwinds the job like an error, unless `completed()` says the job has already
-    reached the point where it stands (then it finishes and reports success)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-
-    # Kubernetes stops a pod with SIGTERM: unwind like an error, so that partial and scratch
-    # files (and a build's domain) are removed and the termination log says what happened.
-    def terminated(signum: int, frame: object) -> None:
-        if completed():
-            logging.getLogger("diskflow").warning("SIGTERM after the import completed: ignored")
-            return
-        raise TransientError("Terminated", "stopped by SIGTERM; it can be run again")
-
-    signal.signal(signal.SIGTERM, terminated)
-    try:
-        return job()
-    except ImportFailure as failure:
-        outcome = Outcome(ok=False, reason=failure.reason, message=failure.message,
-                          final=failure.final, stage=stage())  # fmt: skip
-        finish(outcome)
-        raise typer.Exit(outcome.exit_code) from None
-    except OSError as exc:
-        # Disk full, permission denied on the destination, ...: the message names the file.
-        finish(Outcome.failure(Reason.IO_ERROR, str(exc), stage()))
-        raise typer.Exit(EXIT_FINAL) from None
-    except Exception as exc:
-        # A bug of ours: say so without repeating a message that might quote an input.
-        if os.environ.get("DISKFLOW_DEBUG"):
-            logging.getLogger("diskflow").exception("internal error")
-        message = f"internal error ({type(exc).__name__}); set DISKFLOW_DEBUG=1 for a traceback"
-        finish(Outcome.failure(Reason.INTERNAL_ERROR, message, stage()))
-        raise typer.Exit(EXIT_FINAL) from None
-
-
-def print_failure(outcome: Outcome) -> None:
-    """The line every command prints when it fails: `error: MESSAGE [Reason]`."""
-    typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)
 
 
 def _resolve(mode: ProgressMode) -> ProgressMode:

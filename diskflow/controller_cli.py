@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from diskflow.failures import guarded, print_failure
 from importer.errors import FinalError
 
 
@@ -108,7 +109,6 @@ def controller(
     """Run the DataVolume controller: DataVolumes in, PVCs filled by importer pods out.
 
     Connects with the in-cluster service account, else the kubeconfig (KUBECONFIG)."""
-    from diskflow.cli import guarded, print_failure
     from importer.controller.config import ControllerConfig
     from importer.controller.operator import Scope, run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -17,38 +18,33 @@ class S3Addressing(StrEnum):
     VIRTUAL = "virtual"
 
 
-S3Endpoint = Annotated[
-    str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
-]
-S3Region = Annotated[
-    str | None, typer.Option(help="S3 region; default: from an AWS host name, else us-east-1.")
-]
-S3AddressingOption = Annotated[
-    S3Addressing,
-    typer.Option(help="Bucket in the path or the host name; auto: path with --s3-endpoint."),
-]
-S3Profile = Annotated[str | None, typer.Option(help="AWS profile for the credentials.")]
-S3CredentialsFile = Annotated[
-    Path | None,
-    typer.Option(exists=True, dir_okay=False, help="AWS shared-credentials file (INI)."),
-]
+@dataclass(frozen=True)
+class S3Flags:
+    """How to reach an S3 store: `diskflow import`'s sources, the template stores."""
 
+    s3_endpoint: Annotated[
+        str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
+    ] = None
+    s3_region: Annotated[
+        str | None,
+        typer.Option(help="S3 region; default: from an AWS host name, else us-east-1."),
+    ] = None
+    s3_addressing: Annotated[
+        S3Addressing,
+        typer.Option(help="Bucket in the path or the host name; auto: path with --s3-endpoint."),
+    ] = S3Addressing.AUTO
+    s3_profile: Annotated[str | None, typer.Option(help="AWS profile for the credentials.")] = None
+    s3_credentials_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="AWS shared-credentials file (INI)."),
+    ] = None
 
-def s3_options(
-    endpoint: str | None,
-    region: str | None,
-    addressing: S3Addressing,
-    profile: str | None,
-    credentials_file: Path | None,
-    *,
-    cdi_url: bool = False,
-) -> S3Options:
-    """S3Options from the shared --s3-* options."""
-    return S3Options(
-        endpoint=endpoint,
-        region=region,
-        addressing=addressing.value,
-        profile=profile,
-        credentials_file=str(credentials_file) if credentials_file else None,
-        cdi_url=cdi_url,
-    )
+    def options(self, *, cdi_url: bool = False) -> S3Options:
+        return S3Options(
+            endpoint=self.s3_endpoint,
+            region=self.s3_region,
+            addressing=self.s3_addressing.value,
+            profile=self.s3_profile,
+            credentials_file=str(self.s3_credentials_file) if self.s3_credentials_file else None,
+            cdi_url=cdi_url,
+        )

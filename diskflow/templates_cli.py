@@ -7,21 +7,16 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from diskflow.options import (
-    S3Addressing,
-    S3AddressingOption,
-    S3CredentialsFile,
-    S3Endpoint,
-    S3Profile,
-    S3Region,
-    s3_options,
-)
+from diskflow.failures import guarded, print_failure
+from diskflow.flags import takes_groups
+from diskflow.options import S3Flags
 from importer.errors import FinalError, ImportFailure
 from importer.outcome import Outcome
 from pipelines.accel import Accel
@@ -47,76 +42,165 @@ class EventMode(StrEnum):
     NONE = "none"
 
 
-Kickstarts = Annotated[
-    Path, typer.Option("--kickstarts", help="The directory of templates (NAME.ks + NAME.toml).")
-]
-Output = Annotated[Path, typer.Option(help="The template's files land in OUTPUT/NAME/.")]
-PublishTo = Annotated[
-    str | None,
-    typer.Option(help="s3://bucket/prefix, http(s)://artifact-store/path, or a local directory."),
-]
-Force = Annotated[bool, typer.Option(help="Build even when the same build id is published.")]
-AccelOption = Annotated[
-    Accel, typer.Option(help="kvm, tcg, or auto (KVM if it can run the guest, said aloud).")
-]
-Connect = Annotated[
-    str | None,
-    typer.Option(
-        help="libvirt URI (default: LIBVIRT_DEFAULT_URI, else qemu:///system; a queued build "
-        "uses the worker's).",
-    ),
-]
-Timeout = Annotated[
-    float,
-    typer.Option(
-        min=1,
-        help="Seconds the whole install may take (a worker lowers a longer one to its "
-        "DISKFLOW_MAX_BUILD_TIMEOUT).",
-    ),
-]
-SilenceTimeout = Annotated[
-    float,
-    typer.Option(min=1, help="Seconds without console or installer output before giving up."),
-]
-Network = Annotated[
-    str, typer.Option(help="virt-install --network: user (no bridge needed), none, bridge=br0...")
-]
-Seal = Annotated[bool, typer.Option(help="virt-sysprep the disk before compressing it.")]
-CompressionOption = Annotated[Compression, typer.Option(help="qcow2 compression: zstd or zlib.")]
-Workdir = Annotated[
-    Path | None, typer.Option(help="Where the install disk lives meanwhile (default: $TMPDIR).")
-]
-Progress = Annotated[
-    EventMode, typer.Option("--progress", help="auto: log lines on a terminal, JSON otherwise.")
-]
-AuthFile = Annotated[
-    Path | None,
-    typer.Option(
-        exists=True,
-        dir_okay=False,
-        help="user:password for an http(s) store (or DISKFLOW_PUBLISH_USER/_PASSWORD, or "
-        "DISKFLOW_PUBLISH_TOKEN).",
-    ),
-]
-PublicUrl = Annotated[
-    str | None, typer.Option(help="The HTTP URL serving a local directory store, for DataVolumes.")
-]
-Namespace = Annotated[str | None, typer.Option(help="Namespace of the DataVolume manifest.")]
-StorageClass = Annotated[str | None, typer.Option(help="storageClassName of the DataVolume.")]
-SecretRef = Annotated[
-    str | None,
-    typer.Option(help="Secret with the store's credentials, named in the DataVolume's source."),
-]
-
-
 class VolumeMode(StrEnum):
     FILESYSTEM = "Filesystem"
     BLOCK = "Block"
 
 
-VolumeModeOption = Annotated[
-    VolumeMode | None, typer.Option(help="volumeMode of the DataVolume (sizes it to match).")
+STORE_URL = "s3://bucket/prefix, http(s)://artifact-store/path, or a local directory."
+Kickstarts = Annotated[
+    Path, typer.Option("--kickstarts", help="The directory of templates (NAME.ks + NAME.toml).")
 ]
+Progress = Annotated[
+    EventMode, typer.Option("--progress", help="auto: log lines on a terminal, JSON otherwise.")
+]
+Root = Annotated[
+    Path | None,
+    typer.Option(
+        exists=True,
+        file_okay=False,
+        help="The tree %include may read from; nothing outside it is read (default: the "
+        "kickstart's git repository, else its directory).",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class PublishFlags:
+    """How to reach the store a build is published to, and the DataVolume that points at it."""
+
+    store: S3Flags = field(default_factory=S3Flags)
+    auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="user:password for an http(s) store (or DISKFLOW_PUBLISH_USER/_PASSWORD, or "
+            "DISKFLOW_PUBLISH_TOKEN).",
+        ),
+    ] = None
+    public_url: Annotated[
+        str | None,
+        typer.Option(help="The HTTP URL serving a local directory store, for DataVolumes."),
+    ] = None
+    namespace: Annotated[
+        str | None,
+        typer.Option(help="Namespace of the DataVolume manifest."),
+    ] = None
+    storage_class: Annotated[
+        str | None, typer.Option(help="storageClassName of the DataVolume.")
+    ] = None
+    secret_ref: Annotated[
+        str | None,
+        typer.Option(help="Secret with the store's credentials, named in the DataVolume's source."),
+    ] = None
+    volume_mode: Annotated[
+        VolumeMode | None, typer.Option(help="volumeMode of the DataVolume (sizes it to match).")
+    ] = None
+
+    def options(self) -> PublishOptions:
+        from pipelines.steps import PublishOptions
+
+        return PublishOptions(
+            s3=self.store.options(),
+            auth_file=str(self.auth_file) if self.auth_file else None,
+            public_url=self.public_url,
+            namespace=self.namespace,
+            storage_class=self.storage_class,
+            secret_ref=self.secret_ref,
+            volume_mode=self.volume_mode.value if self.volume_mode else None,
+        )
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """How to build a template, test it and publish it: what `build` and `ci build` share."""
+
+    output: Annotated[
+        Path,
+        typer.Option(help="The template's files land in OUTPUT/NAME/."),
+    ] = Path("build")
+    publish_to: Annotated[
+        str | None,
+        typer.Option(help=STORE_URL),
+    ] = None
+    force: Annotated[
+        bool,
+        typer.Option(help="Build even when the same build id is published."),
+    ] = False
+    root: Root = None
+    accel: Annotated[
+        Accel, typer.Option(help="kvm, tcg, or auto (KVM if it can run the guest, said aloud).")
+    ] = Accel.AUTO
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            help="libvirt URI (default: LIBVIRT_DEFAULT_URI, else qemu:///system; a queued "
+            "build uses the worker's).",
+        ),
+    ] = None
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="Seconds the whole install may take (a worker lowers a longer one to its "
+            "DISKFLOW_MAX_BUILD_TIMEOUT).",
+        ),
+    ] = BuildOptions.timeout
+    no_output_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds without console or installer output before giving up."),
+    ] = BuildOptions.no_output_timeout
+    network: Annotated[
+        str,
+        typer.Option(help="virt-install --network: user (no bridge needed), none, bridge=br0..."),
+    ] = BuildOptions.network
+    seal: Annotated[bool, typer.Option(help="virt-sysprep the disk before compressing it.")] = False
+    compression: Annotated[
+        Compression,
+        typer.Option(help="qcow2 compression: zstd or zlib."),
+    ] = Compression.ZSTD
+    boot_test: Annotated[
+        bool,
+        typer.Option(
+            help="Boot the finished image once with a cloud-init NoCloud seed and wait for a "
+            "marker on its serial console before publishing; --no-boot-test skips it and the "
+            "manifest says so."
+        ),
+    ] = True
+    boot_timeout: Annotated[
+        float,
+        typer.Option(min=1, help="Seconds the boot test may take to show its marker."),
+    ] = BuildOptions.boot_timeout
+    workdir: Annotated[
+        Path | None,
+        typer.Option(help="Where the install disk lives meanwhile (default: $TMPDIR)."),
+    ] = None
+    publish: PublishFlags = field(default_factory=PublishFlags)
+
+    def request(self, kickstart: Path) -> BuildRequest:
+        """What to build of `kickstart`, as these options say."""
+        from pipelines.steps import BuildRequest
+
+        return BuildRequest(
+            kickstart=str(kickstart),
+            output=str(self.output),
+            publish_to=self.publish_to,
+            force=self.force,
+            workdir=str(self.workdir) if self.workdir else None,
+            kickstart_root=str(self.root) if self.root else None,
+            boot_test=self.boot_test,
+            build=BuildOptions(
+                connect=self.connect,
+                accel=self.accel,
+                timeout=self.timeout,
+                no_output_timeout=self.no_output_timeout,
+                network=self.network,
+                boot_timeout=self.boot_timeout,
+            ),
+            finalize=FinalizeOptions(seal=self.seal, compression=self.compression),
+            publish=self.publish.options(),
+        )
 
 
 def validate(
@@ -125,6 +209,7 @@ def validate(
         typer.Argument(help="Kickstart files (default: every template in --kickstarts)."),
     ] = None,
     kickstarts: Kickstarts = Path("kickstarts"),
+    root: Root = None,
 ) -> None:
     """Check kickstarts with pykickstart for their metadata's version, %includes resolved."""
     from pipelines import ci, kickstart
@@ -135,7 +220,7 @@ def validate(
     for path in paths:
         try:
             template = load_template(path)
-            checked = kickstart.validate(path, template.version)
+            checked = kickstart.validate(path, template.version, root=root)
         except ImportFailure as failure:
             failed += 1
             typer.echo(f"error: {failure.message} [{failure.reason}]", err=True)
@@ -147,41 +232,21 @@ def validate(
         raise typer.Exit(1)
 
 
+@takes_groups
 def build(
     kickstart_file: Annotated[Path, typer.Argument(help="kickstarts/NAME.ks", metavar="KICKSTART")],
-    output: Output = Path("build"),
-    publish_to: PublishTo = None,
-    force: Force = False,
-    accel: AccelOption = Accel.AUTO,
-    connect: Connect = None,
-    timeout: Timeout = BuildOptions.timeout,
-    no_output_timeout: SilenceTimeout = BuildOptions.no_output_timeout,
-    network: Network = BuildOptions.network,
-    seal: Seal = False,
-    compression: CompressionOption = Compression.ZSTD,
-    workdir: Workdir = None,
+    flags: BuildFlags,
     progress: Progress = EventMode.AUTO,
     queue: Annotated[
         bool,
         typer.Option(help="Submit to the Celery broker (DISKFLOW_BROKER_URL) and follow it."),
     ] = False,
-    s3_endpoint: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
-    s3_profile: S3Profile = None,
-    s3_credentials_file: S3CredentialsFile = None,
-    auth_file: AuthFile = None,
-    public_url: PublicUrl = None,
-    namespace: Namespace = None,
-    storage_class: StorageClass = None,
-    secret_ref: SecretRef = None,
-    volume_mode: VolumeModeOption = None,
 ) -> None:
-    """Build a template: validate, install with virt-install, compress, publish.
+    """Build a template: validate, install with virt-install, compress, boot-test, publish.
 
     Exit status: 0 built (or already published), 1 failed for good, 75 failed for now.
     """
-    request = _request(kickstart_file, **_shared(locals()))
+    request = flags.request(kickstart_file)
     from pipelines.steps import build_template
 
     mode = _resolve(progress)
@@ -190,6 +255,7 @@ def build(
     _report(lambda: run(request, emit), mode)
 
 
+@takes_groups
 def publish(
     directory: Annotated[
         Path,
@@ -197,29 +263,15 @@ def publish(
     ],
     publish_to: Annotated[
         str,
-        typer.Option(
-            help="s3://bucket/prefix, http(s)://artifact-store/path, or a local directory."
-        ),
+        typer.Option(help=STORE_URL),
     ],
-    s3_endpoint: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
-    s3_profile: S3Profile = None,
-    s3_credentials_file: S3CredentialsFile = None,
-    auth_file: AuthFile = None,
-    public_url: PublicUrl = None,
-    namespace: Namespace = None,
-    storage_class: StorageClass = None,
-    secret_ref: SecretRef = None,
-    volume_mode: VolumeModeOption = None,
+    flags: PublishFlags,
     progress: Progress = EventMode.AUTO,
 ) -> None:
     """Publish a build made earlier: image and .sha256 first, manifest last; a DataVolume."""
-    from diskflow.cli import guarded
     from pipelines.steps import publish_directory
 
-    given = locals()
-    options = _publish_options(**{name: given[name] for name in PUBLISH_OPTIONS})
+    options = flags.options()
     mode = _resolve(progress)
     published = guarded(
         lambda: publish_directory(directory, publish_to, options, _emitter(mode)),
@@ -275,52 +327,30 @@ def ci_changed(
     kickstarts: Kickstarts = Path("kickstarts"),
 ) -> None:
     """Print the templates (one kickstart path per line) a change since REF affects."""
-    from diskflow.cli import guarded
     from pipelines import ci
 
-    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
+    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), print_failure)
     for path in changed:
         typer.echo(path)
 
 
 @ci_app.command("build")
+@takes_groups
 def ci_build(
     since: Annotated[str, typer.Option(help="The git ref to compare HEAD with.")],
     junit: Annotated[Path, typer.Option(help="Where to write the JUnit XML report.")] = Path(
         "diskflow-junit.xml"
     ),
     kickstarts: Kickstarts = Path("kickstarts"),
-    output: Output = Path("build"),
-    publish_to: PublishTo = None,
-    force: Force = False,
-    accel: AccelOption = Accel.AUTO,
-    connect: Connect = None,
-    timeout: Timeout = BuildOptions.timeout,
-    no_output_timeout: SilenceTimeout = BuildOptions.no_output_timeout,
-    network: Network = BuildOptions.network,
-    seal: Seal = False,
-    compression: CompressionOption = Compression.ZSTD,
-    workdir: Workdir = None,
+    *,  # the options of BuildFlags go here, in --help too
+    flags: BuildFlags,
     progress: Progress = EventMode.AUTO,
-    s3_endpoint: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_addressing: S3AddressingOption = S3Addressing.AUTO,
-    s3_profile: S3Profile = None,
-    s3_credentials_file: S3CredentialsFile = None,
-    auth_file: AuthFile = None,
-    public_url: PublicUrl = None,
-    namespace: Namespace = None,
-    storage_class: StorageClass = None,
-    secret_ref: SecretRef = None,
-    volume_mode: VolumeModeOption = None,
 ) -> None:
     """Build and publish every template a change since REF affects; exit 1 if any failed."""
-    from diskflow.cli import guarded
     from pipelines import ci
     from pipelines.steps import build_template
 
-    shared = _shared(locals())
-    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), _print_failure)
+    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), print_failure)
     mode = _resolve(progress)
     emit = _emitter(mode)
 
@@ -330,7 +360,7 @@ def ci_build(
             for path in changed:
                 started = time.monotonic()
                 try:
-                    state = build_template(_request(path, **shared), emit)
+                    state = build_template(flags.request(path), emit)
                 except ImportFailure as failure:
                     text = f"{failure.message} [{failure.reason}]"
                     cases.append(ci.Case(path.stem, time.monotonic() - started, failure=text))
@@ -350,83 +380,11 @@ def ci_build(
             ci.write_junit(junit, "diskflow templates", cases)  # whatever happened
         return cases
 
-    cases = guarded(build_all, _print_failure)
+    cases = guarded(build_all, print_failure)
     failures = sum(1 for case in cases if case.failure)
     typer.echo(f"{len(cases)} template(s), {failures} failed; report in {junit}")
     if failures:
         raise typer.Exit(1)
-
-
-PUBLISH_OPTIONS = (
-    "s3_endpoint", "s3_region", "s3_addressing", "s3_profile", "s3_credentials_file",
-    "auth_file", "public_url", "namespace", "storage_class", "secret_ref", "volume_mode",
-)  # fmt: skip
-SHARED = (
-    "output", "publish_to", "force", "accel", "connect", "timeout", "no_output_timeout",
-    "network", "seal", "compression", "workdir", *PUBLISH_OPTIONS,
-)  # fmt: skip
-
-
-def _shared(options: dict[str, Any]) -> dict[str, Any]:
-    """The options `build` and `ci build` share, picked from a command's locals()."""
-    return {name: options[name] for name in SHARED}
-
-
-def _request(
-    kickstart_file: Path,
-    *,
-    output: Path,
-    publish_to: str | None,
-    force: bool,
-    accel: Accel,
-    connect: str | None,
-    timeout: float,
-    no_output_timeout: float,
-    network: str,
-    seal: bool,
-    compression: Compression,
-    workdir: Path | None,
-    **publish: Any,
-) -> BuildRequest:
-    from pipelines.steps import BuildRequest
-
-    return BuildRequest(
-        kickstart=str(kickstart_file),
-        output=str(output),
-        publish_to=publish_to,
-        force=force,
-        workdir=str(workdir) if workdir else None,
-        build=BuildOptions(connect, accel, timeout, no_output_timeout, network),
-        finalize=FinalizeOptions(seal, compression),
-        publish=_publish_options(**publish),
-    )
-
-
-def _publish_options(
-    *,
-    s3_endpoint: str | None,
-    s3_region: str | None,
-    s3_addressing: S3Addressing,
-    s3_profile: str | None,
-    s3_credentials_file: Path | None,
-    auth_file: Path | None,
-    public_url: str | None,
-    namespace: str | None,
-    storage_class: str | None,
-    secret_ref: str | None,
-    volume_mode: VolumeMode | None,
-) -> PublishOptions:
-    from pipelines.steps import PublishOptions
-
-    return PublishOptions(
-        s3=s3_options(s3_endpoint, s3_region, s3_addressing, s3_profile, s3_credentials_file),
-        auth_file=str(auth_file) if auth_file else None,
-        public_url=public_url,
-        namespace=namespace,
-        storage_class=storage_class,
-        secret_ref=secret_ref,
-        volume_mode=volume_mode.value if volume_mode else None,
-    )
 
 
 def _queued(request: BuildRequest, emit: Emit) -> BuildState:
@@ -441,14 +399,12 @@ def _failure_reporter(mode: EventMode) -> Callable[[Outcome], None]:
     def finish(outcome: Outcome) -> None:
         if mode is EventMode.JSON:
             print(json.dumps({"kind": "failed", **outcome.to_dict()}), flush=True)
-        _print_failure(outcome)
+        print_failure(outcome)
 
     return finish
 
 
 def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
-    from diskflow.cli import guarded
-
     state = guarded(job, _failure_reporter(mode))
     summary = {
         "template": state.template.name,
@@ -465,12 +421,6 @@ def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
             f"{state.template.name}: build {state.build_id} "
             + ("already published" if state.skipped else f"sha256 {output.get('sha256')}")
         )
-
-
-def _print_failure(outcome: Outcome) -> None:
-    from diskflow.cli import print_failure  # cli registers this module's commands
-
-    print_failure(outcome)
 
 
 def _resolve(mode: EventMode) -> EventMode:

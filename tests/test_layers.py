@@ -44,3 +44,21 @@ def test_no_import_points_up_or_out(package: str) -> None:
                 if module == banned or module.startswith(banned + "."):
                     wrong.append(f"{where} imports {module}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_only_the_entry_point_imports_the_app() -> None:
+    """diskflow.cli registers the other command modules (by name, loaded lazily); none of them
+    imports it back, not even inside a function: what they share is in diskflow.failures."""
+    wrong = []
+    for path in sorted((REPO / "diskflow").glob("*.py")):
+        if path.name in ("cli.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                else [f"{node.module}.{alias.name}" for alias in node.names]
+                if isinstance(node, ast.ImportFrom) else []
+            )  # fmt: skip
+            if any(name == "diskflow.cli" or name.startswith("diskflow.cli.") for name in names):
+                wrong.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not wrong, "\n".join(wrong)
