@@ -95,7 +95,8 @@ class BuildRequest:
 
     def packed(self) -> BuildRequest:
         """This request carrying its kickstart's files, ready to run on another machine."""
-        return replace(self, bundle=pack(Path(self.kickstart)))
+        root = Path(self.kickstart_root) if self.kickstart_root else None
+        return replace(self, bundle=pack(Path(self.kickstart), root))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,12 +2,13 @@
 
 A real distribution install needs a mirror, which a guest often cannot reach (and the tests and
 `diskflow demo template` must not need). This installer boots under virt-install as Anaconda
-would (kernel + initrd, kickstart injected as /ks.cfg), installs a tiny "operating system" on
-/dev/vda, runs the kickstart's %post sections with busybox sh, writes a marker to /dev/vda and
-powers off. Booted again with `root=/dev/vda` (BOOT_ARGS, a template's [boot] kernel_args) the
-same kernel and initrd start that system, whose "cloud-init" runs a NoCloud seed's user-data
-script: what diskflow's boot test needs. Everything comes from Debian packages that
-`scripts/setup.sh` installs (busybox-static, the cloud kernel's package from apt).
+would (kernel + initrd, kickstart injected as /ks.cfg), runs the kickstart's %pre sections,
+installs a tiny "operating system" on /dev/vda, runs the %post sections (busybox sh), writes
+a marker to /dev/vda and powers off. Booted again with `root=/dev/vda` (BOOT_ARGS, a
+template's [boot] kernel_args), the same kernel and initrd start that system, whose
+"cloud-init" runs a NoCloud seed's user-data script: what diskflow's boot test needs.
+Everything comes from Debian packages (busybox-static, installed by `scripts/setup.sh`; the
+cloud kernel's package, downloaded with apt).
 """
 
 from __future__ import annotations
@@ -114,13 +115,16 @@ fi
 [ -f "$ks" ] || fail "kickstart $ks not found in the initrd (was it given to --initrd-inject?)"
 say "kickstart $ks"
 
-# Each %post section becomes /tmp/post.N.sh; they run in order like Anaconda runs them.
+# Each %pre and %post section becomes /tmp/pre.N.sh or /tmp/post.N.sh; they run in order
+# like Anaconda runs them: %pre before the disk is touched, %post after the system is on it.
 mkdir -p /tmp
 awk '
-    /^%post([ \t]|$)/ { n++; f = sprintf("/tmp/post.%03d.sh", n); printf "" > f; next }
+    /^%(pre|post)([ \t]|$)/ {
+        n++; f = sprintf("/tmp/%s.%03d.sh", substr($1, 2), n); printf "" > f; next
+    }
     f != "" && /^%end([ \t]|$)/ { close(f); f = ""; next }
     f != "" { print > f }
-' "$ks" || fail "cannot read the %post sections of $ks"
+' "$ks" || fail "cannot read the %pre and %post sections of $ks"
 
 log=
 if grep -q '^@DIRECTIVE@[[:space:]]*$' "$ks"; then
@@ -140,27 +144,32 @@ if grep -q '^@DIRECTIVE@[[:space:]]*$' "$ks"; then
     fi
 fi
 
-# The system first, as Anaconda installs packages before running %post: a %post can break it.
+# run_sections pre|post: run those scripts in order; the first that fails ends the install.
+run_sections() {
+    for script in /tmp/"$1".*.sh; do
+        [ -f "$script" ] || continue
+        say "running %$1 ($script)"
+        if [ -n "$log" ]; then
+            { sh "$script" </dev/null; echo $? >/tmp/status; } 2>&1 | tee "$log"
+            status=$(cat /tmp/status)
+        else
+            sh "$script" </dev/null
+            status=$?
+        fi
+        if [ "$status" != 0 ]; then
+            say "%$1 failed with status $status"
+            halt
+        fi
+    done
+}
+
+run_sections pre
+# The system, as Anaconda installs packages before running %post: a %post can break it.
 [ "$(wc -c </os.sh)" -le $((@OS_SECTORS@ * 512)) ] || fail "/os.sh does not fit its sectors"
 dd if=/os.sh of=/dev/vda bs=512 seek=@OS_SECTOR@ conv=notrunc,fsync 2>/dev/null ||
     fail "cannot install the system on /dev/vda"
 say "system installed"
-
-for script in /tmp/post.*.sh; do
-    [ -f "$script" ] || continue
-    say "running %post ($script)"
-    if [ -n "$log" ]; then
-        { sh "$script" </dev/null; echo $? >/tmp/post.status; } 2>&1 | tee "$log"
-        status=$(cat /tmp/post.status)
-    else
-        sh "$script" </dev/null
-        status=$?
-    fi
-    if [ "$status" != 0 ]; then
-        say "%post failed with status $status"
-        halt
-    fi
-done
+run_sections post
 
 sum=$(sha256sum "$ks") || fail "cannot hash $ks"
 printf 'diskflow-test-installer ok\n%s\n' "${sum%% *}" >/tmp/marker

@@ -28,6 +28,7 @@ from pipelines.tasks import (  # noqa: E402
     MAX_BUILD_TIMEOUT_ENV,
     VISIBILITY_ENV,
 )
+from pipelines.template import MEDIA_DIRS_ENV  # noqa: E402
 from tests.conftest import free_port, run, sha256  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
@@ -69,11 +70,13 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def environment(broker: str) -> dict[str, str]:
+def environment(broker: str, minimal_installer: Installer) -> dict[str, str]:
     return dict(
         os.environ,
         **{BROKER_ENV: broker, VISIBILITY_ENV: str(VISIBILITY_TIMEOUT),
-           BUILD_MARGIN_ENV: str(BUILD_MARGIN)},
+           BUILD_MARGIN_ENV: str(BUILD_MARGIN),
+           # A queued template's kernel and initrd must be in a media directory of the worker.
+           MEDIA_DIRS_ENV: str(minimal_installer.kernel.parent)},
     )  # fmt: skip
 
 
@@ -241,10 +244,10 @@ def test_a_build_longer_than_the_worker_allows_is_stopped_at_its_maximum(
     out, err = client.communicate(timeout=300)
     assert client.returncode == 1, err
     events = [json.loads(line) for line in out.splitlines()]
-    warning = next(e["message"] for e in events if "is lowered" in e["message"])
+    warning = next((e["message"] for e in events if "is lowered" in e["message"]), out)
     assert warning == (
         f"the build's timeout of 600s is lowered to 8s, this worker's maximum "
-        f"({MAX_BUILD_TIMEOUT_ENV}), which keeps a build within the broker's visibility "
+        f"({MAX_BUILD_TIMEOUT_ENV}), which keeps a task within the broker's visibility "
         f"timeout of {VISIBILITY_TIMEOUT}s ({VISIBILITY_ENV})"
     )
     assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "Timeout"

@@ -275,11 +275,12 @@ def test_overall_timeout_stops_a_busy_guest(
 def test_installer_that_writes_nothing_is_a_failure(
     minimal_installer: Installer, vm_dir: Path, tmp_path: Path
 ) -> None:
-    kickstart = write_template(tmp_path, minimal_installer, "empty", post="exit 3")
+    # A failing %pre ends the install before the disk is touched.
+    kickstart = write_template(tmp_path, minimal_installer, "empty", extra="%pre\nexit 3\n%end")
     failure, _ = failed_build(kickstart, vm_dir, tmp_path / "out")
     assert failure.reason == "InstallFailed"
     assert "without writing to the disk" in failure.message
-    assert "%post failed with status 3" in failure.message
+    assert "%pre failed with status 3" in failure.message
 
 
 def test_invalid_kickstart_is_refused_before_anything_boots(
