@@ -13,7 +13,7 @@ and runs, interleaved and --repeat times (the order swapped every repeat), two b
    manifest's durations; publish is the time from the finalize "done" event to the publish
    "done" event (the S3 client's set-up included); the total is the command's wall time.
 2. script: what a hand-written CI script does, each command timed: `qemu-img create`, the same
-   `virt-install` argv as diskflow's (`pipelines.build.virt_install_command`, `--wait=-1`),
+   `virt-install` argv as diskflow's (`pipelines.virtinstall.virt_install_command`, `--wait=-1`),
    `qemu-img convert -c -O qcow2 -o compression_type=zstd`, `sha256sum`, and `aws s3 cp` of the
    image and of its .sha256. It does not validate the kickstart.
 
@@ -55,7 +55,8 @@ from publish_bench import BUCKET, REPO, check_and_delete, process_cpu, start_mot
 
 sys.path.insert(0, str(REPO))
 from pipelines.accel import Accel, choose_accel
-from pipelines.build import (
+from pipelines.template import Template, load_template
+from pipelines.virtinstall import (
     KICKSTART_NAME,
     VIRTINST_SCRATCH,
     BuildOptions,
@@ -66,7 +67,6 @@ from pipelines.build import (
     known_os_variant,
     virt_install_command,
 )
-from pipelines.template import Template, load_template
 from tests.support.installer import build_installer, expected_marker, write_template
 
 STAGES = ("validate", "install", "finalize", "publish")

@@ -23,10 +23,10 @@ import yaml
 from importer.api import DataVolume, HttpSource
 from importer.errors import FinalError
 from pipelines.accel import Accel
-from pipelines.build import BuildOptions
 from pipelines.events import Emit, discard
 from pipelines.steps import BuildRequest, PublishOptions, build_template
 from pipelines.tiny_installer import build_installer, expected_marker, write_template
+from pipelines.virtinstall import BuildOptions
 
 NAME = "demo"
 POST = 'echo "hello from the demo template\'s %post"'

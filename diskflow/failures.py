@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import typer
 
-from importer.errors import ImportFailure, TransientError
+from importer.errors import Failure, TransientError
 from importer.outcome import EXIT_FINAL, Outcome
 from importer.reasons import Reason
 
@@ -45,7 +45,7 @@ def guarded(
     signal.signal(signal.SIGTERM, terminated)
     try:
         return job()
-    except ImportFailure as failure:
+    except Failure as failure:
         outcome = Outcome(ok=False, reason=failure.reason, message=failure.message,
                           final=failure.final, stage=stage())  # fmt: skip
         finish(outcome)

@@ -17,12 +17,12 @@ import typer
 from diskflow.failures import guarded, print_failure
 from diskflow.flags import takes_groups
 from diskflow.options import S3Flags
-from importer.errors import FinalError, ImportFailure
+from importer.errors import Failure, FinalError
 from importer.outcome import Outcome
 from pipelines.accel import Accel
-from pipelines.build import BuildOptions
 from pipelines.events import Emit, discard, json_lines, log_lines
-from pipelines.finalize import Compression, FinalizeOptions
+from pipelines.finalize import FinalizeOptions, QcowCompression
+from pipelines.virtinstall import BuildOptions
 
 if TYPE_CHECKING:
     from pipelines.steps import BuildRequest, BuildState, PublishOptions
@@ -157,9 +157,9 @@ class BuildFlags:
     ] = BuildOptions.network
     seal: Annotated[bool, typer.Option(help="virt-sysprep the disk before compressing it.")] = False
     compression: Annotated[
-        Compression,
+        QcowCompression,
         typer.Option(help="qcow2 compression: zstd or zlib."),
-    ] = Compression.ZSTD
+    ] = QcowCompression.ZSTD
     boot_test: Annotated[
         bool,
         typer.Option(
@@ -221,7 +221,7 @@ def validate(
         try:
             template = load_template(path)
             checked = kickstart.validate(path, template.version, root=root)
-        except ImportFailure as failure:
+        except Failure as failure:
             failed += 1
             typer.echo(f"error: {failure.message} [{failure.reason}]", err=True)
             continue
@@ -361,7 +361,7 @@ def ci_build(
                 started = time.monotonic()
                 try:
                     state = build_template(flags.request(path), emit)
-                except ImportFailure as failure:
+                except Failure as failure:
                     text = f"{failure.message} [{failure.reason}]"
                     cases.append(ci.Case(path.stem, time.monotonic() - started, failure=text))
                     typer.echo(f"error: {path}: {text}", err=True)

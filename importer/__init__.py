@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from importer.checksum import Checksum
-    from importer.errors import FinalError, ImportFailure, TransientError
+    from importer.errors import Failure, FinalError, TransientError
     from importer.pipeline import (
         ContentType,
         ImportOptions,
@@ -33,7 +33,7 @@ _EXPORTS = {
     "ContentType": "importer.pipeline",
     "FinalError": "importer.errors",
     "HttpOptions": "importer.sources",
-    "ImportFailure": "importer.errors",
+    "Failure": "importer.errors",
     "ImportOptions": "importer.pipeline",
     "ImportResult": "importer.pipeline",
     "Probe": "importer.pipeline",
@@ -48,9 +48,9 @@ _EXPORTS = {
 __all__ = [
     "Checksum",
     "ContentType",
+    "Failure",
     "FinalError",
     "HttpOptions",
-    "ImportFailure",
     "ImportOptions",
     "ImportResult",
     "Probe",

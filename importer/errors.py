@@ -1,14 +1,16 @@
-"""The error vocabulary of an import: every failure says why, and whether retrying can help.
+"""The error vocabulary of diskflow: every failure says why, and whether retrying can help.
 
-Reasons are short CamelCase words (like Kubernetes condition reasons) so that the controller
-can put them in a DataVolume's status and users can match on them.
+An import, a template build and a publish all fail with these: `FinalError` for what retrying
+cannot fix, `TransientError` for what it may. Reasons are short CamelCase words (like
+Kubernetes condition reasons) so that the controller can put them in a DataVolume's status,
+CI can match on them, and users can search for them.
 """
 
 from __future__ import annotations
 
 
-class ImportFailure(Exception):
-    """An import failed; `reason` is machine-readable, the message is for people."""
+class Failure(Exception):
+    """Something failed; `reason` is machine-readable, the message is for people."""
 
     final: bool = True
 
@@ -22,13 +24,13 @@ class ImportFailure(Exception):
         return self.message
 
 
-class FinalError(ImportFailure):
+class FinalError(Failure):
     """Retrying the same import cannot succeed: bad input, missing object, checksum mismatch."""
 
     final = True
 
 
-class TransientError(ImportFailure):
+class TransientError(Failure):
     """The import may succeed if tried again: connection trouble, server errors, stalls."""
 
     final = False

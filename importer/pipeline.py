@@ -50,7 +50,7 @@ from importer.destination import (
     sync,
     writing_into,
 )
-from importer.errors import FinalError, ImportFailure, TransientError
+from importer.errors import Failure, FinalError, TransientError
 from importer.formats import (
     SNIFF_BYTES,
     VHD_FOOTER_SIZE,
@@ -172,7 +172,7 @@ def import_image(
             if source == BLANK:
                 return _create_blank(job)
             return _transfer(source, job)
-    except ImportFailure:
+    except Failure:
         if deadline.passed():
             raise deadline.error() from None
         raise

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import IO, Protocol
 
-from importer.errors import FinalError, ImportFailure, TransientError
+from importer.errors import Failure, FinalError, TransientError
 from importer.reasons import Reason
 
 
@@ -295,7 +295,7 @@ def _metrics_address(addr: str, port: int) -> str:
 
 def bind_failure(
     exc: OSError, where: str, what: str = "metrics", option: str = "metrics"
-) -> ImportFailure:
+) -> Failure:
     """Why serving `what` on `where` (ADDR:PORT) failed, naming the `--OPTION-port` and
     `--OPTION-addr` that chose it: a port another process holds is transient (it may be free
     when tried again); an address not of this machine, or anything else, is final."""

@@ -18,7 +18,7 @@ import zstandard
 from isal import igzip, isal_zlib
 
 from importer.buffers import CHUNK, AlignedBuffer, BufferPool
-from importer.errors import FinalError, ImportFailure
+from importer.errors import Failure, FinalError
 from importer.formats import Compression
 
 T = TypeVar("T")
@@ -143,7 +143,7 @@ def decompressed(
             yield from _multistream(chunks, bz2.BZ2Decompressor)
         else:
             yield from chunks
-    except ImportFailure:
+    except Failure:
         raise
     except (
         OSError,

@@ -25,7 +25,10 @@ from pathlib import Path
 from importer.errors import FinalError
 from importer.qemu import qemu_img
 from pipelines.accel import Accel, choose_accel
-from pipelines.build import (
+from pipelines.console import LogTail
+from pipelines.events import Emit, discard
+from pipelines.template import Template
+from pipelines.virtinstall import (
     OWNER_FILE,
     BuildOptions,
     Watch,
@@ -38,9 +41,6 @@ from pipelines.build import (
     run_domain,
     tail,
 )
-from pipelines.console import LogTail
-from pipelines.events import Emit, discard
-from pipelines.template import Template
 
 STAGE = "boot-test"
 MARKER_PREFIX = "diskflow-boot-test"

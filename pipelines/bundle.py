@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from importer.errors import FinalError, ImportFailure
+from importer.errors import Failure, FinalError
 from pipelines.kickstart import confined, included_files, read_text
 from pipelines.template import MEDIA_DIRS_ENV, metadata_path
 
@@ -110,7 +110,7 @@ def unpacked(bundle: Bundle) -> Iterator[Path]:
         try:
             with confined(scratch):
                 yield kickstart
-        except ImportFailure as e:
+        except Failure as e:
             e.message = e.message.replace(str(scratch), bundle.origin)
             e.args = (e.reason, e.message)
             raise

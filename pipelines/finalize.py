@@ -20,7 +20,7 @@ from pipelines.events import Emit, discard
 SEAL_TIMEOUT = 1800.0
 
 
-class Compression(StrEnum):
+class QcowCompression(StrEnum):
     ZSTD = "zstd"  # about 4x faster than zlib at the same ratio (research/templates.md)
     ZLIB = "zlib"  # readable by qemu older than 5.1
 
@@ -28,7 +28,7 @@ class Compression(StrEnum):
 @dataclass(frozen=True)
 class FinalizeOptions:
     seal: bool = False
-    compression: Compression = Compression.ZSTD
+    compression: QcowCompression = QcowCompression.ZSTD
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Finished:
     size: int
     virtual_size: int
     sha256: str
-    compression: Compression
+    compression: QcowCompression
     sealed: bool
     seconds: float
 

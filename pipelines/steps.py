@@ -30,13 +30,13 @@ from importer.sources.s3_options import S3Options
 from pipelines import kickstart, provenance
 from pipelines.accel import Accel
 from pipelines.boottest import CONSOLE_LOG, METHOD, boot_test
-from pipelines.build import BuildOptions, install
 from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.datavolume import datavolume, to_yaml
 from pipelines.events import Emit, EventReporter, discard
-from pipelines.finalize import Compression, FinalizeOptions, finalize
+from pipelines.finalize import FinalizeOptions, QcowCompression, finalize
 from pipelines.publish import Published, Store, find_published, open_store, publish_build
 from pipelines.template import Template, load_template
+from pipelines.virtinstall import BuildOptions, install
 
 MANIFEST_SCHEMA = "diskflow.io/template-build/v1"
 PROGRESS_SECONDS = 2.0
@@ -104,7 +104,7 @@ class BuildRequest:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BuildRequest:
         build = dict(data["build"], accel=Accel(data["build"]["accel"]))
-        fin = dict(data["finalize"], compression=Compression(data["finalize"]["compression"]))
+        fin = dict(data["finalize"], compression=QcowCompression(data["finalize"]["compression"]))
         bundle = Bundle(**data["bundle"]) if data.get("bundle") else None
         return cls(
             **(data | {"build": BuildOptions(**build), "finalize": FinalizeOptions(**fin),

@@ -60,7 +60,7 @@ from importer.controller.plan import (
 )
 from importer.controller.scrape import Sample, parse_metrics
 from importer.controller.store import Body, Store
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.pipeline import ContentType, ImportOptions, Probe, probe
 from importer.progress import bind_failure
 from importer.quantity import parse_quantity
@@ -177,7 +177,7 @@ class Controller:
             started = time.monotonic()
             try:
                 dv = DataVolume.from_manifest(body)
-            except ImportFailure as exc:
+            except Failure as exc:
                 await self.refuse(body, exc)
                 return
             if dv.keep_pvc and KEEP_PVC_FINALIZER not in body["metadata"].get("finalizers", []):
@@ -293,7 +293,7 @@ class Controller:
     def post(self, body: Body, event: Event) -> None:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
-    async def refuse(self, body: Body, failure: ImportFailure) -> None:
+    async def refuse(self, body: Body, failure: Failure) -> None:
         """A DataVolume the model refuses (the CRD schema lets through what it cannot
         check): Failed, saying which field is wrong."""
         meta = body["metadata"]
@@ -436,7 +436,7 @@ class Controller:
     async def _probe_once(self, dv: DataVolume) -> bool | str:
         try:
             found = await asyncio.wait_for(asyncio.to_thread(_probe, dv), self.config.probe_timeout)
-        except (ImportFailure, OSError, TimeoutError) as exc:
+        except (Failure, OSError, TimeoutError) as exc:
             return _describe(exc)
         return bool(found.needs_scratch)
 
@@ -592,7 +592,7 @@ def _source_key(dv: DataVolume) -> tuple[Any, ...]:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ImportFailure):
+    if isinstance(exc, Failure):
         return f"{exc.message} [{exc.reason}]"
     if isinstance(exc, TimeoutError):
         return "timed out"

@@ -18,7 +18,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 import requests
 import urllib3
 
-from importer.errors import FinalError, ImportFailure, TransientError
+from importer.errors import Failure, FinalError, TransientError
 from importer.reasons import Reason
 
 # Re-exported: this was their home, and callers that speak HTTP anyway import them from here.
@@ -48,7 +48,7 @@ def request_failure(
     *,
     method: str = "",
     connect_timeout: float | None = None,
-) -> ImportFailure:
+) -> Failure:
     """What a request that got no response means: TLS and URL errors are final, others not."""
     where = f"{method} {redact_url(url)}".lstrip()
     if isinstance(exc, requests.exceptions.SSLError):

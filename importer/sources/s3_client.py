@@ -16,7 +16,7 @@ import botocore.config
 import botocore.exceptions
 import urllib3
 
-from importer.errors import FinalError, ImportFailure, TransientError
+from importer.errors import Failure, FinalError, TransientError
 from importer.sources.http import HttpOptions, misplaced_userinfo, redact_url
 from importer.sources.network import connect_problem, tls_problem
 from importer.sources.s3_options import S3Options, region_of
@@ -128,7 +128,7 @@ def failure(
     what: str,
     describe: Callable[[BaseException], str],
     connect_timeout: float | None = None,
-) -> ImportFailure:
+) -> Failure:
     """What one of S3_ERRORS means for the transfer of `what`; `describe` keeps secrets out."""
     if isinstance(exc, botocore.exceptions.ClientError):
         return _client_failure(exc, what=what, describe=describe)
@@ -146,7 +146,7 @@ def failure(
 
 def _client_failure(
     exc: botocore.exceptions.ClientError, *, what: str, describe: Callable[[BaseException], str]
-) -> ImportFailure:
+) -> Failure:
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
     status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

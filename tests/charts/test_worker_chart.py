@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.build import LIBVIRT_URI_ENV
 from pipelines.publish.http import PASSWORD_ENV, TOKEN_ENV, USER_ENV
 from pipelines.tasks import (
     BROKER_ENV,
@@ -23,6 +22,7 @@ from pipelines.tasks import (
     InvalidSettings,
     WorkerSettings,
 )
+from pipelines.virtinstall import LIBVIRT_URI_ENV
 from tests.support.charts import Object, find, helm, lint, of_kind, pod_spec, render, validate
 
 CHART = "diskflow-worker"

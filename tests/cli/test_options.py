@@ -21,9 +21,9 @@ from diskflow.options import S3Flags
 from diskflow.templates_cli import BuildFlags, PublishFlags, VolumeMode
 from importer.sources.s3_options import S3Options
 from pipelines.accel import Accel
-from pipelines.build import BuildOptions
-from pipelines.finalize import Compression, FinalizeOptions
+from pipelines.finalize import FinalizeOptions, QcowCompression
 from pipelines.steps import BuildRequest, PublishOptions
+from pipelines.virtinstall import BuildOptions
 from tests.support.commands import diskflow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +175,7 @@ def test_every_build_option_reaches_the_request(tmp_path: Path) -> None:
                 network="none",
                 boot_timeout=42,
             ),
-            finalize=FinalizeOptions(seal=True, compression=Compression.ZLIB),
+            finalize=FinalizeOptions(seal=True, compression=QcowCompression.ZLIB),
             publish=PublishOptions(
                 s3=S3Options(
                     endpoint="http://127.0.0.1:9",

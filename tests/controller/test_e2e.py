@@ -604,8 +604,8 @@ def test_the_template_pipelines_datavolume_applied_as_is(
     build wrote is applied unchanged, and the volume ends up holding the published image."""
     from importer import S3Options
     from pipelines.accel import Accel
-    from pipelines.build import BuildOptions
     from pipelines.steps import BuildRequest, PublishOptions, build_template
+    from pipelines.virtinstall import BuildOptions
 
     kickstart = write_template(tmp_path, minimal_installer, "golden")
     build = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)

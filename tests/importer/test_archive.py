@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from importer import Checksum, ContentType, ImportOptions, archive, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from tests.conftest import MiB, run
 
 ARCHIVE = ImportOptions(content_type=ContentType.ARCHIVE)
@@ -104,7 +104,7 @@ def test_unsafe_members_are_refused_by_name(
     source = make_tar(tmp_path / "bad.tar", [(member("fine.txt"), b"ok"), (bad, data)])
     dest = tmp_path / "volume"
     dest.mkdir()
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(dest), options=ARCHIVE)
     assert caught.value.reason == "UnsafeArchive"
     assert repr(bad.name) in caught.value.message and problem in caught.value.message
@@ -117,7 +117,7 @@ def test_archive_larger_than_capacity_stops(tmp_path: Path) -> None:
     dest = tmp_path / "volume"
     dest.mkdir()
     options = ImportOptions(content_type=ContentType.ARCHIVE, size=4 * MiB, filesystem_overhead=0)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(dest), options=options)
     assert caught.value.reason == "ImageTooLarge" and "'f4'" in caught.value.message
     assert list(dest.iterdir()) == []
@@ -127,7 +127,7 @@ def test_checksum_mismatch_leaves_nothing(good_tar: Path, tmp_path: Path) -> Non
     dest = tmp_path / "volume"
     dest.mkdir()
     options = ImportOptions(content_type=ContentType.ARCHIVE, checksum=Checksum("sha256", "0" * 64))
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(good_tar), str(dest), options=options)
     assert caught.value.reason == "ChecksumMismatch"
     assert list(dest.iterdir()) == []
@@ -138,10 +138,10 @@ def test_not_a_tar_and_not_a_directory(good_tar: Path, tmp_path: Path) -> None:
     dest.mkdir()
     not_tar = tmp_path / "disk.raw"
     not_tar.write_bytes(os.urandom(MiB))
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(not_tar), str(dest), options=ARCHIVE)
     assert caught.value.reason == "InvalidArchive"
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(good_tar), str(not_tar), options=ARCHIVE)
     assert caught.value.reason == "InvalidDestination"
 
@@ -149,7 +149,7 @@ def test_not_a_tar_and_not_a_directory(good_tar: Path, tmp_path: Path) -> None:
 def test_existing_names_are_not_overwritten(good_tar: Path, tmp_path: Path) -> None:
     dest = tmp_path / "volume"
     (dest / "etc").mkdir(parents=True)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(good_tar), str(dest), options=ARCHIVE)
     assert caught.value.reason == "InvalidDestination" and "'etc'" in caught.value.message
     assert sorted(p.name for p in dest.iterdir()) == ["etc"]
@@ -191,7 +191,7 @@ def volume(tmp_path: Path) -> Path:
 
 def assert_refused(source: Path, dest: Path, reason: str, *texts: str) -> None:
     """The import fails with `reason`, the message holds `texts`, and nothing is left anywhere."""
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(dest), options=ARCHIVE)
     assert caught.value.reason == reason, caught.value.message
     for text in texts:
@@ -374,7 +374,7 @@ def test_member_count_is_capped(tmp_path: Path) -> None:
     source = tmp_path / "many.tar"
     source.write_bytes(headers(101))
     options = ImportOptions(content_type=ContentType.ARCHIVE, archive_max_members=100)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(dest), options=options)
     assert caught.value.reason == "ResourceLimit"
     for text in ("100 members", "ImportOptions.archive_max_members", "--archive-max-members"):
@@ -466,7 +466,7 @@ def test_later_members_replace_earlier_ones_as_in_tar(tmp_path: Path) -> None:
     )
     dest = tmp_path / "other"
     dest.mkdir()
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(dest), options=ARCHIVE)
     assert caught.value.reason == "InvalidArchive" and "replace a directory" in caught.value.message
 

@@ -10,7 +10,7 @@ import pytest
 
 from importer import ImportOptions, import_image
 from importer.capacity import usable_size
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from tests.conftest import DEVICE_SIZE, MiB, allocated, read_device
 
 
@@ -32,7 +32,7 @@ def test_blank_file_preallocated(tmp_path: Path) -> None:
 
 
 def test_blank_file_needs_a_size(tmp_path: Path) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image("blank:", str(tmp_path / "disk.img"))
     assert caught.value.reason == "InvalidArgument" and "--size" in caught.value.message
     assert list(tmp_path.iterdir()) == []

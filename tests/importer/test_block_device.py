@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from importer import Checksum, ImportOptions, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.target import HEAD
 from tests.conftest import DEVICE_SIZE, Images, MiB, read_device
 
@@ -31,7 +31,7 @@ def test_image_lands_on_the_device(
 
 
 def test_size_larger_than_device_is_refused(device: str, images: Images) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(images.raw), device, options=ImportOptions(size=DEVICE_SIZE * 2))
     assert caught.value.reason == "InvalidArgument" and str(DEVICE_SIZE) in caught.value.message
 
@@ -40,14 +40,14 @@ def test_image_larger_than_device_is_refused(device: str, tmp_path: Path) -> Non
     big = tmp_path / "big.raw"
     with open(big, "wb") as f:
         f.truncate(DEVICE_SIZE + MiB)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(big), device)
     assert caught.value.reason == "ImageTooLarge"
 
 
 def test_failed_raw_import_leaves_no_recognisable_head(device: str, images: Images) -> None:
     wrong = Checksum.parse("sha256:" + "1" * 64)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(images.path("raw", "gz")), device, options=ImportOptions(checksum=wrong))
     assert caught.value.reason == "ChecksumMismatch"
     assert read_device(device, HEAD) == bytes(HEAD)
@@ -74,7 +74,7 @@ def test_a_failed_import_leaves_no_recognisable_head(
     data = bytearray(image.read_bytes())
     data[5 * 65536 :] = b"\xff" * (len(data) - 5 * 65536)  # past the metadata clusters
     image.write_bytes(bytes(data))
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(image), device, options=ImportOptions(scratch_dir=str(tmp_path)))
     assert caught.value.reason == reason, caught.value.message
     assert words in caught.value.message
@@ -88,7 +88,7 @@ def test_checksum_mismatch_leaves_no_recognisable_head(
     # A streamed image is on the device when its checksum is known to be wrong, as raw is:
     # its head is zeroed. One that goes through scratch space never reached the device.
     wrong = Checksum.parse("sha256:" + "1" * 64)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(
             str(images.path(fmt, "gz")),
             device,
@@ -114,7 +114,7 @@ def test_preallocate_writes_zeroes(device: str, images: Images) -> None:
 def test_device_in_use_is_refused(device: str, images: Images) -> None:
     claim = os.open(device, os.O_RDONLY | os.O_EXCL)  # as a mounted filesystem would
     try:
-        with pytest.raises(ImportFailure) as caught:
+        with pytest.raises(Failure) as caught:
             import_image(str(images.raw), device)
         assert caught.value.reason == "DestinationBusy"
     finally:

@@ -19,7 +19,7 @@ import pytest
 import typer
 
 from importer import Checksum, ContentType, ImportOptions, Progress, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from tests.conftest import Images, MiB, read_device, run
 
 SWEEP_AGE = 3600  # seconds: files this old are past the sweep's grace period
@@ -43,7 +43,7 @@ def test_a_second_import_into_the_same_file_is_refused(images: Images, tmp_path:
     data = images.raw.read_bytes()
     with importing_from_fifo(tmp_path / "slow.raw", dest) as (writer, first):
         writer.write(data[: 4 * MiB])
-        with pytest.raises(ImportFailure) as caught:
+        with pytest.raises(Failure) as caught:
             import_image(str(images.raw), str(dest))
         assert caught.value.reason == "DestinationBusy"
         assert str(dest) in caught.value.message
@@ -60,7 +60,7 @@ def test_a_second_import_onto_the_same_device_is_refused(
     data = images.raw.read_bytes()
     with importing_from_fifo(tmp_path / "slow.raw", device) as (writer, first):
         writer.write(data[: 4 * MiB])
-        with pytest.raises(ImportFailure) as caught:
+        with pytest.raises(Failure) as caught:
             import_image(str(images.raw), device)
         assert caught.value.reason == "DestinationBusy"
         writer.write(data[4 * MiB :])
@@ -79,7 +79,7 @@ def test_a_second_extraction_into_the_same_directory_is_refused(tmp_path: Path) 
     data = tar.read_bytes()
     with importing_from_fifo(tmp_path / "slow.tar", volume, archive) as (writer, first):
         writer.write(data[: 2 * MiB])
-        with pytest.raises(ImportFailure) as caught:
+        with pytest.raises(Failure) as caught:
             import_image(str(tar), str(volume), options=archive)
         assert caught.value.reason == "DestinationBusy"
         writer.write(data[2 * MiB :])
@@ -102,7 +102,7 @@ def test_a_symlink_at_the_lock_name_is_refused(images: Images, tmp_path: Path) -
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     (tmp_path / ".disk.img.diskflow-lock").symlink_to(victim)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(images.raw), str(tmp_path / "disk.img"))
     assert caught.value.reason == "InvalidDestination"
     assert "symbolic link" in caught.value.message
@@ -119,7 +119,7 @@ def test_a_destination_with_a_name_near_the_longest_allowed_imports(
 
 
 def test_a_destination_name_too_long_is_named(images: Images, tmp_path: Path) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(images.raw), str(tmp_path / ("d" * 300)))
     assert caught.value.reason == "InvalidDestination"
     assert "too long" in caught.value.message
@@ -195,7 +195,7 @@ def test_the_commit_point_is_marked_only_when_the_import_stands(
     images: Images, tmp_path: Path
 ) -> None:
     failed = Progress()
-    with pytest.raises(ImportFailure):
+    with pytest.raises(Failure):
         wrong = Checksum("sha256", "0" * 64)
         import_image(
             str(images.raw), str(tmp_path / "a.img"), options=ImportOptions(checksum=wrong),
@@ -234,7 +234,7 @@ def test_a_full_destination_is_no_space_naming_it(small_fs: Path, tmp_path: Path
     source = tmp_path / "random.raw"
     source.write_bytes(os.urandom(100 * MiB))
     dest = small_fs / "disk.img"
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(dest), options=ImportOptions(size=200 * MiB))
     assert caught.value.reason == "NoSpace"
     assert str(small_fs) in caught.value.message
@@ -248,7 +248,7 @@ def test_a_full_scratch_directory_is_no_space_naming_it(small_fs: Path, tmp_path
     qcow2 = tmp_path / "random.qcow2"
     run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "extended_l2=on", raw, qcow2)
     options = ImportOptions(scratch_dir=str(small_fs))
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(qcow2), str(tmp_path / "disk.img"), options=options)
     assert caught.value.reason == "NoSpace"
     assert str(small_fs) in caught.value.message
@@ -266,7 +266,7 @@ def test_a_full_scratch_directory_is_no_space_naming_it(small_fs: Path, tmp_path
 
 def test_a_read_only_destination_is_named(small_fs: Path, images: Images) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(images.raw), str(small_fs / "disk.img"))
     assert caught.value.reason == "InvalidDestination"
     assert "read-only" in caught.value.message
@@ -276,7 +276,7 @@ def test_without_size_the_free_space_bounds_the_image(small_fs: Path, tmp_path: 
     sparse = tmp_path / "sparse.raw"
     with open(sparse, "wb") as f:
         f.truncate(100 * MiB)  # all holes: it would fit, but its size does not
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(sparse), str(small_fs / "disk.img"))
     assert caught.value.reason == "ImageTooLarge"
     assert f"the free space of {small_fs}" in caught.value.message
@@ -340,7 +340,7 @@ def test_a_full_destination_when_preallocating_names_it_not_the_scratch_director
         f.write(os.urandom(MiB))
         f.truncate(50 * MiB)
     options = ImportOptions(size=100 * MiB, preallocate=True, scratch_dir=str(tmp_path))
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(sparse), str(small_fs / "disk.img"), options=options)
     assert caught.value.reason == "NoSpace"
     assert f"{small_fs} has no room left for the image" in caught.value.message
@@ -351,7 +351,7 @@ def test_a_full_destination_when_preallocating_names_it_not_the_scratch_director
 def test_a_source_that_cannot_be_opened_is_not_blamed_on_the_destination(
     tmp_path: Path,
 ) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(tmp_path / ("s" * 300)), str(tmp_path / "disk.img"))
     assert caught.value.reason == "InvalidSource"
     assert "File name too long" in caught.value.message
@@ -363,7 +363,7 @@ def test_a_full_archive_destination_is_no_space_naming_it(small_fs: Path, tmp_pa
     tar = tmp_path / "a.tar"
     run("tar", "-C", tmp_path / "content", "-cf", tar, "big")
     archive = ImportOptions(content_type=ContentType.ARCHIVE, size=200 * MiB)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(tar), str(small_fs), options=archive)
     assert caught.value.reason == "NoSpace"
     assert f"{small_fs} has no room left for the archive's files" in caught.value.message

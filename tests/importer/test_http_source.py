@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from importer import HttpOptions, ImportOptions, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.sources import HttpSource, Source
 from tests.conftest import Images, MiB, run
 from tests.importer.test_import_formats import assert_same_content
@@ -36,9 +36,9 @@ def fetch(url: str, tmp_path: Path, http: HttpOptions = FAST) -> Path:
     return dest
 
 
-def fails(url: str, tmp_path: Path, reason: str, http: HttpOptions = FAST) -> ImportFailure:
+def fails(url: str, tmp_path: Path, reason: str, http: HttpOptions = FAST) -> Failure:
     dest = tmp_path / "disk.img"
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(url, str(dest), options=ImportOptions(http=http, scratch_dir=str(tmp_path)))
     assert caught.value.reason == reason, caught.value.message
     assert list(tmp_path.iterdir()) == []
@@ -178,7 +178,7 @@ def test_trickle_under_the_minimum_rate_fails(faults: FaultServer) -> None:
     url = faults.url(t, SOURCE, rate=1)
     # Two connections of a 2 s window each: far less than the 30 s allowed.
     error = drain_within(lambda: HttpSource(url, TRICKLE), seconds=30)
-    assert isinstance(error, ImportFailure) and error.reason == "TooSlow", error
+    assert isinstance(error, Failure) and error.reason == "TooSlow", error
     assert not error.final
     assert "4096 bytes/s" in error.message and "--min-rate" in error.message
     assert len(faults.requests[t]) == TRICKLE.retries + 1

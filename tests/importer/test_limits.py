@@ -19,7 +19,7 @@ import zstandard
 
 from importer import ImportOptions, import_image, probe
 from importer.decoders import HEAD_BYTES
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.sources import HttpOptions
 from tests.conftest import Images, MiB, run
 from tests.support.faultserver import FaultServer
@@ -38,7 +38,7 @@ def test_a_bzip2_bomb_is_refused_in_seconds_without_size(tmp_path: Path) -> None
     bomb = zero_bomb(tmp_path / "bomb.bz2", lambda data: bz2.compress(data, 9), 16 * GiB)
     assert bomb.stat().st_size < 32 << 10  # the 12.5 KB stream, give or take
     dest = tmp_path / "disk.img"
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(bomb), str(dest))
     failure = caught.value
     assert failure.reason == "ExpansionLimit"
@@ -52,7 +52,7 @@ def zstd_bomb(tmp_path: Path, size: int) -> Path:
 
 def test_the_expansion_ceiling_is_lifted_by_size_or_max_expansion(tmp_path: Path) -> None:
     bomb = zstd_bomb(tmp_path, 2 * GiB)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(bomb), str(tmp_path / "refused.img"))
     assert caught.value.reason == "ExpansionLimit"
     for options in (ImportOptions(max_expansion=0), ImportOptions(size=3 * GiB)):
@@ -66,7 +66,7 @@ def test_the_expansion_ceiling_is_lifted_by_size_or_max_expansion(tmp_path: Path
 def test_a_qcow2_bomb_is_refused_by_its_virtual_size(tmp_path: Path) -> None:
     image = tmp_path / "huge.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", image, "4T")
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(image), str(tmp_path / "disk.img"))
     assert caught.value.reason in ("ExpansionLimit", "ImageTooLarge")
     assert not (tmp_path / "disk.img").exists()
@@ -110,7 +110,7 @@ def test_an_image_too_large_is_refused_from_its_header(fmt: str, tmp_path: Path)
             writer.close()
         worker.join(timeout=60)
     [failure] = outcome
-    assert isinstance(failure, ImportFailure)
+    assert isinstance(failure, Failure)
     assert failure.reason == "ImageTooLarge"
     assert "virtual size" in failure.message
     # As the header says it (a VHD's geometry rounds 3 GiB up), against the usable capacity.
@@ -124,7 +124,7 @@ def test_an_xz_window_above_the_limit_says_how_to_raise_it(tmp_path: Path) -> No
     raw = tmp_path / "disk.raw"
     raw.write_bytes(os.urandom(MiB))
     run("xz", "-k", "--lzma2=dict=192MiB", raw)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(raw) + ".xz", str(tmp_path / "disk.img"))
     assert caught.value.reason == "ResourceLimit"
     assert "--decompression-memory" in caught.value.message
@@ -145,7 +145,7 @@ def test_a_zstd_window_above_the_limit_says_how_to_raise_it(tmp_path: Path) -> N
         writer.write(data)
     source = tmp_path / "disk.raw.zst"
     source.write_bytes(out.getvalue())
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(source), str(tmp_path / "disk.img"))
     assert caught.value.reason == "ResourceLimit"
     assert "window" in caught.value.message and "--decompression-memory" in caught.value.message
@@ -155,7 +155,7 @@ def test_the_deadline_stops_a_stalled_import(faults: FaultServer, tmp_path: Path
     url = faults.url("deadline", "disk.raw", stall_after=MiB, stall=60)
     options = ImportOptions(deadline=2, http=HttpOptions(stall_timeout=60, retries=0))
     started = time.monotonic()
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(url, str(tmp_path / "disk.img"), options=options)
     assert caught.value.reason == "DeadlineExceeded"
     assert caught.value.final
@@ -195,7 +195,7 @@ def test_an_image_file_far_larger_than_its_disk_stops_filling_scratch(
     assert probe(str(image)).needs_scratch
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(
             str(image), str(tmp_path / "disk.img"), options=ImportOptions(scratch_dir=str(scratch))
         )

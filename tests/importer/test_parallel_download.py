@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from importer import HttpOptions, ImportOptions, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.sources import HttpSource
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES, ParallelSource
 from tests.conftest import Images, MiB
@@ -81,7 +81,7 @@ def test_failed_parts_are_fetched_again(faults: FaultServer, images: Images) -> 
 
 
 def test_object_replaced_between_parts(faults: FaultServer) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         parallel(faults.url(uuid.uuid4().hex, "disk.raw", etag="changing"))
     assert caught.value.reason == "SourceChanged"
 
@@ -131,7 +131,7 @@ def test_closing_while_the_reader_waits_for_a_part(faults: FaultServer, images: 
     source.close()
     reader.join(timeout=10)
     assert not reader.is_alive()
-    assert failure and isinstance(failure[0], ImportFailure)
+    assert failure and isinstance(failure[0], Failure)
 
 
 def test_parts_from_a_cache_that_answers_from_byte_zero(
@@ -139,7 +139,7 @@ def test_parts_from_a_cache_that_answers_from_byte_zero(
 ) -> None:
     # The probe is read as one stream; every part then comes back as bytes 0-...
     url = faults.url(uuid.uuid4().hex, "disk.raw", rate=SLOW, from_zero=1)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         fetch(url, tmp_path)
     assert caught.value.reason == "BadContentRange", caught.value.message
     # Whichever part failed first: every one was answered with the first bytes.
@@ -160,6 +160,6 @@ def test_trickling_parts_fail_as_too_slow(faults: FaultServer) -> None:
     error = drain_within(
         lambda: ParallelSource(HttpSource(url, http), connections=2, probe_bytes=0), seconds=30
     )
-    assert isinstance(error, ImportFailure) and error.reason == "TooSlow", error
+    assert isinstance(error, Failure) and error.reason == "TooSlow", error
     # The opening stream, then at most two attempts at each of the two parts in flight.
     assert len(faults.requests[token]) <= 1 + 2 * 2

@@ -26,7 +26,7 @@ from importer import (
     import_image,
     probe,
 )
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.streams import FETCH_CHUNK
 from tests.conftest import COMPRESSORS, FORMATS, Images, MiB, run, running_nginx
 from tests.support.faultserver import HTML, FaultServer
@@ -120,7 +120,7 @@ def test_archive_is_a_tar(served: str) -> None:
     options = ImportOptions(content_type=ContentType.ARCHIVE)
     found = probe(f"{served}/files.tar.gz", options)
     assert (found.format, found.compression, found.needs_scratch) == ("tar", "gzip", False)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         probe(f"{served}/disk.raw.gz", options)  # a disk is no archive
     assert caught.value.reason == "InvalidArchive"
 
@@ -132,9 +132,9 @@ def test_archive_is_a_tar(served: str) -> None:
 def test_probe_fails_as_the_import_would(
     name: str, reason: str, served: str, tmp_path: Path
 ) -> None:
-    with pytest.raises(ImportFailure) as probed:
+    with pytest.raises(Failure) as probed:
         probe(f"{served}/{name}")
-    with pytest.raises(ImportFailure) as imported:
+    with pytest.raises(Failure) as imported:
         import_image(f"{served}/{name}", str(tmp_path / "disk.img"))
     assert probed.value.reason == imported.value.reason == reason
     assert probed.value.message == imported.value.message
@@ -142,7 +142,7 @@ def test_probe_fails_as_the_import_would(
 
 def test_blank_needs_nothing_and_is_no_archive() -> None:
     assert probe("blank:") == Probe("blank:", "none", "raw", 0, None, needs_scratch=False)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         probe("blank:", ImportOptions(content_type=ContentType.ARCHIVE))
     assert caught.value.reason == "InvalidArgument"
 
@@ -150,7 +150,7 @@ def test_blank_needs_nothing_and_is_no_archive() -> None:
 def test_unsupported_format_is_refused(tmp_path: Path) -> None:
     qed = tmp_path / "disk.qed"
     run("qemu-img", "create", "-q", "-f", "qed", qed, "1M")
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         probe(str(qed))
     assert caught.value.reason == "UnsupportedFormat"
 
@@ -173,7 +173,7 @@ def test_probe_closes_everything(served: str, images: Images) -> None:
 
     fds, threads = held()
     for source in (f"{served}/disk.qcow2.xz", f"{served}/missing.img", str(images.raw)):
-        with contextlib.suppress(ImportFailure):
+        with contextlib.suppress(Failure):
             probe(source)
     fds_after, threads_after = held()
     assert fds_after <= fds and threads_after <= threads

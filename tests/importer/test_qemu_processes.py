@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from importer import probe, qemu
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.formats import DiskFormat
 from tests.conftest import MiB, run
 
@@ -183,7 +183,7 @@ def test_convert_runs_under_limits(slow_qcow2: Path, workdir: Path) -> None:
         (qemu.Limits(address_space=16 * MiB), "ResourceLimit", "address space limit of 16 MiB"),
         (qemu.Limits(timeout=0.5), "TimedOut", "took over 0.5s"),
     ]:
-        with pytest.raises(ImportFailure) as caught:
+        with pytest.raises(Failure) as caught:
             qemu.convert(
                 str(slow_qcow2),
                 DiskFormat.QCOW2,

@@ -16,7 +16,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from importer import Checksum, HttpOptions, ImportOptions, Progress, S3Options, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES
 from tests.conftest import Images, free_port
 from tests.importer.test_http_source import TRICKLE, drain_within
@@ -107,7 +107,7 @@ def test_cdi_url_form_and_known_total(moto: str, images: Images, tmp_path: Path)
     ],
 )
 def test_missing_objects_are_final(location: str, reason: str, moto: str, tmp_path: Path) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(location, tmp_path, S3Options(endpoint=moto))
     assert caught.value.reason == reason and caught.value.final
 
@@ -135,7 +135,7 @@ def test_no_credentials_is_a_specific_error(moto: str, tmp_path: Path) -> None:
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "none")
     os.environ["AWS_CONFIG_FILE"] = str(tmp_path / "none")
     try:
-        with pytest.raises(ImportFailure) as caught:
+        with pytest.raises(Failure) as caught:
             s3_import(f"s3://{BUCKET}/golden/disk.raw.zst", tmp_path, S3Options(endpoint=moto))
     finally:
         os.environ.update(saved)
@@ -162,7 +162,7 @@ def test_dropped_connection_resumes_pinned_to_the_etag(
 
 def test_replaced_object_is_detected(faults: FaultServer, tmp_path: Path) -> None:
     token, s3 = fault_s3(faults, drop_after=300_000, etag="changing")
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
     assert caught.value.reason == "SourceChanged"
 
@@ -178,7 +178,7 @@ def test_server_errors_are_retried(
 
 def test_access_denied_is_final_and_secrets_stay_out(faults: FaultServer, tmp_path: Path) -> None:
     token, s3 = fault_s3(faults, status=403, times=9)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
     assert caught.value.reason == "Forbidden" and len(faults.requests[token]) == 1
     assert "s3cr3t" not in caught.value.message
@@ -219,7 +219,7 @@ def test_wrong_region_is_final_and_names_the_region(faults: FaultServer, tmp_pat
     token, s3 = fault_s3(
         faults, status=301, s3_error="PermanentRedirect", region="eu-west-3", times=9
     )
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{token}/disk.qcow2.gz", tmp_path, s3)
     assert caught.value.reason == "WrongRegion" and caught.value.final
     assert "eu-west-3" in caught.value.message and "--s3-region" in caught.value.message
@@ -258,7 +258,7 @@ def test_resume_from_a_store_that_answers_from_byte_zero(
     faults: FaultServer, tmp_path: Path
 ) -> None:
     token, s3 = fault_s3(faults, drop_after=1_000_000, from_zero=1)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{token}/disk.raw", tmp_path, s3)
     assert caught.value.reason == "BadContentRange", caught.value.message
     assert list(tmp_path.iterdir()) == []
@@ -268,7 +268,7 @@ def test_parts_from_a_store_that_answers_from_byte_zero(
     faults: FaultServer, tmp_path: Path
 ) -> None:
     token, s3 = fault_s3(faults, rate=16 << 20, from_zero=1)  # a slow stream: parts follow
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{token}/disk.raw", tmp_path, s3, connections=4)
     assert caught.value.reason == "BadContentRange", caught.value.message
     assert list(tmp_path.iterdir()) == []
@@ -279,13 +279,13 @@ def test_trickle_from_s3_fails_as_too_slow(faults: FaultServer) -> None:
 
     token, s3 = fault_s3(faults, rate=1)
     error = drain_within(lambda: S3Source(f"s3://{token}/disk.raw", s3, TRICKLE), seconds=30)
-    assert isinstance(error, ImportFailure) and error.reason == "TooSlow", error
+    assert isinstance(error, Failure) and error.reason == "TooSlow", error
     assert len(faults.requests[token]) == TRICKLE.retries + 1
 
 
 def test_a_byte_per_connection_from_s3_is_no_progress(faults: FaultServer, tmp_path: Path) -> None:
     token, s3 = fault_s3(faults, drop_after=1, times=1000)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{token}/disk.raw", tmp_path, s3)
     # botocore reads bodies without enforcing Content-Length: a drop looks like an early end.
     assert caught.value.reason == "Truncated" and not caught.value.final
@@ -293,7 +293,7 @@ def test_a_byte_per_connection_from_s3_is_no_progress(faults: FaultServer, tmp_p
 
 
 def test_endpoint_connection_failure_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         s3_import(f"s3://{BUCKET}/disk.raw", tmp_path, S3Options(endpoint="http://127.0.0.1:9"))
     assert caught.value.reason == "ConnectionFailed"
     assert caught.value.message == (

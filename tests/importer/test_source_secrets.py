@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from importer import HttpOptions, ImportOptions, S3Options, import_image
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from pipelines.publish.http import HttpStore
 from tests.conftest import Images, run, running_nginx
 from tests.importer.test_import_formats import assert_same_content
@@ -42,7 +42,7 @@ def test_import_errors_use_the_standard_phrase(
     token = uuid.uuid4().hex
     faults.configure(token, status=status, echo=1, times=100)
     url = faults.url(token, "disk.raw", sig="TOPSECRET")
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(url, str(tmp_path / "disk.img"), options=ImportOptions(http=HTTP))
     assert caught.value.reason == reason
     assert caught.value.message.endswith(f"answered HTTP {status} {phrase}")
@@ -55,7 +55,7 @@ def test_publish_errors_use_the_standard_phrase(faults: FaultServer) -> None:
     token = uuid.uuid4().hex
     faults.configure(token, status=403, echo=1, times=100)
     store = HttpStore(f"http://127.0.0.1:{faults.port}/{token}/", HTTP)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         store.get_bytes("disk.raw")
     assert caught.value.reason == "Forbidden"
     assert caught.value.message.endswith("answered HTTP 403 Forbidden")
@@ -68,7 +68,7 @@ def test_a_password_holding_a_slash_is_not_printed(tmp_path: Path) -> None:
     holds the rest of the password: the message must not quote it."""
     url = "http://admin:9/Kz+pw-TOPSECRET@127.0.0.1:1/disk.img"
     options = ImportOptions(http=HttpOptions(retries=0, connect_timeout=2))
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(url, str(tmp_path / "disk.img"), options=options)
     assert "TOPSECRET" not in str(caught.value)
 
@@ -269,14 +269,14 @@ def test_static_s3_keys(moto_auth: AuthS3, images: Images, tmp_path: Path) -> No
     options = ImportOptions(s3=keys, http=HttpOptions(retries=0), scratch_dir=str(tmp_path))
     import_image(f"s3://{BUCKET}/{name}", str(tmp_path / "lib.img"), options=options)
     assert_same_content(tmp_path / "lib.img", images.raw)
-    with pytest.raises(ImportFailure) as caught:  # the environment's keys: no such user
+    with pytest.raises(Failure) as caught:  # the environment's keys: no such user
         import_image(
             f"s3://{BUCKET}/{name}",
             str(tmp_path / "env.img"),
             options=ImportOptions(s3=S3Options(endpoint=moto_auth.endpoint)),
         )
     assert caught.value.reason in ("Unauthorized", "Forbidden"), caught.value.message
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         S3Options(access_key=access_key)
     assert caught.value.reason == "InvalidArgument"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from importer import ImportOptions, import_image, probe
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from tests.conftest import Images, MiB, run
 from tests.support.corpus import qcow2_repack
 
@@ -65,7 +65,7 @@ def test_without_scratch_space_a_fallback_is_needs_scratch(
     result = import_image(str(tables_last), str(dest), options=ImportOptions(scratch=False))
     assert result.path == "stream"
     same_disk(dest, images)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         options = ImportOptions(scratch=False, spill_limit=MiB)
         import_image(str(tables_last), str(tmp_path / "other.img"), options=options)
     assert caught.value.reason == "NeedsScratch" and not caught.value.final
@@ -85,6 +85,6 @@ def test_a_header_the_decoder_does_not_take_goes_through_scratch_from_the_start(
     assert result.path == "scratch" and "extended L2" in (result.fallback or "")
     assert result.bytes_downloaded == image.stat().st_size  # read once
     same_disk(dest, images)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(str(image), str(tmp_path / "other.img"), options=ImportOptions(scratch=False))
     assert caught.value.reason == "NeedsScratch"

@@ -12,18 +12,16 @@ import pytest
 
 from importer import Checksum, FinalError, ImportOptions, import_image
 from importer.capacity import usable_size
-from importer.errors import ImportFailure
+from importer.errors import Failure
 from tests.conftest import Images, MiB, run
 
 
-def import_fails(
-    source: Path | str, tmp_path: Path, reason: str, **options: object
-) -> ImportFailure:
+def import_fails(source: Path | str, tmp_path: Path, reason: str, **options: object) -> Failure:
     dest = tmp_path / "out" / "disk.img"
     dest.parent.mkdir(exist_ok=True)
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         import_image(
             str(source), str(dest), options=ImportOptions(scratch_dir=str(scratch), **options)
         )
@@ -334,7 +332,7 @@ def test_qemu_img_info_runs_under_a_timeout(images: Images) -> None:
     from importer import qemu
     from importer.formats import DiskFormat
 
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         qemu.info(str(images.path("qcow2")), DiskFormat.QCOW2, qemu.Limits(timeout=0.001))
     assert caught.value.reason == "TimedOut"
     assert "took over" in caught.value.message

@@ -20,7 +20,6 @@ import pytest
 pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
-from pipelines.build import VIRTINST_SCRATCH, sweep_stale_copies  # noqa: E402
 from pipelines.tasks import (  # noqa: E402
     BROKER_ENV,
     BUILD_MARGIN_ENV,
@@ -29,6 +28,7 @@ from pipelines.tasks import (  # noqa: E402
     VISIBILITY_ENV,
 )
 from pipelines.template import MEDIA_DIRS_ENV  # noqa: E402
+from pipelines.virtinstall import VIRTINST_SCRATCH, sweep_stale_copies  # noqa: E402
 from tests.conftest import free_port, run, sha256  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 
 from importer.errors import FinalError
 from pipelines.accel import Accel
-from pipelines.finalize import Compression, FinalizeOptions, finalize
+from pipelines.finalize import FinalizeOptions, QcowCompression, finalize
 from tests.conftest import run, sha256
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -66,8 +66,10 @@ def test_seal_failure_is_specific_and_leaves_no_image(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*sealed*")) == []
 
 
-@pytest.mark.parametrize("compression", list(Compression))
-def test_compression_type_is_the_one_asked_for(compression: Compression, tmp_path: Path) -> None:
+@pytest.mark.parametrize("compression", list(QcowCompression))
+def test_compression_type_is_the_one_asked_for(
+    compression: QcowCompression, tmp_path: Path
+) -> None:
     disk = os_disk(tmp_path)
     output = tmp_path / "out.qcow2"
     done = finalize(disk, output, FinalizeOptions(compression=compression), Accel.TCG)

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from importer import HttpOptions, S3Options
-from importer.errors import FinalError, ImportFailure, TransientError
+from importer.errors import Failure, FinalError, TransientError
 from importer.progress import Progress
 from pipelines.publish import (
     LocalStore,
@@ -64,7 +64,7 @@ def publish(store: Store, image: Image, build: str, **kwargs: Any) -> Any:
     return publish_build(store, TEMPLATE, build, image.path, MANIFEST, **kwargs)
 
 
-def no_secrets(error: ImportFailure) -> None:
+def no_secrets(error: Failure) -> None:
     assert not any(secret in str(error) for secret in SECRETS), str(error)
 
 

@@ -24,17 +24,9 @@ import pytest
 pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
-from importer.errors import FinalError, ImportFailure, TransientError  # noqa: E402
+from importer.errors import Failure, FinalError, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
 from pipelines.boottest import METHOD  # noqa: E402
-from pipelines.build import (  # noqa: E402
-    OWNER_FILE,
-    VIRTINST_SCRATCH,
-    BuildOptions,
-    sweep_orphans,
-    sweep_stale_copies,
-    sweep_workdirs,
-)
 from pipelines.steps import (  # noqa: E402
     BuildRequest,
     BuildState,
@@ -42,6 +34,14 @@ from pipelines.steps import (  # noqa: E402
     finalize_step,
     install_step,
     validate_step,
+)
+from pipelines.virtinstall import (  # noqa: E402
+    OWNER_FILE,
+    VIRTINST_SCRATCH,
+    BuildOptions,
+    sweep_orphans,
+    sweep_stale_copies,
+    sweep_workdirs,
 )
 from tests.conftest import MiB, run, sha256  # noqa: E402
 from tests.support.installer import (  # noqa: E402
@@ -104,9 +104,9 @@ def assert_nothing_left(name: str, vm_dir: Path, output: Path) -> None:
 
 def failed_build(
     kickstart: Path, vm_dir: Path, output: Path, options: BuildOptions = FAST
-) -> tuple[ImportFailure, Recorder]:
+) -> tuple[Failure, Recorder]:
     recorder = Recorder()
-    with pytest.raises(ImportFailure) as caught:
+    with pytest.raises(Failure) as caught:
         build_template(
             BuildRequest(kickstart=str(kickstart), output=str(output), workdir=str(vm_dir),
                          build=options),

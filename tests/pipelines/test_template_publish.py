@@ -20,13 +20,13 @@ pytest_plugins = ["tests.support.installer", "tests.support.stores"]
 
 from importer import Checksum, ImportOptions, S3Options, import_image  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
-from pipelines.build import BuildOptions  # noqa: E402
 from pipelines.steps import (  # noqa: E402
     BuildRequest,
     PublishOptions,
     build_template,
     validate_step,
 )
+from pipelines.virtinstall import BuildOptions  # noqa: E402
 from tests.conftest import MiB, sha256  # noqa: E402
 from tests.pipelines.test_template_build import Recorder  # noqa: E402
 from tests.support.installer import Installer, expected_marker, write_template, write_tree  # noqa: E402

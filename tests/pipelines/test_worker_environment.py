@@ -13,13 +13,6 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from importer.errors import TransientError  # noqa: E402
-from pipelines.build import (  # noqa: E402
-    DEFAULT_LIBVIRT_URI,
-    LIBVIRT_URI_ENV,
-    BuildOptions,
-    check_libvirt,
-    libvirt_uri,
-)
 from pipelines.steps import BuildRequest, build_template  # noqa: E402
 from pipelines.tasks import (  # noqa: E402
     BUILD_MARGIN_ENV,
@@ -28,6 +21,13 @@ from pipelines.tasks import (  # noqa: E402
     MAX_BUILD_TIMEOUT_ENV,
     VISIBILITY_ENV,
     WorkerSettings,
+)
+from pipelines.virtinstall import (  # noqa: E402
+    DEFAULT_LIBVIRT_URI,
+    LIBVIRT_URI_ENV,
+    BuildOptions,
+    check_libvirt,
+    libvirt_uri,
 )
 from tests.support.installer import Installer, write_template  # noqa: E402
 

@@ -2177,7 +2177,7 @@ def qemu_convert(image: Path, fmt: str, out: Path, *, roomy: bool = False) -> st
     """qemu-img convert -O raw of `image` under the import's limits (`roomy`: more memory and
     time, for an image it needs them for): "ok" or why not."""
     from importer import qemu
-    from importer.errors import ImportFailure
+    from importer.errors import Failure
     from importer.formats import DiskFormat
 
     limits = qemu.Limits(address_space=1 << 30, cpu_seconds=20, timeout=30)
@@ -2193,7 +2193,7 @@ def qemu_convert(image: Path, fmt: str, out: Path, *, roomy: bool = False) -> st
             on_progress=lambda p: None,
             limits=limits,
         )
-    except ImportFailure as exc:
+    except Failure as exc:
         return f"failed: [{exc.reason}] {exc.message}"
     return "ok"
 

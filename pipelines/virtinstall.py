@@ -1,4 +1,5 @@
-"""Running the unattended install: virt-install with the kickstart injected, watched closely.
+"""Running guests with virt-install, watched closely: the unattended install, and (through
+`run_domain`) the boot test's boot.
 
 The kickstart is injected into the installer's initrd (`--initrd-inject`, `inst.ks=file:/`),
 so the guest needs no HTTP server it can reach. The console and Anaconda's log channel are
