@@ -210,7 +210,7 @@ def test_the_commit_point_is_marked_only_when_the_import_stands(
 def test_sigterm_after_the_commit_point_reports_success() -> None:
     """The CLI turns SIGTERM into an error, except once the import stands (renamed into
     place): then it must not report a completed import as `Terminated`."""
-    from diskflow.cli import guarded
+    from diskflow.failures import guarded
     from importer.outcome import Outcome
 
     def job() -> str:
