@@ -56,12 +56,14 @@ LAZY_COMMANDS = {
 
 
 class _Commands(MutableMapping[str, "Command"]):
-    """A group's commands: the ones built already, then LAZY_COMMANDS, each built on first
-    lookup. Listing the names (and suggesting one for a typo) loads nothing."""
+    """A group's commands: the ones built already, then the lazy ones ("module:attribute"),
+    each built on first lookup. Listing the names (and suggesting one for a typo) loads nothing."""
 
-    def __init__(self, built: Mapping[str, Command], settings: dict[str, Any]) -> None:
-        lazy = {name: spec for name, spec in LAZY_COMMANDS.items() if name not in built}
-        self._entries: dict[str, Command | str] = {**built, **lazy}  # a str: not loaded yet
+    def __init__(
+        self, built: Mapping[str, Command], lazy: Mapping[str, str], settings: dict[str, Any]
+    ) -> None:
+        pending = {name: spec for name, spec in lazy.items() if name not in built}
+        self._entries: dict[str, Command | str] = {**built, **pending}  # a str: not loaded yet
         self._settings = settings
 
     def __getitem__(self, name: str) -> Command:
@@ -114,12 +116,14 @@ class Group(TyperGroup):
 
 
 class LazyGroup(Group):
-    """The `diskflow` group, with LAZY_COMMANDS among its commands."""
+    """A group with commands loaded when used (`lazy`): the `diskflow` group's LAZY_COMMANDS."""
+
+    lazy: Mapping[str, str] = LAZY_COMMANDS
 
     def __init__(self, **attrs: Any) -> None:
         super().__init__(**attrs)
         settings = {"add_completion": False, "rich_markup_mode": self.rich_markup_mode}
-        self.commands = _Commands(self.commands, settings)
+        self.commands = _Commands(self.commands, self.lazy, settings)
 
     def list_commands(self, ctx: Context) -> list[str]:
         return list(self.commands)  # the names: typer's own would load every command
@@ -402,7 +406,27 @@ def import_command(
     _run(job, progress, metrics=metrics, termination_log=termination_log)
 
 
-@app.command()
+class DemoGroup(LazyGroup):
+    """`diskflow demo`: its first argument names a demo (import, template); without one, the
+    import demo runs, so `diskflow demo [DIR]` keeps meaning what it always has."""
+
+    lazy: Mapping[str, str] = {"template": "diskflow.templates_cli:demo_template"}
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = ["import", *args]
+        return super().parse_args(ctx, args)
+
+
+demo_app = typer.Typer(
+    cls=DemoGroup,
+    help="The whole flow on this machine with nothing else running: import (default) or template.",
+    rich_markup_mode=None,
+)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("import")
 def demo(
     directory: Annotated[Path, typer.Argument(help="Where the sample and disk.img go.")] = Path(
         "diskflow-demo"
