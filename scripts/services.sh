@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start the services the template tests use, if they are not running yet (as root):
-# virtlogd and libvirtd (virt-install's domains) and Redis (the Celery broker).
+# Start the services template builds and their tests use, if they are not running yet (as
+# root): virtlogd and libvirtd (virt-install's domains) and, where it is installed (setup.sh
+# --test), Redis (the Celery broker).
 # There is no systemd on CI machines, so each daemon is started directly.
 set -euo pipefail
 
@@ -22,14 +23,20 @@ fi
 
 start virtlogd virtlogd -d
 start libvirtd libvirtd -d
-start redis-server redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no
+redis=false
+if command -v redis-server >/dev/null; then
+    redis=true
+    start redis-server redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' \
+        --appendonly no
+fi
 
-# Wait until both answer: the tests must not race the daemons' start-up.
+# Wait until they answer: the tests must not race the daemons' start-up.
 for _ in $(seq 100); do
-    if virsh -c qemu:///system version >/dev/null 2>&1 && redis-cli -p 6379 ping >/dev/null 2>&1; then
+    if virsh -c qemu:///system version >/dev/null 2>&1 &&
+       { ! $redis || redis-cli -p 6379 ping >/dev/null 2>&1; }; then
         exit 0
     fi
     sleep 0.1
 done
-echo "libvirtd or redis-server did not come up" >&2
+echo "libvirtd$($redis && echo " or redis-server") did not come up" >&2
 exit 1
