@@ -22,6 +22,7 @@ from pipelines.tasks import (
     InvalidSettings,
     WorkerSettings,
 )
+from pipelines.template import MEDIA_DIRS_ENV
 from pipelines.virtinstall import LIBVIRT_URI_ENV
 from tests.support.charts import Object, find, helm, lint, of_kind, pod_spec, render, validate
 
@@ -120,13 +121,15 @@ def test_the_worker_settings_are_the_ones_the_code_reads() -> None:
     assert given[CONCURRENCY_ENV] == "2"
     assert given[VISIBILITY_ENV] == "7800"
     assert given[MAX_BUILD_TIMEOUT_ENV] == "7200"
+    assert given[MEDIA_DIRS_ENV] == "/media/isos:/media/kernels"
     assert given[LIBVIRT_URI_ENV] == "qemu:///session"
     assert given["LIBGUESTFS_BACKEND"] == "direct"
     # The worker accepts them as the chart writes them.
     plain = {name: value for name, value in given.items() if isinstance(value, str)}
     assert WorkerSettings.from_environment(plain) == WorkerSettings(
-        concurrency=2, visibility_timeout=7800, max_build_timeout=7200
-    )
+        concurrency=2, visibility_timeout=7800, max_build_timeout=7200,
+        media_dirs=("/media/isos", "/media/kernels"),
+    )  # fmt: skip
     # The chart's defaults are the worker's own.
     defaults = {k: v for k, v in env(worker(render(CHART))).items() if isinstance(v, str)}
     assert WorkerSettings.from_environment(defaults) == WorkerSettings()
@@ -273,6 +276,7 @@ def changed(path: str, value: Any, base: dict[str, Any] | None = None) -> dict[s
         pytest.param(changed("worker.concurency", 2), "concurency", id="unknown key"),
         pytest.param(changed("worker.concurrency", 0), "concurrency", id="no concurrency"),
         pytest.param(changed("worker.buildTimeout", 0), "buildTimeout", id="no build time"),
+        pytest.param(changed("worker.mediaDirs", ["media"]), "mediaDirs", id="relative media"),
         pytest.param(changed("worker.workVolume.size", "lots"), "size", id="bad size"),
         pytest.param(changed("redis.image.digest", "latest"), "digest", id="bad digest"),
         pytest.param(changed("publish.s3.secret", "x"), "secret", id="unknown nested key"),
