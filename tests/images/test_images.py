@@ -232,6 +232,7 @@ def test_import_over_http_as_the_importer_user_with_only_tmp(served: tuple[str, 
         (["virt-sysprep", "--version"], "virt-sysprep 1."),
         (["qemu-img", "--version"], "qemu-img version 7."),
         (["cpio", "--version"], "cpio (GNU cpio)"),
+        (["xorrisofs", "-version"], "mkisofs 2.01-Emulation"),  # the boot test's seed
     ],
 )
 def test_worker_tools(command: list[str], expected: str) -> None:
