@@ -45,6 +45,7 @@ def read_file(image: Path, path: str, tmp_path: Path) -> str | None:
     return None if "File not found" in done.stderr else done.stdout
 
 
+@pytest.mark.libvirt  # virt-sysprep boots libguestfs's appliance under QEMU
 def test_seal_removes_the_machine_identity(tmp_path: Path) -> None:
     disk = os_disk(tmp_path)
     output = tmp_path / "sealed.qcow2"
@@ -55,6 +56,7 @@ def test_seal_removes_the_machine_identity(tmp_path: Path) -> None:
     assert read_file(output, "/etc/fedora-release", tmp_path) == "Fedora release 40 (Forty)\n"
 
 
+@pytest.mark.libvirt
 def test_seal_failure_is_specific_and_leaves_no_image(tmp_path: Path) -> None:
     disk = tmp_path / "blank.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M")
