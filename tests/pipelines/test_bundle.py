@@ -12,20 +12,10 @@ from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.kickstart import flatten, validate
 from pipelines.steps import BuildRequest, validate_step
 from pipelines.template import load_template
-from tests.pipelines.test_kickstart import minimal, write
+from tests.pipelines.test_kickstart import metadata, minimal, write
 
 # Read by an escaping %include, it would fail validation with this text in the message.
 SECRET = "worker-secret-content-4711"
-METADATA = """
-    [template]
-    version = "RHEL9"
-    os_variant = "centos-stream9"
-    disk_size = "4Gi"
-    memory = "2Gi"
-
-    [install]
-    iso = "media/install.iso"
-"""
 
 
 @pytest.fixture
@@ -44,7 +34,7 @@ def repo(tmp_path: Path) -> Path:
     root = tmp_path / "repo"
     (root / ".git").mkdir(parents=True)  # the tree its %includes are confined to
     write(root / "kickstarts" / "web.ks", minimal("%include ../common/base.ks\n"))
-    write(root / "kickstarts" / "web.toml", METADATA)
+    write(root / "kickstarts" / "web.toml", metadata('iso = "media/install.iso"'))
     write(root / "kickstarts" / "media" / "install.iso", "not really an iso\n")
     write(root / "common" / "base.ks", "zerombr\n%include parts/disk.ks\n")
     write(root / "common" / "parts" / "disk.ks", "clearpart --all\nreqpart\n")

@@ -23,21 +23,11 @@ from pipelines.kickstart import (
 from pipelines.steps import BuildRequest, validate_step
 from pipelines.tasks import InvalidSettings, WorkerSettings
 from pipelines.template import load_template
-from tests.pipelines.test_kickstart import minimal, write
+from tests.pipelines.test_kickstart import metadata, minimal, write
 
 # A one-token file that is not a kickstart: what an %include must never put in a message.
 TOKEN = "tok-3f9a8b7c6d5e4f3a"
 SHADOW = "root:$6$salt$hash0123456789:19000:0:99999:7:::"
-METADATA = """
-    [template]
-    version = "RHEL9"
-    os_variant = "centos-stream9"
-    disk_size = "4Gi"
-    memory = "2Gi"
-
-    [install]
-    {install}
-"""
 
 
 @pytest.fixture
@@ -325,7 +315,7 @@ def test_absolute_include_from_an_included_file_may_be_written_by_any_pre(repo: 
 
 
 def template(repo: Path, install: str) -> Path:
-    write(repo / "t.toml", METADATA.format(install=install))
+    write(repo / "t.toml", metadata(install))
     return write(repo / "t.ks", minimal())
 
 

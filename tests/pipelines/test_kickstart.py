@@ -29,6 +29,14 @@ def minimal(extra: str = "") -> str:
     return "text\nrootpw --lock\nbootloader --timeout=1\n" + extra
 
 
+def metadata(install: str) -> str:
+    """A template's metadata (NAME.toml) whose [install] table holds the line `install`."""
+    return (
+        '[template]\nversion = "RHEL9"\nos_variant = "centos-stream9"\ndisk_size = "4Gi"\n'
+        f'memory = "2Gi"\n\n[install]\n{install}\n'
+    )
+
+
 def parsed(text: str, version: str):
     handler = makeVersion(version)
     KickstartParser(handler, followIncludes=False).readKickstartFromString(text)
@@ -292,19 +300,7 @@ def test_confined_applies_to_calls_without_a_root_until_the_block_ends(tmp_path:
 )
 def test_location_with_credentials_is_refused_unechoed(tmp_path: Path, location: str) -> None:
     ks = write(tmp_path / "t.ks", minimal())
-    write(
-        tmp_path / "t.toml",
-        f"""
-        [template]
-        version = "RHEL9"
-        os_variant = "centos-stream9"
-        disk_size = "4Gi"
-        memory = "2Gi"
-
-        [install]
-        location = "{location}"
-        """,
-    )
+    write(tmp_path / "t.toml", metadata(f'location = "{location}"'))
     with pytest.raises(FinalError) as e:
         load_template(ks)
     assert e.value.reason == "InvalidTemplate"
@@ -317,19 +313,7 @@ def test_location_with_credentials_is_refused_unechoed(tmp_path: Path, location:
 def test_location_with_an_at_sign_in_its_path_is_fine(tmp_path: Path) -> None:
     ks = write(tmp_path / "t.ks", minimal())
     location = "https://mirror.example.com/os/x86_64@2024/"
-    write(
-        tmp_path / "t.toml",
-        f"""
-        [template]
-        version = "RHEL9"
-        os_variant = "centos-stream9"
-        disk_size = "4Gi"
-        memory = "2Gi"
-
-        [install]
-        location = "{location}"
-        """,
-    )
+    write(tmp_path / "t.toml", metadata(f'location = "{location}"'))
     assert load_template(ks).install.location == location
 
 
