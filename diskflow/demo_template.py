@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -37,7 +38,7 @@ class TemplateDemo:
     """What the demo made, all under its directory."""
 
     image: Path  # the built template (qcow2)
-    manifest: dict
+    manifest: dict[str, Any]  # its manifest.json, as published
     datavolume: Path
     disk: Path  # the template imported back (raw)
     import_command: list[str]
@@ -107,7 +108,9 @@ def run_template_demo(
     )
     if compared.returncode != 0:
         raise FinalError("InternalError", f"{disk} differs from the template {state.image}")
-    return TemplateDemo(Path(state.image or ""), state.manifest, datavolume, disk, command)
+    return TemplateDemo(
+        Path(state.image or ""), state.manifest.to_json(), datavolume, disk, command
+    )
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -375,8 +375,9 @@ def ci_build(
                     typer.echo(f"error: {path}: {message} [InternalError]", err=True)
                     continue
                 skipped = "already published" if state.skipped else None
+                output = json.dumps(state.manifest.to_json(), indent=2)
                 cases.append(ci.Case(path.stem, time.monotonic() - started, skipped=skipped,
-                                     output=json.dumps(state.manifest, indent=2)))  # fmt: skip
+                                     output=output))  # fmt: skip
         finally:
             ci.write_junit(junit, "diskflow templates", cases)  # whatever happened
         return cases
@@ -412,16 +413,15 @@ def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
         "build_id": state.build_id,
         "skipped": state.skipped,
         "image": state.image,
-        "manifest": state.manifest,
+        "manifest": state.manifest.to_json(),
     }
     if mode is EventMode.JSON:
         print(json.dumps({"kind": "result", **summary}), flush=True)
     else:
-        output = state.manifest.get("output", {})
-        typer.echo(
-            f"{state.template.name}: build {state.build_id} "
-            + ("already published" if state.skipped else f"sha256 {output.get('sha256')}")
+        done = (
+            "already published" if state.skipped else f"sha256 {state.manifest.finished().sha256}"
         )
+        typer.echo(f"{state.template.name}: build {state.build_id} {done}")
 
 
 def _resolve(mode: EventMode) -> EventMode:

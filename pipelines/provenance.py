@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 from importlib import metadata
-from typing import Any
 from urllib.parse import urlsplit
 
 import requests
@@ -21,25 +20,23 @@ from importer.errors import FinalError, TransientError
 from importer.redaction import describe
 from importer.sources.http import FINAL_STATUSES, redact_url
 from pipelines.finalize import FinalizeOptions, sha256_of
+from pipelines.manifest import Inputs, MediaFile, TreeRecord
 from pipelines.template import Template
 
 TREEINFO_TIMEOUT = 15.0
 
 
-def inputs(template: Template) -> dict[str, Any]:
+def inputs(template: Template) -> Inputs:
     """The install media, identified by content where diskflow can see it."""
     source = template.install
-    found: dict[str, Any] = {}
-    for key in ("iso", "kernel", "initrd"):
-        path = getattr(source, key)
-        if path:
-            found[key] = {"file": path.name, "sha256": sha256_of(path)}
-    if source.location:
-        # A tree's .treeinfo changes with every compose, so a new compose means a new build.
-        found["location"] = {"url": source.location, "treeinfo_sha256": _treeinfo(source.location)}
-    if source.kernel_args:
-        found["kernel_args"] = source.kernel_args
-    return found
+    files = {
+        key: MediaFile(path.name, sha256_of(path))
+        for key in ("iso", "kernel", "initrd")
+        if (path := getattr(source, key))
+    }
+    # A tree's .treeinfo changes with every compose, so a new compose means a new build.
+    tree = TreeRecord(source.location, _treeinfo(source.location)) if source.location else None
+    return Inputs(**files, location=tree, kernel_args=source.kernel_args or None)
 
 
 def tool_versions() -> dict[str, str]:
@@ -55,7 +52,7 @@ def tool_versions() -> dict[str, str]:
 def build_id(
     kickstart_sha256: str,
     template: Template,
-    media: dict[str, Any],
+    media: Inputs,
     tools: dict[str, str],
     finalize: FinalizeOptions,
 ) -> str:
@@ -67,7 +64,7 @@ def build_id(
         "disk_size": template.disk_size,
         "memory": template.memory,
         "vcpus": template.vcpus,
-        "inputs": media,
+        "inputs": media.to_json(),  # as the manifest records them: ids stay what they were
         "tools": tools,
         "seal": finalize.seal,
         "compression": str(finalize.compression),

@@ -34,11 +34,18 @@ from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.datavolume import datavolume, to_yaml
 from pipelines.events import Emit, EventReporter, discard
 from pipelines.finalize import FinalizeOptions, QcowCompression, finalize
+from pipelines.manifest import (
+    AccelRecord,
+    BootTestRecord,
+    BuildManifest,
+    KickstartRecord,
+    OutputRecord,
+    Settings,
+)
 from pipelines.publish import Published, Store, find_published, open_store, publish_build
 from pipelines.template import Template, load_template
 from pipelines.virtinstall import BuildOptions, install
 
-MANIFEST_SCHEMA = "diskflow.io/template-build/v1"
 PROGRESS_SECONDS = 2.0
 LOGS = ("console.log", "installer.log")
 # Besides NAME.qcow2[.sha256]; manifest.json is written last, once the image passed its boot
@@ -120,12 +127,11 @@ class BuildState:
     template: Template
     kickstart: str  # the flattened text the installer gets
     build_id: str
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: BuildManifest
     skipped: bool = False  # the same build is already published
     workdir: str | None = None
     disk: str | None = None
     image: str | None = None
-    published: dict[str, Any] | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -135,13 +141,15 @@ class BuildState:
         return asdict(self) | {
             "request": self.request.to_json(),
             "template": self.template.to_json(),
+            "manifest": self.manifest.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BuildState:
         return cls(
             **(data | {"request": BuildRequest.from_json(data["request"]),
-                       "template": Template.from_json(data["template"])}),
+                       "template": Template.from_json(data["template"]),
+                       "manifest": BuildManifest.from_json(data["manifest"])}),
         )  # fmt: skip
 
 
@@ -157,25 +165,15 @@ def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
     media = provenance.inputs(template)
     tools = provenance.tool_versions()
     build_id = provenance.build_id(checked.digest, template, media, tools, request.finalize)
-    manifest = {
-        "schema": MANIFEST_SCHEMA,
-        "template": template.name,
-        "build_id": build_id,
-        "kickstart": {
-            "file": template.kickstart.name,
-            "version": template.version,
-            "sha256": checked.digest,
-        },
-        "inputs": media,
-        "settings": {
-            "os_variant": template.os_variant,
-            "disk_size": template.disk_size,
-            "memory": template.memory,
-            "vcpus": template.vcpus,
-        },
-        "tools": tools,
-        "durations": {"validate": round(time.monotonic() - started, 3)},
-    }
+    manifest = BuildManifest(
+        template=template.name,
+        build_id=build_id,
+        kickstart=KickstartRecord(template.kickstart.name, template.version, checked.digest),
+        inputs=media,
+        settings=Settings(template.os_variant, template.disk_size, template.memory, template.vcpus),
+        tools=tools,
+        durations={},
+    ).timed("validate", time.monotonic() - started)
     # The files were read; dropping them keeps them out of every later task's message and
     # stored result (a kickstart may hold a password hash).
     state = BuildState(replace(request, bundle=None), template, checked.text, build_id, manifest)
@@ -189,12 +187,12 @@ def validate_step(request: BuildRequest, emit: Emit = discard) -> BuildState:
             write_datavolume(
                 state.output_dir, Published.from_manifest(existing), request.publish, emit
             )
-            return replace(state, skipped=True, manifest=existing, published=existing["published"])
+            return replace(state, skipped=True, manifest=existing)
         if existing:
             # A rebuild goes to a key of its own: overwriting the published image would leave
             # its old manifest describing the new image until the new manifest is written.
             build_id = f"{build_id}.{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-            state = replace(state, build_id=build_id, manifest=manifest | {"build_id": build_id})
+            state = replace(state, build_id=build_id, manifest=replace(manifest, build_id=build_id))
     emit("validate", "done", f"{template.name}: build {build_id}", build_id=build_id)
     return state
 
@@ -219,12 +217,12 @@ def install_step(state: BuildState, emit: Emit = discard) -> BuildState:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     _keep_logs(workdir, output)
-    manifest = state.manifest | {
-        "accel": {"used": installed.accel.accel.value, "reason": installed.accel.reason},
-        "builder": socket.gethostname(),
-        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    manifest["durations"] = manifest["durations"] | {"install": round(installed.seconds, 3)}
+    manifest = replace(
+        state.manifest,
+        accel=AccelRecord(installed.accel.accel, installed.accel.reason),
+        builder=socket.gethostname(),
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    ).timed("install", installed.seconds)
     return replace(state, workdir=str(workdir), disk=str(installed.disk), manifest=manifest)
 
 
@@ -237,25 +235,25 @@ def finalize_step(state: BuildState, emit: Emit = discard) -> BuildState:
             "BuildOutputMissing",
             f"the installed disk {state.disk} is not on this machine: the build must run again",
         )
-    accel = Accel(state.manifest["accel"]["used"])
+    if state.manifest.accel is None:
+        raise FinalError("InternalError", "the manifest records no install before finalize")
+    accel = state.manifest.accel.used
     image = state.output_dir / f"{state.template.name}.qcow2"
     try:
         done = finalize(Path(state.disk), image, state.request.finalize, accel, emit)
     finally:
         if state.workdir:
             shutil.rmtree(state.workdir, ignore_errors=True)
-    manifest = state.manifest | {
-        "output": {
-            "file": image.name,
-            "format": "qcow2",
-            "compression": done.compression.value,
-            "sealed": done.sealed,
-            "size": done.size,
-            "virtual_size": done.virtual_size,
-            "sha256": done.sha256,
-        },
-    }
-    manifest["durations"] = manifest["durations"] | {"finalize": round(done.seconds, 3)}
+    output = OutputRecord(
+        file=image.name,
+        format="qcow2",
+        compression=done.compression,
+        sealed=done.sealed,
+        size=done.size,
+        virtual_size=done.virtual_size,
+        sha256=done.sha256,
+    )
+    manifest = replace(state.manifest, output=output).timed("finalize", done.seconds)
     (image.parent / f"{image.name}.sha256").write_text(f"{done.sha256}  {image.name}\n")
     return replace(state, workdir=None, disk=None, image=str(image), manifest=manifest)
 
@@ -276,7 +274,7 @@ def boot_test_step(state: BuildState, emit: Emit = discard) -> BuildState:
         )
     if not state.request.boot_test:
         emit("boot-test", "warning", "the image is not boot-tested (--no-boot-test)")
-        record: dict[str, Any] = {"tested": False}
+        record = BootTestRecord(tested=False)
         seconds = 0.0
     else:
         try:
@@ -288,16 +286,15 @@ def boot_test_step(state: BuildState, emit: Emit = discard) -> BuildState:
             for name in (image.name, f"{image.name}.sha256"):
                 (image.parent / name).unlink(missing_ok=True)
             raise
-        record = {
-            "tested": True,
-            "method": METHOD,
-            "accel": tested.accel.value,
-            "boot": "kernel" if tested.kernel else "bootloader",
-        }
+        record = BootTestRecord(
+            tested=True,
+            method=METHOD,
+            accel=tested.accel,
+            boot="kernel" if tested.kernel else "bootloader",
+        )
         seconds = tested.seconds
-    manifest = state.manifest | {"boot_test": record}
-    manifest["durations"] = manifest["durations"] | {"boot_test": round(seconds, 3)}
-    _write_json(state.output_dir / "manifest.json", manifest)
+    manifest = replace(state.manifest, boot_test=record).timed("boot_test", seconds)
+    _write_manifest(state.output_dir, manifest)
     return replace(state, manifest=manifest)
 
 
@@ -307,36 +304,30 @@ def publish_step(state: BuildState, emit: Emit = discard) -> BuildState:
     if state.skipped or not request.publish_to:
         return state
     published = publish_directory(state.output_dir, request.publish_to, request.publish, emit)
-    return replace(state, published=published.manifest["published"], manifest=published.manifest)
+    return replace(state, manifest=published.manifest)
 
 
 def publish_directory(
     directory: Path, publish_to: str, options: PublishOptions, emit: Emit = discard
 ) -> Published:
     """Publish the finished build in DIRECTORY (OUTPUT/NAME); its manifest.json records where."""
+    path = directory / "manifest.json"
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-        output = manifest["output"]
-        fields = (manifest["template"], manifest["build_id"], output["file"], output["sha256"])
-        if not all(isinstance(value, str) and value for value in fields):
-            raise TypeError("a manifest field is not a non-empty string")
-        image = directory / output["file"]
+        text = path.read_bytes()
     except FileNotFoundError:
         raise FinalError(
             "InvalidArgument", f"{directory} holds no manifest.json: is it a finished build?"
         ) from None
-    except (ValueError, KeyError, TypeError):
-        raise FinalError(
-            "InvalidManifest", f"{directory}/manifest.json is not a finished build's manifest"
-        ) from None
+    manifest = BuildManifest.parse(text, str(path))
+    image = directory / manifest.finished(str(path)).file
     published = publish_image(image, manifest, publish_to, options, emit)
-    _write_json(directory / "manifest.json", published.manifest)
+    _write_manifest(directory, published.manifest)
     return published
 
 
 def publish_image(
     image: Path,
-    manifest: dict[str, Any],
+    manifest: BuildManifest,
     publish_to: str,
     options: PublishOptions,
     emit: Emit = discard,
@@ -345,16 +336,13 @@ def publish_image(
 
     A DataVolume manifest importing it is written next to the image.
     """
-    template, build_id = manifest["template"], manifest["build_id"]
+    sha256 = manifest.finished().sha256
     store = options.store(publish_to)
     emit("publish", "start", f"publishing {image.name} to {store.description}")
     started = time.monotonic()
     progress = Progress()
     with reporting(progress, [EventReporter(emit, "publish")], interval=PROGRESS_SECONDS):
-        published = publish_build(
-            store, template, build_id, image, manifest, progress,
-            sha256=manifest["output"]["sha256"],
-        )  # fmt: skip
+        published = publish_build(store, image, manifest, progress, sha256=sha256)
     emit("publish", "done", f"published {published.image_url} in "
          f"{time.monotonic() - started:.1f}s", url=published.image_url)  # fmt: skip
     write_datavolume(image.parent, published, options, emit)
@@ -422,7 +410,8 @@ def _kickstart_files(
         yield path, bundle.media_base, roots, None, shown
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_manifest(directory: Path, manifest: BuildManifest) -> None:
+    path = directory / "manifest.json"
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    partial.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
     partial.replace(path)

@@ -2,8 +2,8 @@
 local directory.
 
     store = open_store("s3://golden/images", s3=S3Options(endpoint="https://minio:9000"))
-    if (manifest := find_published(store, "centos9", build_id)) is None:
-        published = publish_build(store, "centos9", build_id, image, manifest_of_the_build)
+    if find_published(store, manifest.template, manifest.build_id) is None:
+        published = publish_build(store, image, manifest)  # a pipelines.manifest.BuildManifest
 """
 
 from __future__ import annotations

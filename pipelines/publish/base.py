@@ -6,10 +6,11 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, Protocol
+from typing import BinaryIO, Protocol
 
 from importer.errors import FinalError
 from importer.progress import Progress
+from pipelines.manifest import ImportSource
 
 CHUNK = 1 << 20
 
@@ -20,14 +21,6 @@ class Stored:
 
     sha256: str
     size: int
-
-
-@dataclass(frozen=True)
-class ImportSource:
-    """How a cluster fetches an object: a DataVolume source kind and its URL."""
-
-    kind: Literal["http", "s3"]
-    url: str
 
 
 class Store(Protocol):

@@ -16,14 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from importer.errors import FinalError
 from importer.progress import Progress
-from pipelines.publish.base import ImportSource, Store
+from pipelines.manifest import BuildManifest, ImportSource, PublishedImage, PublishedRecord
+from pipelines.publish.base import Store
 
 log = logging.getLogger("diskflow.publish")
 
@@ -45,30 +45,26 @@ class Published:
     """How a cluster fetches the image; None for a local directory nothing serves."""
     virtual_size: int | None
     """The disk's size as the guest sees it, from the manifest's `output.virtual_size`."""
-    manifest: dict[str, Any]
+    manifest: BuildManifest
     """The manifest as published, `published` section included."""
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> Published:
+    def from_manifest(cls, manifest: BuildManifest) -> Published:
         """The build a published manifest (from `find_published`) describes."""
-        try:
-            section = manifest["published"]
-            source = section["source"]
-            return cls(
-                template=section["template"],
-                build_id=section["build_id"],
-                image_url=section["image"]["url"],
-                sha256=section["image"]["sha256"],
-                size=section["image"]["size"],
-                manifest_url=section["manifest_url"],
-                source=ImportSource(source["kind"], source["url"]) if source else None,
-                virtual_size=(manifest.get("output") or {}).get("virtual_size"),
-                manifest=manifest,
-            )
-        except (KeyError, TypeError) as exc:
-            raise FinalError(
-                "InvalidManifest", f"the manifest has no complete 'published' section ({exc})"
-            ) from None
+        section = manifest.published
+        if section is None:
+            raise FinalError("InvalidManifest", "the manifest has no 'published' section")
+        return cls(
+            template=section.template,
+            build_id=section.build_id,
+            image_url=section.image.url,
+            sha256=section.image.sha256,
+            size=section.image.size,
+            manifest_url=section.manifest_url,
+            source=section.source,
+            virtual_size=manifest.output.virtual_size if manifest.output else None,
+            manifest=manifest,
+        )
 
 
 def image_name(template: str) -> str:
@@ -97,17 +93,17 @@ def _segment(what: str, value: str) -> str:
 
 def publish_build(
     store: Store,
-    template_name: str,
-    build_id: str,
     image: Path,
-    manifest: dict[str, Any],
+    manifest: BuildManifest,
     progress: Progress | None = None,
     *,
     sha256: str | None = None,
 ) -> Published:
     """Upload the image, then its `.sha256`, then the manifest (with a `published` section
-    added), then `latest.json`. With `sha256` (from the build's checksum step), an image
-    that no longer matches it fails before anything is committed."""
+    added), then `latest.json`, under the manifest's template name and build id. With `sha256`
+    (from the build's checksum step), an image that no longer matches it fails before anything
+    is committed."""
+    template_name, build_id = manifest.template, manifest.build_id
     image = Path(image)
     if not image.is_file():
         raise FinalError("NotFound", f"{image}: no such image file")
@@ -122,24 +118,23 @@ def publish_build(
     store.put_bytes(
         image_key + ".sha256", f"{stored.sha256}  {name}\n".encode(), content_type="text/plain"
     )
-    source = store.import_source(image_key)
-    published = {
-        "template": template_name,
-        "build_id": build_id,
-        "image": {"url": store.url(image_key), "sha256": stored.sha256, "size": stored.size},
-        "checksum_url": store.url(image_key + ".sha256"),
-        "manifest_url": store.url(manifest_key),
-        "source": {"kind": source.kind, "url": source.url} if source else None,
-        "published_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-    }
-    document = {**manifest, "published": published}
-    data = (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+    published = PublishedRecord(
+        template=template_name,
+        build_id=build_id,
+        image=PublishedImage(store.url(image_key), stored.sha256, stored.size),
+        checksum_url=store.url(image_key + ".sha256"),
+        manifest_url=store.url(manifest_key),
+        source=store.import_source(image_key),
+        published_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+    )
+    document = replace(manifest, published=published)
+    data = (json.dumps(document.to_json(), indent=2, sort_keys=True) + "\n").encode()
     store.put_bytes(manifest_key, data, content_type="application/json")
     store.put_bytes(latest_key(template_name), data, content_type="application/json")
     return Published.from_manifest(document)
 
 
-def find_published(store: Store, template_name: str, build_id: str) -> dict[str, Any] | None:
+def find_published(store: Store, template_name: str, build_id: str) -> BuildManifest | None:
     """The manifest of a build already in the store, or None. A manifest whose image is gone
     or has another size counts as not published (the build runs and publishes again)."""
     manifest = _read_manifest(store, build_key(template_name, build_id, "manifest.json"))
@@ -156,14 +151,6 @@ def find_published(store: Store, template_name: str, build_id: str) -> dict[str,
     return manifest
 
 
-def _read_manifest(store: Store, key: str) -> dict[str, Any] | None:
+def _read_manifest(store: Store, key: str) -> BuildManifest | None:
     data = store.get_bytes(key)
-    if data is None:
-        return None
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FinalError("InvalidManifest", f"{store.url(key)} is not JSON: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise FinalError("InvalidManifest", f"{store.url(key)} is not a JSON object")
-    return manifest
+    return None if data is None else BuildManifest.parse(data, store.url(key))

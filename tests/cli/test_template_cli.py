@@ -17,6 +17,7 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from tests.conftest import run, sha256  # noqa: E402
+from tests.pipelines.manifests import STORED  # noqa: E402
 from tests.support.commands import diskflow  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
@@ -144,11 +145,15 @@ def test_publish_refuses_a_directory_that_is_not_a_build(tmp_path: Path) -> None
     (tmp_path / "manifest.json").write_text('{"output": {"file": "x.qcow2"}}')
     done = diskflow("publish", tmp_path, "--publish-to", tmp_path)
     assert done.returncode == 1 and "[InvalidManifest]" in done.stderr
+    assert "manifest.json: schema is missing" in done.stderr  # the field that is wrong
+    (tmp_path / "manifest.json").write_text(json.dumps(STORED | {"output": None}))
+    done = diskflow("publish", tmp_path, "--publish-to", tmp_path)
+    assert done.returncode == 1 and "[InvalidManifest]" in done.stderr
+    assert "is not a finished build's manifest: no output" in done.stderr
 
 
 def test_store_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path) -> None:
-    manifest = {"template": "x", "build_id": "b", "output": {"file": "x.qcow2", "sha256": "0"}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "manifest.json").write_text(json.dumps(STORED))
     done = diskflow("publish", tmp_path, "--publish-to", "https://ci:s3cr3t@store.example/x")
     assert done.returncode == 1
     assert "must not carry credentials" in done.stderr and "[InvalidArgument]" in done.stderr

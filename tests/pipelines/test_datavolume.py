@@ -23,6 +23,7 @@ from pipelines.publish import Published, find_published, open_store, publish_bui
 from pipelines.publish.s3 import S3Store
 from tests.conftest import GiB, MiB, run
 from tests.contracts.test_crd import schema_errors
+from tests.pipelines.manifests import finished
 from tests.support.stores import BUCKET, DAV_PASSWORD, DAV_USER, Dav, Image
 
 pytest_plugins = ["tests.support.stores"]
@@ -35,8 +36,8 @@ def publish(
     url: str, image: Image, *, s3: S3Options | None = None, public_url: str | None = None
 ) -> Published:
     store = open_store(url, http=FAST, s3=s3, public_url=public_url)
-    manifest = {"template": TEMPLATE, "output": {"virtual_size": image.virtual_size}}
-    return publish_build(store, TEMPLATE, uuid.uuid4().hex, image.path, manifest)
+    manifest = finished(TEMPLATE, uuid.uuid4().hex, image.virtual_size)
+    return publish_build(store, image.path, manifest)
 
 
 def fetched_sha256(url: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from importer.errors import FinalError, TransientError
 from pipelines.finalize import FinalizeOptions
+from pipelines.manifest import Inputs, TreeRecord
 from pipelines.provenance import build_id, inputs
 from pipelines.template import InstallSource, Template
 from tests.conftest import free_port
@@ -52,10 +53,7 @@ def test_served_treeinfo_is_identified_by_its_sha256(tree: tuple[FaultServer, Pa
     (root / ".treeinfo").write_bytes(TREEINFO)
     url = location(server)
     found = inputs(template(url))
-    assert found["location"] == {
-        "url": url,
-        "treeinfo_sha256": hashlib.sha256(TREEINFO).hexdigest(),
-    }
+    assert found.location == TreeRecord(url, hashlib.sha256(TREEINFO).hexdigest())
 
 
 def test_a_new_compose_changes_the_digest_and_the_build_id(tree: tuple[FaultServer, Path]) -> None:
@@ -65,7 +63,8 @@ def test_a_new_compose_changes_the_digest_and_the_build_id(tree: tuple[FaultServ
 
     def build() -> tuple[str, str]:
         media = inputs(template(url))
-        return media["location"]["treeinfo_sha256"], build_id(
+        assert media.location is not None
+        return media.location.treeinfo_sha256, build_id(
             "k" * 64, template(url), media, tools, FinalizeOptions()
         )
 
@@ -84,7 +83,9 @@ def test_a_tree_without_treeinfo_is_recorded_as_none(
     server, _ = tree
     token = uuid.uuid4().hex
     server.configure(token, status=status)
-    assert inputs(template(location(server, token)))["location"]["treeinfo_sha256"] is None
+    assert inputs(template(location(server, token))).location == TreeRecord(
+        location(server, token), None
+    )
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])
@@ -126,4 +127,14 @@ def test_connection_refused_is_transient_and_keeps_credentials_out() -> None:
 
 def test_a_location_diskflow_cannot_fetch_itself_has_no_digest() -> None:
     media = inputs(template("nfs:nfs.example.com:/exports/centos9"))
-    assert media["location"]["treeinfo_sha256"] is None
+    assert media == Inputs(location=TreeRecord("nfs:nfs.example.com:/exports/centos9", None))
+
+
+def test_typed_inputs_give_the_build_id_the_manifest_dicts_gave() -> None:
+    # Stores find a build by its id: a new id for the same inputs would rebuild every template.
+    url = "https://mirror.example/centos/9/os/"
+    media = Inputs(location=TreeRecord(url, "c" * 64), kernel_args="inst.text")
+    tools = {"diskflow": "1"}
+    assert build_id("k" * 64, template(url), media, tools, FinalizeOptions()) == (
+        "07b60ed9954b7261b31d"  # what the dict-assembling code computed for these inputs
+    )

@@ -19,6 +19,7 @@ import requests
 from importer import HttpOptions, S3Options
 from importer.errors import Failure, FinalError, TransientError
 from importer.progress import Progress
+from pipelines.manifest import BuildManifest
 from pipelines.publish import (
     LocalStore,
     Store,
@@ -30,6 +31,7 @@ from pipelines.publish import (
 from pipelines.publish.publication import latest_key
 from pipelines.publish.s3 import S3Store
 from tests.conftest import MiB, sha256
+from tests.pipelines.manifests import STORED, finished
 from tests.support.stores import (
     BUCKET,
     DAV_PASSWORD,
@@ -48,7 +50,6 @@ pytest_plugins = ["tests.support.stores"]
 
 FAST = HttpOptions(retries=2, backoff=0.01, stall_timeout=5.0, connect_timeout=2.0)
 TEMPLATE = "centos9"
-MANIFEST = {"template": TEMPLATE, "output": {"virtual_size": 64 * MiB}, "kickstart": "ab" * 32}
 SECRETS = (SECRET_KEY, DAV_PASSWORD, DAV_TOKEN)
 
 
@@ -61,7 +62,7 @@ def folder() -> str:
 
 
 def publish(store: Store, image: Image, build: str, **kwargs: Any) -> Any:
-    return publish_build(store, TEMPLATE, build, image.path, MANIFEST, **kwargs)
+    return publish_build(store, image.path, finished(TEMPLATE, build, 64 * MiB), **kwargs)
 
 
 def no_secrets(error: Failure) -> None:
@@ -106,7 +107,8 @@ def test_s3_publish_is_read_back_by_the_aws_cli(
     subprocess.run(["sha256sum", "-c", f"{TEMPLATE}.qcow2.sha256"], cwd=tmp_path, check=True)
 
     manifest = json.loads(s3_get(moto_s3, f"{prefix}/{TEMPLATE}/{build}/manifest.json") or b"")
-    assert manifest["kickstart"] == MANIFEST["kickstart"]
+    assert manifest == published.manifest.to_json()
+    assert manifest["kickstart"] == STORED["kickstart"]
     assert manifest["published"]["image"] == {
         "url": published.image_url,
         "sha256": qcow2.sha256,
@@ -191,8 +193,8 @@ def test_s3_find_published(moto_s3: str, qcow2: Image) -> None:
     assert store.get_bytes(latest_key(TEMPLATE)) is None
     published = publish(store, qcow2, build)
     manifest = find_published(store, TEMPLATE, build)
-    assert manifest is not None and manifest["published"]["image"]["url"] == published.image_url
-    assert json.loads(store.get_bytes(latest_key(TEMPLATE)) or b"") == manifest
+    assert manifest == published.manifest
+    assert json.loads(store.get_bytes(latest_key(TEMPLATE)) or b"") == manifest.to_json()
 
 
 def test_s3_missing_bucket_is_final_and_fails_early(moto_s3: str, qcow2: Image) -> None:
@@ -260,7 +262,8 @@ def test_webdav_find_published(webdav: Dav, qcow2: Image) -> None:
     assert find_published(store, TEMPLATE, build) is None
     publish(store, qcow2, build)
     manifest = find_published(store, TEMPLATE, build)
-    assert manifest is not None and manifest["published"]["image"]["sha256"] == qcow2.sha256
+    assert manifest is not None and manifest.published is not None
+    assert manifest.published.image.sha256 == qcow2.sha256
 
 
 def test_webdav_server_error_is_retried_and_leaves_no_manifest(webdav: Dav, qcow2: Image) -> None:
@@ -403,8 +406,8 @@ def test_local_publish(tmp_path: Path, qcow2: Image) -> None:
     assert published.image_url == (folder_ / f"{TEMPLATE}.qcow2").as_uri()
     assert published.source is None
     subprocess.run(["sha256sum", "-c", f"{TEMPLATE}.qcow2.sha256"], cwd=folder_, check=True)
-    assert find_published(open_store(tmp_path.as_uri()), TEMPLATE, build) == json.loads(
-        (folder_ / "manifest.json").read_text()
+    assert find_published(open_store(tmp_path.as_uri()), TEMPLATE, build) == BuildManifest.parse(
+        (folder_ / "manifest.json").read_text(), "manifest.json"
     )
     # A manifest whose image is gone is no reason to skip the build.
     (folder_ / f"{TEMPLATE}.qcow2").unlink()
@@ -533,7 +536,7 @@ def test_open_store_refuses_what_it_cannot_use(tmp_path: Path) -> None:
 def test_bad_names_are_refused(tmp_path: Path, qcow2: Image) -> None:
     for template, build in [("../etc", "b1"), ("t", "a/b"), ("", "b1"), ("t", ".hidden")]:
         with pytest.raises(FinalError) as caught:
-            publish_build(LocalStore(tmp_path), template, build, qcow2.path, MANIFEST)
+            publish_build(LocalStore(tmp_path), qcow2.path, finished(template, build))
         assert caught.value.reason == "InvalidArgument"
     assert list(tmp_path.iterdir()) == []
 

@@ -27,6 +27,7 @@ pytest_plugins = ["tests.support.installer"]
 from importer.errors import Failure, FinalError, TransientError  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
 from pipelines.boottest import METHOD  # noqa: E402
+from pipelines.manifest import BootTestRecord  # noqa: E402
 from pipelines.steps import (  # noqa: E402
     BuildRequest,
     BuildState,
@@ -138,7 +139,7 @@ def test_build_produces_a_compressed_template_with_manifest(
         assert f.read(len(marker)) == marker
 
     manifest = json.loads((tmp_path / "out/golden/manifest.json").read_text())
-    assert manifest == state.manifest
+    assert manifest == state.manifest.to_json()
     assert manifest["output"]["sha256"] == sha256(image)
     assert manifest["output"]["size"] == image.stat().st_size
     assert manifest["output"]["virtual_size"] == 64 * MiB
@@ -184,6 +185,26 @@ def test_an_image_that_does_not_boot_fails_its_boot_test_and_is_not_kept(
     assert "no operating system" in (output / "broken/boot-console.log").read_text()
 
 
+def test_a_failure_pattern_while_booting_fails_the_boot_test_with_its_lines(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    # The installed system is replaced by one that panics, as a broken initramfs would.
+    panics = (
+        f"dd if=/dev/zero of=/dev/vda bs=512 seek={OS_SECTOR} count={OS_SECTORS} conv=notrunc\n"
+        "printf '#!/bin/sh\\necho \"Kernel panic - not syncing: VFS: Unable to mount root\"\\n'"
+        f" | dd of=/dev/vda bs=512 seek={OS_SECTOR} conv=notrunc"
+    )
+    kickstart = write_template(tmp_path, minimal_installer, "panics", post=panics)
+
+    failure, recorder = failed_build(kickstart, vm_dir, tmp_path / "out")
+
+    assert failure.reason == "BootTestFailed"
+    assert failure.message.startswith("the boot test failed: kernel panic in the console output")
+    assert "Kernel panic - not syncing: VFS: Unable to mount root" in failure.message
+    booting = [e["message"] for e in recorder.events if e["stage"] == "boot-test"]
+    assert "Kernel panic - not syncing: VFS: Unable to mount root" in booting
+
+
 def test_an_image_without_a_bootloader_fails_its_boot_test_on_silence(
     minimal_installer: Installer, vm_dir: Path, tmp_path: Path
 ) -> None:
@@ -204,10 +225,11 @@ def test_no_boot_test_publishes_untested_and_says_so(
 
     state, recorder = build(kickstart, vm_dir, tmp_path / "out", boot_test=False)
 
-    assert state.manifest["boot_test"] == {"tested": False}
+    assert state.manifest.boot_test == BootTestRecord(tested=False)
     assert "the image is not boot-tested (--no-boot-test)" in recorder.lines("warning")
     assert "boot-test" not in {e["stage"] for e in recorder.events if e["kind"] == "console"}
-    assert (tmp_path / "out/untested/manifest.json").exists()
+    written = json.loads((tmp_path / "out/untested/manifest.json").read_text())
+    assert written["boot_test"] == {"tested": False}
 
 
 def test_same_inputs_give_the_same_build_id_and_a_changed_kickstart_another(

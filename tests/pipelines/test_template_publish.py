@@ -20,6 +20,7 @@ pytest_plugins = ["tests.support.installer", "tests.support.stores"]
 
 from importer import Checksum, ImportOptions, S3Options, import_image  # noqa: E402
 from pipelines.accel import Accel  # noqa: E402
+from pipelines.manifest import TreeRecord  # noqa: E402
 from pipelines.steps import (  # noqa: E402
     BuildRequest,
     PublishOptions,
@@ -97,7 +98,7 @@ def test_build_published_to_s3_with_a_datavolume_then_skipped_until_forced(
     again = build_template(job, recorder)
     assert again.skipped and again.build_id == state.build_id
     assert "install" not in recorder.stages()
-    assert again.manifest == stored
+    assert again.manifest.to_json() == stored
     forced = build_template(request(kickstart, tmp_path, vm_dir, publish_to=job.publish_to,
                                     publish=publish, force=True), recorder)  # fmt: skip
     assert not forced.skipped and "install" in recorder.stages()
@@ -156,9 +157,7 @@ def test_build_from_an_install_tree_served_over_http(
     marker = expected_marker(kickstart)
     with open(raw, "rb") as f:
         assert f.read(len(marker)) == marker
-    assert state.manifest["inputs"]["location"] == {
-        "url": location, "treeinfo_sha256": sha256(treeinfo),
-    }  # fmt: skip
+    assert state.manifest.inputs.location == TreeRecord(location, sha256(treeinfo))
     # A new compose (another .treeinfo) is another build.
     treeinfo.write_text(treeinfo.read_text() + "\n[checksums]\n")
     assert validate_step(request(kickstart, tmp_path, vm_dir)).build_id != state.build_id
