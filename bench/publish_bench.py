@@ -42,13 +42,18 @@ DISKFLOW = """
 import sys
 from pathlib import Path
 from importer import HttpOptions, S3Options
+from pipelines.manifest import BuildManifest, Inputs, KickstartRecord, Settings
 from pipelines.publish import publish_build
 from pipelines.publish.s3 import S3Store
 
 endpoint, url, image, build, part_size, concurrency = sys.argv[1:]
 store = S3Store(url, S3Options(endpoint=endpoint), HttpOptions(),
                 part_size=int(part_size), concurrency=int(concurrency))
-publish_build(store, "bench", build, Path(image), {"output": {"format": "qcow2"}})
+manifest = BuildManifest(
+    template="bench", build_id=build, kickstart=KickstartRecord("bench.ks", "RHEL9", "0" * 64),
+    inputs=Inputs(), settings=Settings("linux2022", 1 << 30, 1 << 30, 1), tools={}, durations={},
+)
+publish_build(store, Path(image), manifest)
 """
 
 
