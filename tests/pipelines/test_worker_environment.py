@@ -13,7 +13,7 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from importer.errors import TransientError  # noqa: E402
-from pipelines.steps import BuildRequest, build_template  # noqa: E402
+from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
 from pipelines.tasks import (  # noqa: E402
     BUILD_MARGIN_ENV,
     BUILD_MARGIN_SECONDS,
@@ -21,7 +21,9 @@ from pipelines.tasks import (  # noqa: E402
     MAX_BUILD_TIMEOUT_ENV,
     VISIBILITY_ENV,
     WorkerSettings,
+    within_max_build_time,
 )
+from pipelines.template import InstallSource, Template  # noqa: E402
 from pipelines.virtinstall import (  # noqa: E402
     DEFAULT_LIBVIRT_URI,
     LIBVIRT_URI_ENV,
@@ -29,6 +31,7 @@ from pipelines.virtinstall import (  # noqa: E402
     check_libvirt,
     libvirt_uri,
 )
+from tests.pipelines.manifests import finished  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 # libvirt's test driver: answers in-process, no daemon needed.
@@ -90,3 +93,25 @@ def test_the_maximum_build_time_defaults_to_the_visibility_timeout_less_the_marg
     assert settings.max_build_timeout == 7200
     exact = {VISIBILITY_ENV: "3600", MAX_BUILD_TIMEOUT_ENV: str(3600 - BUILD_MARGIN_SECONDS)}
     assert WorkerSettings.from_environment(exact).max_build_timeout == 3000
+
+
+def test_a_worker_lowers_the_install_and_boot_test_timeouts_to_its_maximum(tmp_path: Path) -> None:
+    template = Template(
+        name="t", kickstart=tmp_path / "t.ks", metadata=tmp_path / "t.toml", version="RHEL9",
+        os_variant="linux2022", disk_size=1 << 30, memory=1 << 30, vcpus=1,
+        install=InstallSource(location="http://mirror.example/os/"),
+    )  # fmt: skip
+    request = BuildRequest(kickstart="t.ks", build=BuildOptions(timeout=600, boot_timeout=5000))
+    state = BuildState(request, template, "", "id", finished("t", "id"))
+    said: list[str] = []
+
+    limits = WorkerSettings(visibility_timeout=4000, max_build_timeout=3400)
+    lowered = within_max_build_time(state, limits, lambda *event, **_: said.append(event[2]))
+
+    assert lowered.request.build.timeout == 600  # within the maximum: kept
+    assert lowered.request.build.boot_timeout == 3400
+    assert said == [
+        "the boot test's timeout of 5000s is lowered to 3400s, this worker's maximum "
+        f"({MAX_BUILD_TIMEOUT_ENV}), which keeps a task within the broker's visibility timeout "
+        f"of 4000s ({VISIBILITY_ENV})"
+    ]
