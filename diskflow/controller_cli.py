@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from diskflow.failures import guarded, print_failure
+from diskflow.flags import duration
 from importer.errors import FinalError
 
 
@@ -45,15 +46,14 @@ def controller(
         typer.Option(min=0, help="Transient failures before a DataVolume fails (default 5)."),
     ] = None,
     backoff_base: Annotated[
-        float | None,
-        typer.Option(min=0, help="Seconds before the first retry; doubles each time (10)."),
+        float | None, duration("The wait before the first retry; doubles each time (10s).")
     ] = None,
     backoff_max: Annotated[
-        float | None, typer.Option(min=0, help="The longest wait between attempts (300).")
+        float | None, duration("The longest wait between attempts (5m).")
     ] = None,
     stall_timeout: Annotated[
         float | None,
-        typer.Option(min=1, help="Seconds without progress before an import is retried (600)."),
+        duration("The time without progress before an import is retried (10m).", at_least=1),
     ] = None,
     scratch_storage_class: Annotated[
         str | None,
@@ -79,11 +79,10 @@ def controller(
         typer.Option(help="An extra `diskflow import` argument for every importer; repeatable."),
     ] = None,
     progress_interval: Annotated[
-        float | None, typer.Option(min=0.1, help="Seconds between progress scrapes (2).")
+        float | None, duration("The time between progress scrapes (2s).", at_least=0.1)
     ] = None,
     status_interval: Annotated[
-        float | None,
-        typer.Option(min=0, help="Least seconds between progress-only status writes (5)."),
+        float | None, duration("The least time between progress-only status writes (5s).")
     ] = None,
     lease_namespace: Annotated[
         str | None,

@@ -7,6 +7,11 @@ typer sees the group's options in its place, and the command is called with the 
 from their values. Adding a field to a group adds the option to every command that takes it.
 The group's options stand where its parameter does, in --help too; a `*` before it lets it
 follow parameters with defaults.
+
+`conventional` gives the options of every command, built, what users of other command-line
+tools expect: each can come from the environment (`DISKFLOW_<OPTION>`, shown in --help), and
+each shows a plain word for its value (FILE, URL, N), not a Python type. `duration` and
+`size` declare options taking `90s`/`1h30m` and `10Gi`, a bad value being a usage error.
 """
 
 from __future__ import annotations
@@ -16,9 +21,18 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import typer
+
+from importer.errors import FinalError
+from importer.quantity import parse_duration, parse_quantity
+
+if TYPE_CHECKING:
+    from typer._click import Command, Parameter  # the click typer vendors
 
 F = TypeVar("F", bound=Callable[..., Any])
+_PREFIX = "DISKFLOW_"
 _OPTION = inspect.Parameter.KEYWORD_ONLY  # keyword-only: a required option may follow others
 
 
@@ -79,3 +93,86 @@ def takes_groups(command: F) -> F:
     run.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
     return typing.cast(F, run)
+
+
+def duration(help: str, *, at_least: float = 0, **option: Any) -> Any:
+    """An option taking a time, in seconds: `90s`, `10m`, `1h30m`, `250ms`, `2d`, or `600`;
+    `option`: more of typer.Option's arguments (show_default="3h")."""
+
+    def seconds(text: str | float) -> float:
+        try:  # a default comes as a number
+            value = float(text) if isinstance(text, int | float) else parse_duration(text)
+        except FinalError as e:
+            raise typer.BadParameter(e.message) from None
+        if value < at_least:
+            raise typer.BadParameter(f"{text} is less than {at_least:g}s")
+        return value
+
+    return typer.Option(parser=seconds, metavar="DURATION", help=help, **option)
+
+
+def size(help: str, **option: Any) -> Any:
+    """An option taking a size in bytes as a Kubernetes quantity: `10Gi`, `512Mi`, `20G`."""
+
+    def size_in_bytes(text: str | int) -> int:
+        try:
+            return text if isinstance(text, int) else parse_quantity(text)
+        except FinalError as e:
+            raise typer.BadParameter(e.message) from None
+
+    return typer.Option(parser=size_in_bytes, metavar="SIZE", help=help, **option)
+
+
+# The words help shows for a value, by the name of its click type (after `_WORDS_BY_NAME`).
+_WORDS = {"str": "TEXT", "text": "TEXT", "int": "N", "integer": "N", "int range": "N",
+          "integer range": "N", "float": "NUMBER", "float range": "NUMBER", "path": "PATH",
+          "file": "FILE", "directory": "DIR", "boolean": "BOOLEAN"}  # fmt: skip
+_TEXT = ("str", "text")
+_WORDS_BY_NAME = (("_port", "PORT"), ("_addr", "ADDR"), ("_url", "URL"), ("_endpoint", "URL"))
+
+
+def conventional(command: Command) -> None:
+    """Give `command`'s options their environment variables and plain metavars (see above)."""
+    for param in command.params:
+        if param.param_type_name == "argument":
+            if param.metavar is None and param.name:
+                param.metavar = param.name.upper() + ("..." if param.nargs != 1 else "")
+            continue
+        if param.is_eager:  # --help, --version, --install-completion: they act, then exit
+            continue
+        if param.envvar is None:
+            param.envvar = _environment_variable(param)
+        param.show_envvar = True  # type: ignore[attr-defined]
+        if param.multiple and param.type.name in _TEXT and not param.type.envvar_list_splitter:
+            # Whitespace would split a value such as a header, "Name: value": one per line.
+            param.type = _one_per_line(type(param.type))()
+        if param.metavar is None and not getattr(param, "is_flag", False):
+            param.metavar = _metavar(param)
+
+
+def _environment_variable(param: Parameter) -> str:
+    """DISKFLOW_ and the option's first long name in capitals, each `-` an `_`."""
+    long = [opt[2:] for opt in param.opts if opt.startswith("--")]
+    name = long[0] if long else str(param.name)
+    return _PREFIX + name.upper().replace("-", "_")
+
+
+def _metavar(param: Parameter) -> str:
+    choices = getattr(param.type, "choices", None)
+    if choices is not None:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in choices) + "]"
+    for suffix, word in _WORDS_BY_NAME:
+        if str(param.name).endswith(suffix):
+            return word
+    return _WORDS.get(param.type.name, param.type.name.upper().replace(" ", "_"))
+
+
+@functools.cache
+def _one_per_line(base: type) -> type:
+    class OnePerLine(base):  # type: ignore[valid-type, misc]
+        envvar_list_splitter = "\n"
+
+        def split_envvar_value(self, rv: str) -> list[str]:
+            return [line for line in rv.splitlines() if line.strip()]
+
+    return OnePerLine

@@ -1,4 +1,5 @@
-"""Sizes as Kubernetes writes them: the whole quantity grammar, in and out.
+"""Sizes as Kubernetes writes them (the whole quantity grammar, in and out), and durations as
+Go, kubectl and Prometheus write them.
 
     quantity ::= signedNumber suffix
     suffix   ::= binarySI (Ki Mi Gi Ti Pi Ei) | decimalSI (m "" k M G T P E)
@@ -6,6 +7,8 @@
 
 Parsing is exact (fractions, never floats); a size in bytes is rounded up to a whole byte, as
 Kubernetes does for storage requests.
+
+    duration ::= number | (number unit)+      (units: ms s m h d; a bare number is seconds)
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ _QUANTITY = re.compile(
     r"(?:(?P<binary>[KMGTPE]i)|[eE](?P<exponent>[+-]?[0-9]+)|(?P<decimal>[mkMGTPE]?))"
 )
 _EXAMPLES = "a quantity like 10Gi, 512Mi, 20G, 1.5e9 or 1048576"
+_SECONDS = {"ms": Fraction(1, 1000), "s": 1, "m": 60, "h": 3600, "d": 86400}
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+_DURATION = re.compile(rf"(?:{_NUMBER}(?:ms|[smhd]))+|{_NUMBER}")
+_PART = re.compile(rf"({_NUMBER})(ms|[smhd])")
 
 
 def parse_quantity_exact(text: str) -> Fraction:
@@ -45,6 +52,19 @@ def parse_quantity(text: str) -> int:
     if value <= 0:
         raise FinalError("InvalidArgument", f"size {text!r} must be a positive number of bytes")
     return math.ceil(value)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration: 90s, 10m, 1h30m, 1.5h, 250ms, 2d, or a bare number of seconds."""
+    text = text.strip()
+    if not _DURATION.fullmatch(text):
+        raise FinalError(
+            "InvalidArgument",
+            f"{text!r} is not a duration like 90s, 10m, 3h, 1h30m or 600 (seconds)",
+        )
+    if not text[-1].isalpha():
+        return float(Fraction(text))
+    return float(sum(Fraction(number) * _SECONDS[unit] for number, unit in _PART.findall(text)))
 
 
 def format_quantity(size: int) -> str:
