@@ -33,6 +33,10 @@ def guarded(
     A SIGTERM unwinds the job like an error, unless `completed()` says the job has already
     reached the point where it stands (then it finishes and reports success)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    if not os.environ.get("DISKFLOW_DEBUG"):
+        # Their INFO lines ("Found credentials in environment variables") are debugging aids.
+        for library in ("botocore", "boto3", "s3transfer"):
+            logging.getLogger(library).setLevel(logging.WARNING)
 
     # Kubernetes stops a pod with SIGTERM: unwind like an error, so that partial and scratch
     # files (and a build's domain) are removed and the termination log says what happened.

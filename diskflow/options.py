@@ -23,17 +23,33 @@ class S3Flags:
     """How to reach an S3 store: `diskflow import`'s sources, the template stores."""
 
     s3_endpoint: Annotated[
-        str | None, typer.Option(help="S3-compatible store URL (https://minio.example:9000).")
+        str | None,
+        typer.Option(
+            "--s3-endpoint",
+            "--endpoint-url",
+            help="S3-compatible store URL (https://minio.example:9000); default: "
+            "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or the profile's endpoint_url, else AWS.",
+        ),
     ] = None
     s3_region: Annotated[
         str | None,
-        typer.Option(help="S3 region; default: from an AWS host name, else us-east-1."),
+        typer.Option(
+            "--s3-region",
+            "--region",
+            help="S3 region; default: from an AWS host name, else AWS_REGION, "
+            "AWS_DEFAULT_REGION or the profile's, else us-east-1.",
+        ),
     ] = None
     s3_addressing: Annotated[
         S3Addressing,
-        typer.Option(help="Bucket in the path or the host name; auto: path with --s3-endpoint."),
+        typer.Option(help="Bucket in the path or the host name; auto: path with an endpoint."),
     ] = S3Addressing.AUTO
-    s3_profile: Annotated[str | None, typer.Option(help="AWS profile for the credentials.")] = None
+    s3_profile: Annotated[
+        str | None,
+        typer.Option(
+            "--s3-profile", "--profile", help="AWS profile for the credentials (AWS_PROFILE)."
+        ),
+    ] = None
     s3_credentials_file: Annotated[
         Path | None,
         typer.Option(exists=True, dir_okay=False, help="AWS shared-credentials file (INI)."),

@@ -82,6 +82,15 @@ class PublishFlags:
             "DISKFLOW_PUBLISH_TOKEN).",
         ),
     ] = None
+    ca_bundle: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="PEM file of CA certificates to trust for an S3 or https store (default: "
+            "AWS_CA_BUNDLE for S3, REQUESTS_CA_BUNDLE for https, else the system's).",
+        ),
+    ] = None
     public_url: Annotated[
         str | None,
         typer.Option(help="The HTTP URL serving a local directory store, for DataVolumes."),
@@ -107,6 +116,7 @@ class PublishFlags:
         return PublishOptions(
             s3=self.store.options(),
             auth_file=str(self.auth_file) if self.auth_file else None,
+            ca_bundle=str(self.ca_bundle) if self.ca_bundle else None,
             public_url=self.public_url,
             namespace=self.namespace,
             storage_class=self.storage_class,

@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 from importer.errors import FinalError
 from importer.progress import Progress, reporting
-from importer.sources.http import redact_url
+from importer.sources.http import HttpOptions, redact_url
+from importer.sources.http_options import check_ca_bundle
 from importer.sources.s3_options import S3Options
 from pipelines import kickstart, provenance
 from pipelines.accel import Accel
@@ -59,6 +60,7 @@ class PublishOptions:
 
     s3: S3Options = field(default_factory=S3Options)
     auth_file: str | None = None  # user:password for an http(s) store
+    ca_bundle: str | None = None  # CAs to trust for an S3 or https store; none: the environment's
     public_url: str | None = None  # the HTTP base that serves a local directory store
     namespace: str | None = None  # for the DataVolume manifest
     storage_class: str | None = None
@@ -79,7 +81,19 @@ class PublishOptions:
                 f"the store URL {redact_url(url)} must not carry credentials: use --auth-file, "
                 "or DISKFLOW_PUBLISH_USER/DISKFLOW_PUBLISH_PASSWORD or DISKFLOW_PUBLISH_TOKEN",
             )
-        return open_store(url, s3=self.s3, auth_file=self.auth_file, public_url=self.public_url)
+        if self.ca_bundle:
+            if parts.scheme not in ("s3", "https"):
+                raise FinalError(
+                    "InvalidArgument", "--ca-bundle applies to an s3:// or https:// store"
+                )
+            check_ca_bundle(self.ca_bundle)
+        return open_store(
+            url,
+            s3=self.s3,
+            http=HttpOptions(ca_bundle=self.ca_bundle),
+            auth_file=self.auth_file,
+            public_url=self.public_url,
+        )
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,16 @@ def parse_header(line: str, *, where: str = "a header") -> tuple[str, str]:
             "InvalidArgument", f"the value of header {name} ({where}) has control characters"
         )
     return name, value.strip()
+
+
+def check_ca_bundle(path: str) -> None:
+    """Refuse a --ca-bundle file without a usable PEM certificate, naming it: TLS would
+    otherwise blame the server for it."""
+    import ssl  # only when a bundle is given; HTTP loads ssl itself
+
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError):
+        raise FinalError(
+            "InvalidArgument", f"--ca-bundle {path} holds no readable PEM certificate"
+        ) from None

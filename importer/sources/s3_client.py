@@ -6,6 +6,7 @@ credentials the same way and fail with the same reasons.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,9 @@ from urllib.parse import urlsplit
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
 import urllib3
+from botocore.configprovider import ConfiguredEndpointProvider
 
 from importer.errors import Failure, FinalError, TransientError
 from importer.sources.http import HttpOptions, misplaced_userinfo, redact_url
@@ -46,6 +49,8 @@ S3_ERRORS: tuple[type[BaseException], ...] = (
 class S3Connection:
     client: Any  # botocore's S3 client (its class is generated at run time)
     region: str
+    endpoint: str | None
+    """The store's URL: as given, else as the AWS environment or config names it; None: AWS."""
     secrets: frozenset[str]
     """The secret key and session token: never printed."""
 
@@ -58,25 +63,26 @@ def connect(
     attempts: int,
     sign_payload: bool | None = None,
 ) -> S3Connection:
-    """A client for the store at `endpoint` (None: AWS) with `s3`'s static keys, or else
-    credentials from boto3's chain or `s3.credentials_file`, making `attempts` tries per
-    request (1: the caller retries).
+    """A client for the store at `endpoint` (None: the one the AWS environment or config
+    names, else AWS) with `s3`'s static keys, or else credentials from boto3's chain or
+    `s3.credentials_file`, making `attempts` tries per request (1: the caller retries).
     `sign_payload=False` spares the sha256 of each body that SigV4 takes over plain http; only
     for a caller whose every body carries its own (signed) x-amz-checksum header."""
-    if endpoint:
-        _check_endpoint(endpoint)
+    core = _botocore_session(s3)
     try:
         session = boto3.session.Session(
             aws_access_key_id=s3.access_key,
             aws_secret_access_key=s3.secret_key,
             profile_name=s3.profile,
+            botocore_session=core,
         )
-    except botocore.exceptions.ProfileNotFound:
-        raise FinalError("InvalidArgument", f"there is no AWS profile {s3.profile!r}") from None
-    if s3.credentials_file:
-        # boto3 has no public knob for this; botocore's session has.
-        session._session.set_config_variable("credentials_file", s3.credentials_file)
-    credentials = session.get_credentials()
+        endpoint = endpoint or _configured_endpoint(core)
+        credentials = session.get_credentials()
+        configured_region = session.region_name
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise _no_profile(core, exc.kwargs["profile"], given=s3.profile is not None) from None
+    if endpoint:
+        _check_endpoint(endpoint)
     if credentials is None:
         raise FinalError(
             "NoCredentials",
@@ -84,7 +90,15 @@ def connect(
             "a web identity token, or --s3-credentials-file",
         )
     frozen = credentials.get_frozen_credentials()
-    region = s3.region or region_of(endpoint) or session.region_name or "us-east-1"
+    # AWS_REGION before AWS_DEFAULT_REGION and the profile's, as the aws CLI reads them:
+    # botocore knows only the latter two.
+    region = (
+        s3.region
+        or region_of(endpoint)
+        or os.environ.get("AWS_REGION")
+        or configured_region
+        or "us-east-1"
+    )
     addressing = s3.addressing if s3.addressing != "auto" or not endpoint else "path"
     s3_config: dict[str, object] = {"addressing_style": addressing}
     if sign_payload is not None:  # None: botocore's default, or the profile's setting
@@ -98,7 +112,42 @@ def connect(
     )
     client = session.client("s3", endpoint_url=endpoint, verify=_verify(http), config=config)
     secrets = frozenset(s for s in (frozen.secret_key, frozen.token) if s)
-    return S3Connection(client, region, secrets)
+    return S3Connection(client, region, endpoint, secrets)
+
+
+def _botocore_session(s3: S3Options) -> botocore.session.Session:
+    """botocore's session, reading `s3.credentials_file` instead of the default one: set
+    before any profile is looked up, so that a profile only that file holds is found."""
+    core = botocore.session.Session()
+    if s3.credentials_file:
+        core.set_config_variable("credentials_file", s3.credentials_file)
+    return core
+
+
+def _configured_endpoint(core: botocore.session.Session) -> str | None:
+    """The endpoint the environment or config names (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL,
+    the profile's endpoint_url), found by the provider botocore itself asks (private in name,
+    pinned by the tests): the store's address has to be known here too, for the addressing
+    style and the URL a DataVolume imports from."""
+    if core.get_config_variable("ignore_configured_endpoint_urls"):
+        return None
+    provider = ConfiguredEndpointProvider(
+        full_config=core.full_config, scoped_config=core.get_scoped_config(), client_name="s3"
+    )
+    return provider.provide()
+
+
+def _no_profile(core: botocore.session.Session, name: str, *, given: bool) -> FinalError:
+    """What to say of a profile that neither file holds, and who named it."""
+    named_by = [
+        v for v in ("AWS_DEFAULT_PROFILE", "AWS_PROFILE") if not given and os.environ.get(v)
+    ]
+    source = f" (from {named_by[0]})" if named_by else ""
+    files = " or ".join(
+        os.path.expanduser(core.get_config_variable(variable))
+        for variable in ("config_file", "credentials_file")
+    )
+    return FinalError("InvalidArgument", f"there is no AWS profile {name!r}{source} in {files}")
 
 
 def _verify(http: HttpOptions) -> str | bool | None:

@@ -63,11 +63,10 @@ class S3Store:
         if not MIN_PART <= part_size <= MAX_PART:
             raise FinalError("InvalidArgument", "an S3 part size must be 5 MiB to 5 GiB")
         self.description = f"s3://{self._bucket}/{self._prefix}".rstrip("/")
-        self._endpoint = s3.endpoint.rstrip("/") if s3.endpoint else None
         # Every body carries our x-amz-checksum-sha256, a signed header that S3 checks: signing
         # the payload too (which botocore does over plain http) would hash each byte again.
         self._connection = connect(
-            s3, self._endpoint, http, attempts=http.retries + 1, sign_payload=False
+            s3, s3.endpoint, http, attempts=http.retries + 1, sign_payload=False
         )
         self._client = self._connection.client
         self._threshold = multipart_threshold
@@ -151,8 +150,10 @@ class S3Store:
         return f"s3://{self._bucket}/{self._key(key)}"
 
     def import_source(self, key: str) -> ImportSource:
-        """CDI's path-style form: https://endpoint/bucket/key."""
-        endpoint = self._endpoint or f"https://s3.{self._connection.region}.amazonaws.com"
+        """CDI's path-style form: https://endpoint/bucket/key, at the endpoint in use (also
+        one that AWS_ENDPOINT_URL names)."""
+        aws = f"https://s3.{self._connection.region}.amazonaws.com"
+        endpoint = (self._connection.endpoint or aws).rstrip("/")
         return ImportSource("s3", f"{endpoint}/{self._bucket}/{quote(self._key(key))}")
 
     # --- helpers ------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from moto.server import ThreadedMotoServer
 from importer import Checksum, HttpOptions, ImportOptions, Progress, S3Options, import_image
 from importer.errors import Failure
 from importer.sources.parallel import PART_SIZE, PROBE_BYTES
+from importer.sources.s3_client import connect
 from tests.conftest import Images, free_port
 from tests.importer.test_http_source import TRICKLE, drain_within
 from tests.importer.test_import_formats import assert_same_content
@@ -315,3 +316,30 @@ def test_endpoint_with_credentials_is_refused(moto: str, tmp_path: Path) -> None
     for secret in ("hunter2", "TOPSECRET"):
         assert secret not in done.stdout + done.stderr + log.read_text()
     assert not dest.exists()
+
+
+def test_region_as_the_aws_cli_reads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--s3-region, else the endpoint's AWS host name, else AWS_REGION, else
+    AWS_DEFAULT_REGION (or the profile's): the region the client signs for."""
+
+    def region(**options: str) -> str:
+        s3 = S3Options(**options)
+        connection = connect(s3, s3.endpoint, FAST, attempts=1)
+        assert connection.client.meta.region_name == connection.region
+        return connection.region
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    assert region() == "us-west-2"
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    assert region() == "eu-west-3"
+    assert region(endpoint="https://s3.ap-south-1.amazonaws.com") == "ap-south-1"
+    assert region(region="ca-central-1") == "ca-central-1"
+
+
+def test_endpoint_from_the_environment_with_credentials_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "https://admin:hunter2@minio.example:9000")
+    with pytest.raises(Failure) as caught:
+        connect(S3Options(), None, FAST, attempts=1)
+    assert caught.value.reason == "InvalidURL" and "hunter2" not in caught.value.message
