@@ -13,13 +13,14 @@ from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
 import typer
 import typer.main
 from typer.core import TyperGroup
 
 from diskflow.failures import guarded, print_failure
-from diskflow.flags import takes_groups
+from diskflow.flags import conventional, duration, size, takes_groups
 from diskflow.options import S3Flags
 from importer import (
     Checksum,
@@ -34,7 +35,6 @@ from importer.capacity import DEFAULT_OVERHEAD
 from importer.errors import FinalError
 from importer.outcome import Outcome
 from importer.progress import JsonReporter, MetricsReporter, Reporter, RichReporter, reporting
-from importer.quantity import parse_quantity
 from importer.sources.http_options import parse_header
 
 if TYPE_CHECKING:
@@ -97,12 +97,20 @@ class _Commands(MutableMapping[str, "Command"]):
             holder.add_typer(target, name=name, cls=Group)
         else:
             holder.command(name)(target)
-        return typer.main.get_group(holder).commands[name]
+        command = typer.main.get_group(holder).commands[name]
+        conventional(command)  # a group (add_typer's) did its own commands
+        return command
 
 
 class Group(TyperGroup):
     """A group whose help lists each command with the whole first sentence of its help, as
-    typer's rich help did: click's own cuts it short to fit the terminal."""
+    typer's rich help did: click's own cuts it short to fit the terminal. Its options and
+    those of its commands built with it follow `conventional`."""
+
+    def __init__(self, **attrs: Any) -> None:
+        super().__init__(**attrs)
+        for command in [self, *self.commands.values()]:
+            conventional(command)
 
     def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
         rows: list[tuple[str, str]] = []
@@ -133,7 +141,9 @@ app = typer.Typer(
     cls=LazyGroup,
     help="Import VM disk images into volumes, and build golden images.",
     no_args_is_help=True,
-    add_completion=False,
+    # --install-completion/--show-completion; typer.main has loaded what they need already.
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     # Plain click help and usage errors: rich would be imported to format them.
     rich_markup_mode=None,
@@ -169,12 +179,32 @@ def main(
     """diskflow: get VM disk images into Kubernetes volumes, and build the golden images."""
 
 
+def _url_syntax(source: str) -> str:
+    """SOURCE, refused if it is a URL that does not parse. The message does not quote it: a
+    URL may hold a password."""
+    if "://" in source:
+        try:
+            split = urlsplit(source)
+        except ValueError:  # the only one: "Invalid IPv6 URL"
+            raise typer.BadParameter(
+                "not a valid URL: a '[' or ']' of an IPv6 host is missing"
+            ) from None
+        try:
+            _ = split.port  # parsed on first use
+        except ValueError:
+            raise typer.BadParameter("not a valid URL: its port is not a number 0-65535") from None
+    return source
+
+
 @app.command("import")
 @takes_groups
 def import_command(
     source: Annotated[
         str,
-        typer.Argument(help="http(s):// URL, s3://bucket/key, local path, or blank: (empty disk)."),
+        typer.Argument(
+            callback=_url_syntax,
+            help="http(s):// URL, s3://bucket/key, local path, or blank: (empty disk).",
+        ),
     ],
     dest: Annotated[
         str,
@@ -183,9 +213,9 @@ def import_command(
         ),
     ],
     size: Annotated[
-        str | None,
-        typer.Option(
-            help="Volume capacity (10Gi, 512Mi, 20G, bytes). Default: the device's size; "
+        int | None,
+        size(
+            "Volume capacity (10Gi, 512Mi, 20G, bytes). Default: the device's size; "
             "for a file, the image's own size."
         ),
     ] = None,
@@ -245,15 +275,11 @@ def import_command(
     ] = 5,
     retry_backoff: Annotated[
         float,
-        typer.Option(
-            min=0,
-            help="Delay in seconds before every reconnect; doubles with each failure in a row, "
-            "up to 30 s.",
-        ),
+        duration("Delay before every reconnect; doubles with each failure in a row, up to 30 s."),
     ] = 1.0,
     stall_timeout: Annotated[
         float,
-        typer.Option(min=0.1, help="Seconds without a byte before a transfer counts as failed."),
+        duration("Time without a byte before a transfer counts as failed.", at_least=0.1),
     ] = 60.0,
     min_rate: Annotated[
         int,
@@ -264,7 +290,7 @@ def import_command(
         ),
     ] = 1024,
     min_rate_window: Annotated[
-        float, typer.Option(min=1, help="Seconds over which --min-rate is averaged.")
+        float, duration("The time over which --min-rate is averaged.", at_least=1)
     ] = 60.0,
     connections: Annotated[
         int,
@@ -313,12 +339,13 @@ def import_command(
         ),
     ] = False,
     spill_limit: Annotated[
-        str,
-        typer.Option(
-            help="The most qcow2/vmdk data held while its tables have not arrived (16Mi in "
-            "memory, the rest in --scratch-dir); past it the image goes through scratch space."
+        int,
+        size(
+            "The most qcow2/vmdk data held while its tables have not arrived (16Mi in "
+            "memory, the rest in --scratch-dir); past it the image goes through scratch space.",
+            show_default="256Mi",
         ),
-    ] = "256Mi",
+    ] = 256 << 20,
     max_expansion: Annotated[
         float,
         typer.Option(
@@ -328,15 +355,15 @@ def import_command(
         ),
     ] = 2000.0,
     decompression_memory: Annotated[
-        str,
-        typer.Option(help="The most memory an xz or zstd stream may ask for its window."),
-    ] = "128Mi",
+        int,
+        size("The most memory an xz or zstd stream may ask for its window.", show_default="128Mi"),
+    ] = 128 << 20,
     archive_max_members: Annotated[
         int, typer.Option(min=1, help="The most members an archive may hold.")
     ] = 100_000,
     deadline: Annotated[
         float | None,
-        typer.Option(min=1, help="Seconds the whole import may take (DeadlineExceeded after)."),
+        duration("The time the whole import may take (DeadlineExceeded after).", at_least=1),
     ] = None,
     progress: Annotated[
         ProgressMode, typer.Option(help="auto: a bar on a terminal, JSON lines otherwise.")
@@ -370,7 +397,7 @@ def import_command(
         access_key, secret_key = s3_keys or (None, None)
         with _ca_bundle(ca_bundle) as trusted:
             options = ImportOptions(
-                size=parse_quantity(size) if size else None,
+                size=size,
                 checksum=Checksum.parse(checksum) if checksum else None,
                 http=HttpOptions(
                     headers=tuple(
@@ -393,10 +420,10 @@ def import_command(
                 filesystem_overhead=filesystem_overhead,
                 scratch_dir=str(scratch_dir) if scratch_dir else None,
                 scratch=not no_scratch,
-                spill_limit=parse_quantity(spill_limit),
+                spill_limit=spill_limit,
                 content_type=content_type,
                 max_expansion=max_expansion,
-                decompression_memory=parse_quantity(decompression_memory),
+                decompression_memory=decompression_memory,
                 archive_max_members=archive_max_members,
                 deadline=deadline,
             )

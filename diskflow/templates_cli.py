@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from diskflow.failures import guarded, print_failure
-from diskflow.flags import takes_groups
+from diskflow.flags import duration, takes_groups
 from diskflow.options import S3Flags
 from importer.errors import Failure, FinalError
 from importer.outcome import Outcome
@@ -40,6 +40,14 @@ class EventMode(StrEnum):
     LOG = "log"
     JSON = "json"
     NONE = "none"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
 
 
 class VolumeMode(StrEnum):
@@ -135,7 +143,7 @@ class BuildFlags:
     ] = Path("build")
     publish_to: Annotated[
         str | None,
-        typer.Option(help=STORE_URL),
+        typer.Option(metavar="URL", help=STORE_URL),
     ] = None
     force: Annotated[
         bool,
@@ -152,15 +160,20 @@ class BuildFlags:
     ] = None
     timeout: Annotated[
         float,
-        typer.Option(
-            min=1,
-            help="Seconds the whole install may take (a worker lowers a longer one to its "
+        duration(
+            "The time the whole install may take (a worker lowers a longer one to its "
             "DISKFLOW_MAX_BUILD_TIMEOUT).",
+            at_least=1,
+            show_default="3h",
         ),
     ] = BuildOptions.timeout
     no_output_timeout: Annotated[
         float,
-        typer.Option(min=1, help="Seconds without console or installer output before giving up."),
+        duration(
+            "The time without console or installer output before giving up.",
+            at_least=1,
+            show_default="10m",
+        ),
     ] = BuildOptions.no_output_timeout
     network: Annotated[
         str,
@@ -181,7 +194,9 @@ class BuildFlags:
     ] = True
     boot_timeout: Annotated[
         float,
-        typer.Option(min=1, help="Seconds the boot test may take to show its marker."),
+        duration(
+            "The time the boot test may take to show its marker.", at_least=1, show_default="30m"
+        ),
     ] = BuildOptions.boot_timeout
     workdir: Annotated[
         Path | None,
@@ -226,7 +241,10 @@ def validate(
     from pipelines import ci, kickstart
     from pipelines.template import load_template
 
-    paths = files or ci.template_files(kickstarts)
+    try:
+        paths = files or ci.template_files(kickstarts)
+    except FinalError as e:  # no such directory: a typo on the command line
+        raise typer.BadParameter(e.message, param_hint="'--kickstarts'") from None
     failed = 0
     for path in paths:
         try:
@@ -274,7 +292,7 @@ def publish(
     ],
     publish_to: Annotated[
         str,
-        typer.Option(help=STORE_URL),
+        typer.Option(metavar="URL", help=STORE_URL),
     ],
     flags: PublishFlags,
     progress: Progress = EventMode.AUTO,
@@ -308,7 +326,9 @@ def worker(
     hostname: Annotated[
         str | None, typer.Option(help="Worker node name (default: celery@HOST).")
     ] = None,
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    loglevel: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Celery log level.")
+    ] = LogLevel.INFO,
 ) -> None:
     """Run a Celery worker for template builds (broker: DISKFLOW_BROKER_URL).
 
@@ -324,7 +344,7 @@ def worker(
     # Celery logs every task's return value; a build state holds the kickstart text, which
     # may hold a password hash.
     logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
-    argv = ["worker", f"--loglevel={loglevel}"]
+    argv = ["worker", f"--loglevel={loglevel.value}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     if hostname:
@@ -343,6 +363,8 @@ def ci_changed(
     changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), print_failure)
     for path in changed:
         typer.echo(path)
+    # On stderr: stdout stays the list a script reads.
+    typer.echo(f"{len(changed)} template{'' if len(changed) == 1 else 's'} changed", err=True)
 
 
 @ci_app.command("build")
