@@ -313,11 +313,16 @@ def import_command(
         bool, typer.Option(help="Allocate every block of the destination.")
     ] = False,
     filesystem_overhead: Annotated[
-        float,
+        float | None,
         typer.Option(
-            min=0, max=0.99, help="The filesystem's share: the image may use --size ÷ (1 + F)."
+            min=0,
+            max=0.99,
+            help="DEST is the disk.img of a Filesystem volume whose filesystem takes this share: "
+            "the image may use --size ÷ (1 + F) in whole MiB (CDI's default: "
+            f"{DEFAULT_OVERHEAD:g}). Default: none, DEST is a plain file that may use all of "
+            "--size.",
         ),
-    ] = DEFAULT_OVERHEAD,
+    ] = None,
     content_type: Annotated[
         ContentType,
         typer.Option(help="kubevirt: a disk image, to raw; archive: a tar, extracted into DEST."),

@@ -48,7 +48,10 @@ def run_demo(directory: Path, progress: Progress, *, volume_size: int = 512 << 2
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/{sample.name}"
-        options = ImportOptions(size=volume_size, checksum=Checksum("sha256", sha256))
+        # disk.img is a plain file, not a volume's: it is the whole volume size.
+        options = ImportOptions(
+            size=volume_size, checksum=Checksum("sha256", sha256), filesystem_overhead=None
+        )
         return import_image(url, str(directory / "disk.img"), options=options, progress=progress)
     finally:
         server.shutdown()

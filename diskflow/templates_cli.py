@@ -245,6 +245,10 @@ def validate(
         paths = files or ci.template_files(kickstarts)
     except FinalError as e:  # no such directory: a typo on the command line
         raise typer.BadParameter(e.message, param_hint="'--kickstarts'") from None
+    if not paths:
+        empty = ci.no_templates(kickstarts)
+        typer.echo(f"error: {empty.message} [{empty.reason}]", err=True)
+        raise typer.Exit(1)
     failed = 0
     for path in paths:
         try:
@@ -379,7 +383,11 @@ def ci_build(
     flags: BuildFlags,
     progress: Progress = EventMode.AUTO,
 ) -> None:
-    """Build and publish every template a change since REF affects; exit 1 if any failed."""
+    """Build and publish every template a change since REF affects.
+
+    Exit status: 0 all built (or already published), 75 some failed but every failure was
+    transient (trying again may work), 1 any failed for good.
+    """
     from pipelines import ci
     from pipelines.steps import build_template
 
@@ -396,7 +404,8 @@ def ci_build(
                     state = build_template(flags.request(path), emit)
                 except Failure as failure:
                     text = f"{failure.message} [{failure.reason}]"
-                    cases.append(ci.Case(path.stem, time.monotonic() - started, failure=text))
+                    cases.append(ci.Case(path.stem, time.monotonic() - started, failure=text,
+                                         transient=not failure.final))  # fmt: skip
                     typer.echo(f"error: {path}: {text}", err=True)
                     if failure.reason == "Terminated":
                         raise  # the job was stopped: build nothing more
@@ -418,7 +427,7 @@ def ci_build(
     failures = sum(1 for case in cases if case.failure)
     typer.echo(f"{len(cases)} template(s), {failures} failed; report in {junit}")
     if failures:
-        raise typer.Exit(1)
+        raise typer.Exit(ci.exit_code(cases))
 
 
 def _queued(request: BuildRequest, emit: Emit) -> BuildState:

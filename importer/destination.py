@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from importer.claims import (
     PARTIAL_SUFFIX,
+    SCRATCH_PREFIX,
     claim_device,
     claim_directory,
     claim_file,
@@ -71,6 +73,24 @@ def published(target: Target, commit: Callable[[], None], *, needs: str = "") ->
         commit()
         os.replace(partial, target.path)
         fsync_directory(parent(target.path))
+
+
+def check_scratch_dir(directory: str) -> None:
+    """Refuse a scratch directory that is missing, not a directory or not writable before a
+    byte is fetched, not once an image downloaded whole needs it."""
+    what = f"the scratch directory {directory} (--scratch-dir)"
+    try:
+        mode = os.stat(directory).st_mode
+    except FileNotFoundError:
+        raise FinalError("InvalidArgument", f"{what} does not exist") from None
+    except OSError as exc:  # a name too long, a loop of links, a directory not searchable
+        raise FinalError("InvalidArgument", f"{what}: {exc.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise FinalError("InvalidArgument", f"{what} is not a directory")
+    # Made and removed again: a file of our own is the one sure test that the directory takes
+    # new files, whatever refuses them (a read-only mount, permissions, an SELinux label).
+    with writing_into(directory, "an image's scratch copy"), owned_file(directory, SCRATCH_PREFIX):
+        pass
 
 
 def finish_file(

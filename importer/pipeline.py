@@ -41,6 +41,7 @@ from importer.claims import SCRATCH_PREFIX, owned_file, sweep
 from importer.decoders import HEAD_BYTES, Unsupported, decoder_for
 from importer.decoders.layout import SPILL_LIMIT
 from importer.destination import (
+    check_scratch_dir,
     claimed,
     cut_fixed_vhd_footer,
     finish_file,
@@ -108,8 +109,11 @@ class ImportOptions:
     """Parallel ranged GETs for HTTP and S3 sources that allow them, used only when one
     stream turns out slow (under 100 MB/s over the first 8 MiB); 1: always one stream."""
     preallocate: bool = False
-    filesystem_overhead: float = DEFAULT_OVERHEAD
-    """The filesystem's share of a Filesystem volume: the image may use size ÷ (1 + overhead)."""
+    filesystem_overhead: float | None = DEFAULT_OVERHEAD
+    """The filesystem's share of a Filesystem volume: the image may use size ÷ (1 + overhead),
+    rounded down to whole MiB, as in CDI. None: DEST is a plain file, not a volume's disk.img,
+    and the image may use all of `size` (`diskflow import`'s default; its pods are given the
+    overhead of their volume)."""
     scratch_dir: str | None = None
     """Where images that do not stream wait for qemu-img, and where a stream decoder spills
     data that arrives before its tables; default: the system's temporary directory."""
@@ -145,8 +149,8 @@ def usable_capacity(target: Target, options: ImportOptions) -> int | None:
                 f"({target.device_size} bytes)",
             )
         return options.size or target.device_size
-    if options.size is None:
-        return None
+    if options.size is None or options.filesystem_overhead is None:
+        return options.size
     return usable_size(options.size, options.filesystem_overhead)
 
 
@@ -163,6 +167,8 @@ def import_image(
     progress = progress or Progress()
     archive = options.content_type is ContentType.ARCHIVE
     _refuse_blank_archive(source, options)
+    if options.scratch and options.scratch_dir:
+        check_scratch_dir(options.scratch_dir)
     # What the deadline stops: the transfer and its stages, once they exist.
     stoppers: list[Callable[[], None]] = []
     deadline = Deadline(options.deadline, lambda: [stop() for stop in list(stoppers)])
@@ -422,11 +428,22 @@ def _bound(target: Target, capacity: int | None, options: ImportOptions) -> Boun
     if target.is_block:
         assert capacity is not None
         return Bound(capacity, f"the device {target.path}" if not options.size else "--size")
-    if capacity is not None:
-        overhead = options.filesystem_overhead
-        hint = f"; it is --size less a filesystem overhead of {overhead:g} (--filesystem-overhead)"
-        return Bound(capacity, "the usable capacity", hint if overhead else "")
-    return free_space_bound(target.path if os.path.isdir(target.path) else parent(target.path))
+    if capacity is None:
+        return free_space_bound(target.path if os.path.isdir(target.path) else parent(target.path))
+    overhead = options.filesystem_overhead
+    if overhead is None:
+        return Bound(capacity, "--size")
+    return Bound(capacity, "the usable capacity", _overhead_hint(overhead))
+
+
+def _overhead_hint(overhead: float) -> str:
+    """How the usable capacity follows from --size, and how to change it."""
+    cdi = " (CDI's default)" if overhead == DEFAULT_OVERHEAD else ""
+    return (
+        f"; it is --size less a filesystem overhead of {overhead:g}{cdi}, in whole MiB: set "
+        "--filesystem-overhead to change it, or leave it out for a plain file, which may use "
+        "all of --size"
+    )
 
 
 def _transfer(source: str, job: _Job, *, decode: bool = True) -> ImportResult:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from importer.errors import FinalError
+from importer.outcome import EXIT_FINAL, EXIT_OK, EXIT_TRANSIENT
 from pipelines.kickstart import included_files
 from pipelines.template import metadata_path
 
@@ -42,6 +43,8 @@ class Case:
     failure: str | None = None
     skipped: str | None = None
     output: str = ""
+    transient: bool = False
+    """The failure may pass if the build is run again (a TransientError)."""
 
     def __post_init__(self) -> None:
         if self.failure is not None and self.skipped is not None:
@@ -56,17 +59,40 @@ def template_files(kickstarts_dir: Path) -> list[Path]:
     return sorted(p for p in kickstarts_dir.glob("*.ks") if p.is_file())
 
 
+def no_templates(kickstarts_dir: Path) -> FinalError:
+    """The failure of a kickstarts directory without a template: checking or building nothing
+    is no success, the directory is most likely the wrong one."""
+    return FinalError(
+        "NoTemplates",
+        f"{kickstarts_dir} holds no templates (no NAME.ks file directly in it): is --kickstarts "
+        "the right directory?",
+    )
+
+
 def changed_templates(repo: Path, since: str, kickstarts_dir: Path) -> list[Path]:
     """The templates (paths under `kickstarts_dir`) that `git diff SINCE...HEAD` affects.
 
     Raises FinalError("InvalidArgument") when `repo` is not in a git repository or `since`
-    names no commit, and FinalError("GitFailed") when git itself fails.
+    names no commit, FinalError("NoTemplates") when the directory holds no template, and
+    FinalError("GitFailed") when git itself fails.
     """
     top = _toplevel(Path(repo))
     base = _merge_base(top, _commit(top, since), since)
     diff = _git(top, "diff", "--name-only", "-z", "--no-renames", base, "HEAD", "--")
     changed = {(top / os.fsdecode(name)).resolve() for name in diff.split(b"\0") if name}
-    return [t for t in template_files(kickstarts_dir) if changed & _dependencies(t)]
+    templates = template_files(kickstarts_dir)
+    if not templates:
+        raise no_templates(kickstarts_dir)
+    return [t for t in templates if changed & _dependencies(t)]
+
+
+def exit_code(cases: list[Case]) -> int:
+    """0 when no case failed; 75 (EX_TEMPFAIL, as `build`) when every failure was transient,
+    so that CI can tell a retry apart from a fix; 1 when any failed for good."""
+    failed = [case for case in cases if case.failure is not None]
+    if not failed:
+        return EXIT_OK
+    return EXIT_TRANSIENT if all(case.transient for case in failed) else EXIT_FINAL
 
 
 def write_junit(path: Path, suite: str, cases: list[Case]) -> None:

@@ -366,17 +366,22 @@ def publish_image(
 def write_datavolume(
     directory: Path, published: Published, options: PublishOptions, emit: Emit = discard
 ) -> Path | None:
-    """DIRECTORY/datavolume.yaml importing the published image, if a cluster can reach it."""
+    """DIRECTORY/datavolume.yaml importing the published image, if a cluster can reach it;
+    else none at all: one an earlier publish wrote would name another store than this one."""
     name = re.sub(r"[^a-z0-9-]+", "-", published.template.lower()).strip("-") or "template"
+    path = directory / "datavolume.yaml"
     try:
         manifest = datavolume(
             name, published, namespace=options.namespace, storage_class=options.storage_class,
             volume_mode=options.volume_mode, secret_ref=options.secret_ref,
         )  # fmt: skip
     except FinalError as e:
-        emit("publish", "warning", f"no DataVolume manifest: {e.message}")
+        message = f"no DataVolume manifest: {e.message}"
+        if path.exists():
+            path.unlink()
+            message += f"; removed {path}, which an earlier publish wrote"
+        emit("publish", "warning", message)
         return None
-    path = directory / "datavolume.yaml"
     path.write_text(to_yaml(manifest))
     emit("publish", "info", f"DataVolume manifest: {path}", datavolume=str(path))
     return path

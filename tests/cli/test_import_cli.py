@@ -15,7 +15,6 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from importer.capacity import usable_size
 from importer.progress import MetricsReporter, Snapshot
 from tests.conftest import Images, MiB, free_port
 from tests.support.commands import diskflow_import
@@ -43,7 +42,8 @@ def test_success_prints_json_progress_and_writes_the_termination_log(
     assert download["bytes_done"] == download["bytes_total"] == source.stat().st_size
     assert events[-1]["event"] == "done" and events[-1]["format"] == "qcow2"
     result = json.loads(log.read_text())
-    assert result["ok"] is True and result["size"] == usable_size(64 * MiB)
+    # A plain file, given no --filesystem-overhead: all of --size.
+    assert result["ok"] is True and result["size"] == 64 * MiB
     assert (result["path"], result["fallback"]) == ("stream", None)
 
 
@@ -289,7 +289,7 @@ def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> No
     )
     assert result["checksum"].startswith("sha256:")
     disk = tmp_path / "demo" / "disk.img"
-    assert disk.stat().st_size == result["size"] == usable_size(512 * MiB)
+    assert disk.stat().st_size == result["size"] == 512 * MiB  # the "512 MiB volume"
     with open(disk, "rb") as f:
         assert f.read(21) == b"diskflow sample disk\n"
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["disk.img"]
