@@ -398,7 +398,8 @@ def import_command(
     def job(state: Progress) -> ImportResult:
         if ca_bundle and insecure:
             raise FinalError("InvalidArgument", "--ca-bundle and --insecure contradict each other")
-        auth, s3_keys = _credentials(auth_file, secret_dir, s3=source.startswith("s3://") or s3)
+        is_s3 = source.lower().startswith("s3://") or s3  # schemes are case-insensitive
+        auth, s3_keys = _credentials(auth_file, secret_dir, s3=is_s3)
         access_key, secret_key = s3_keys or (None, None)
         with _ca_bundle(ca_bundle) as trusted:
             options = ImportOptions(
