@@ -22,7 +22,7 @@ from importer.outcome import Outcome
 from pipelines.accel import Accel
 from pipelines.events import Emit, discard, json_lines, log_lines
 from pipelines.finalize import FinalizeOptions, QcowCompression
-from pipelines.virtinstall import BuildOptions
+from pipelines.virtinstall import BuildOptions, OnError
 
 if TYPE_CHECKING:
     from pipelines.steps import BuildRequest, BuildState, PublishOptions
@@ -202,6 +202,14 @@ class BuildFlags:
         Path | None,
         typer.Option(help="Where the install disk lives meanwhile (default: $TMPDIR)."),
     ] = None
+    on_error: Annotated[
+        OnError,
+        typer.Option(
+            help="What a failed install or boot test leaves: cleanup (nothing), or keep its VM "
+            "and disk for debugging, with the commands to reach and remove them (Packer's "
+            "-on-error=abort).",
+        ),
+    ] = BuildOptions.on_error
     publish: PublishFlags = field(default_factory=PublishFlags)
 
     def request(self, kickstart: Path) -> BuildRequest:
@@ -223,6 +231,7 @@ class BuildFlags:
                 no_output_timeout=self.no_output_timeout,
                 network=self.network,
                 boot_timeout=self.boot_timeout,
+                on_error=self.on_error,
             ),
             finalize=FinalizeOptions(seal=self.seal, compression=self.compression),
             publish=self.publish.options(),

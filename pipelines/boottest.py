@@ -8,7 +8,8 @@ as cloud-init looks for it) whose user-data script prints a marker on the serial
 marker is made of two halves joined only when the script runs, so a console that merely echoes
 the user-data does not pass. The install's watchdogs apply (timeout, silence, failure patterns)
 and the console is streamed as events; any failure is `BootTestFailed` with the console's last
-lines.
+lines. With `OnError.KEEP` a failed boot test leaves its domain and work directory (overlay,
+seed, a link to the image) for debugging.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ from pipelines.template import Template
 from pipelines.virtinstall import (
     OWNER_FILE,
     BuildOptions,
+    OnError,
     Watch,
     check_libvirt,
+    domain_command,
     escape,
+    kept,
     known_os_variant,
     libvirt_uri,
     owner_record,
     require_tool,
-    run_domain,
+    running_domain,
     tail,
 )
 
@@ -89,24 +93,10 @@ def boot_test(
         boot = _private_kernel(template, workdir)
         os_variant = known_os_variant(virt_install, template.os_variant, emit)
         command = [
-            virt_install,
-            f"--connect={connect}",
-            f"--name={domain}",
-            f"--virt-type={choice.virt_type}",
-            f"--osinfo={os_variant}",
-            f"--memory={template.memory // 2**20}",
-            f"--vcpus={template.vcpus}",
+            *domain_command(virt_install, template, os_variant, options, choice, domain, console),
             f"--disk=path={escape(overlay)},format=qcow2,bus=virtio,cache=unsafe",
             f"--disk=path={escape(seed)},format=raw,bus=virtio,readonly=on",
-            f"--network={options.network}",
-            f"--serial=file,path={escape(console)}",
-            "--graphics=none",
-            "--noautoconsole",
             "--import",
-            "--wait=-1",
-            "--noreboot",
-            "--transient",
-            f"--metadata=description={owner_record()}",
             *boot,
         ]
         marker = f"{MARKER_PREFIX} {token} ok"
@@ -114,17 +104,22 @@ def boot_test(
              "marker on its console", domain=domain, accel=choice.accel.value)  # fmt: skip
         started = time.monotonic()
         watch = Watch(STAGE, connect, domain, options.boot_timeout, options.no_output_timeout,
-                      choice, until=lambda line: marker in line.text)  # fmt: skip
+                      choice, until=lambda line: marker in line.text,
+                      keep=options.on_error is OnError.KEEP)  # fmt: skip
         try:
-            booted = run_domain(command, watch, [LogTail(console, "console")], workdir, emit)
+            with running_domain(command, watch, [LogTail(console, "console")], workdir,
+                                emit) as booted:  # fmt: skip
+                if not booted:
+                    raise FinalError(
+                        "BootTestFailed",
+                        "the boot test failed: the guest stopped without printing the marker "
+                        "(is cloud-init installed and enabled?); last console lines:\n"
+                        f"{tail(console)}",
+                    )
         except FinalError as e:
+            if e.reason == "BootTestFailed":
+                raise
             raise FinalError("BootTestFailed", f"the boot test failed: {e.message}") from None
-        if not booted:
-            raise FinalError(
-                "BootTestFailed",
-                "the boot test failed: the guest stopped without printing the marker "
-                f"(is cloud-init installed and enabled?); last console lines:\n{tail(console)}",
-            )
         seconds = time.monotonic() - started
         emit(STAGE, "done", f"booted: marker on the console after {seconds:.1f}s",
              seconds=round(seconds, 3))  # fmt: skip
@@ -132,7 +127,8 @@ def boot_test(
     finally:
         if keep_console is not None and console.exists():
             shutil.copyfile(console, keep_console)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not kept(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _overlay(image: Path, workdir: Path) -> Path:

@@ -45,7 +45,7 @@ from pipelines.manifest import (
 )
 from pipelines.publish import Published, Store, find_published, open_store, publish_build
 from pipelines.template import Template, load_template
-from pipelines.virtinstall import BuildOptions, install
+from pipelines.virtinstall import BuildOptions, OnError, install, kept
 
 PROGRESS_SECONDS = 2.0
 LOGS = ("console.log", "installer.log")
@@ -124,7 +124,8 @@ class BuildRequest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BuildRequest:
-        build = dict(data["build"], accel=Accel(data["build"]["accel"]))
+        build = dict(data["build"], accel=Accel(data["build"]["accel"]),
+                     on_error=OnError(data["build"].get("on_error", OnError.CLEANUP)))  # fmt: skip
         fin = dict(data["finalize"], compression=QcowCompression(data["finalize"]["compression"]))
         bundle = Bundle(**data["bundle"]) if data.get("bundle") else None
         return cls(
@@ -228,7 +229,8 @@ def install_step(state: BuildState, emit: Emit = discard) -> BuildState:
         installed = install(template, state.kickstart, workdir, request.build, emit)
     except BaseException:
         _keep_logs(workdir, output)  # a failed build's logs are the ones worth reading
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not kept(workdir):  # --on-error keep: it holds the domain's disk
+            shutil.rmtree(workdir, ignore_errors=True)
         raise
     _keep_logs(workdir, output)
     manifest = replace(

@@ -1,33 +1,46 @@
 """Running guests with virt-install, watched closely: the unattended install, and (through
-`run_domain`) the boot test's boot.
+`running_domain`) the boot test's boot.
 
 The kickstart is injected into the installer's initrd (`--initrd-inject`, `inst.ks=file:/`),
 so the guest needs no HTTP server it can reach. The console and Anaconda's log channel are
 files that are read as they grow and passed on as events, and three watchdogs end a build
 early: an overall timeout, silence on every channel, and a failure pattern in what the
 installer printed. Whatever happens, the domain is destroyed and undefined (virt-install
-leaves it running when it gives up waiting).
+leaves it running when it gives up waiting) — unless a failed build is to be kept for
+debugging (`OnError.KEEP`, Packer's `-on-error=abort`).
+
+libvirt is driven through libvirt-python (typed error codes, no `virsh` output to parse),
+imported on first use: only builds need it. Each call runs on a connection of its own in a
+thread, so that a hung libvirtd ends in an error instead of a hung build.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
 
-from importer.errors import FinalError, TransientError
+from importer.errors import Failure, FinalError, TransientError
 from importer.qemu import qemu_img
+from importer.reasons import Reason
 from pipelines.accel import Accel, AccelChoice, choose_accel
 from pipelines.console import Line, LogTail, failure_in
 from pipelines.events import Emit, discard
@@ -39,12 +52,14 @@ POLL_SECONDS = 0.25
 FAILURE_CONTEXT_SECONDS = 2.0  # what follows a failure line (a traceback's body) is wanted too
 FAILURE_CONTEXT_LINES = 15
 STOP_GRACE_SECONDS = 15.0
+LIBVIRT_TIMEOUT_SECONDS = 60.0  # a libvirt call (destroy waits up to 10 s for QEMU to stop)
 STALE_COPY_SECONDS = 3600.0
 # A finished install waits in its work dir for its finalize task, which may come after the
 # worker restarted (a StatefulSet pod keeps its name and volume). After this long none will:
 # the build's results have expired and its client has long given up.
 INSTALLED_KEEP_SECONDS = 7 * 24 * 3600.0
 OWNER_FILE = "owner"
+KEPT = "diskflow build kept"  # the owner record of a failed build kept for debugging
 # libvirt's and virt-install's own variable: a worker pod sets qemu:///session in it.
 LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
 DEFAULT_LIBVIRT_URI = "qemu:///system"
@@ -54,6 +69,23 @@ VIRTINST_SCRATCH = (
     if os.geteuid() == 0
     else (Path.home() / ".cache/virt-manager/boot")
 )
+# virt-install's advice after an install names its domain, which diskflow removes (or, for a
+# kept build, names with commands of its own): "Domain installation does not appear to have
+# been successful. If it was, you can restart your domain by running: virsh ... start NAME".
+VIRT_INSTALL_ADVICE = re.compile(
+    r"does not appear to have been successful|you can restart your domain by running"
+    r"|virsh --connect \S+ start |please restart your installation"
+    r"|reconnect to the console to complete",
+    re.IGNORECASE,
+)
+T = TypeVar("T")
+
+
+class OnError(StrEnum):
+    """What a failed build leaves behind, as Packer's -on-error."""
+
+    CLEANUP = "cleanup"  # nothing: the domain is destroyed, the work directory removed
+    KEEP = "keep"  # the domain (running, or defined and shut off) and its work directory
 
 
 @dataclass(frozen=True)
@@ -68,6 +100,7 @@ class BuildOptions:
     no_output_timeout: float = 600.0
     network: str = "user"  # virt-install --network; user-mode needs no bridge in a pod
     boot_timeout: float = 1800.0  # the boot test: seconds until the marker is on the console
+    on_error: OnError = OnError.CLEANUP
 
 
 @dataclass(frozen=True)
@@ -120,26 +153,27 @@ def install(
     )  # fmt: skip
     try:
         sweep_orphans(connect, workdir.parent, emit)
-    except (OSError, subprocess.SubprocessError) as e:  # tidying up must not fail a build
-        emit("install", "warning", f"could not look for what killed builds left: {e!r}")
+    except (OSError, Failure) as e:  # tidying up must not fail a build
+        emit("install", "warning", f"could not look for what killed builds left: {e}")
     emit("install", "start", f"starting domain {domain}", domain=domain, accel=choice.accel.value)
     started = time.monotonic()
     before = _virtinst_files()
-    run_domain(
-        command, Watch("install", connect, domain, options.timeout, options.no_output_timeout,
-                       choice),
-        [LogTail(console, "console"), LogTail(installer, "installer")], workdir, emit,
+    watch = Watch("install", connect, domain, options.timeout, options.no_output_timeout, choice,
+                  keep=options.on_error is OnError.KEEP)  # fmt: skip
+    with running_domain(
+        command, watch, [LogTail(console, "console"), LogTail(installer, "installer")], workdir,
+        emit,
         cleanups=(
             lambda: _remove_virtinst_leftovers(before, domain if template.install.kernel else None),
             lambda: kickstart_file.unlink(missing_ok=True),
         ),
-    )  # fmt: skip
-    if not _has_data(disk):
-        raise FinalError(
-            "InstallFailed",
-            f"the installer powered off without writing to the disk; last console lines:\n"
-            f"{tail(console)}",
-        )
+    ):  # fmt: skip
+        if not _has_data(disk):
+            raise FinalError(
+                "InstallFailed",
+                f"the installer powered off without writing to the disk; last console lines:\n"
+                f"{tail(console)}",
+            )
     seconds = time.monotonic() - started
     # No process owns the disk now: the sweep must not take it for a killed build's.
     (workdir / OWNER_FILE).write_text(_installed())
@@ -165,25 +199,12 @@ def virt_install_command(
     if source.kernel_args:
         boot_args += f" {source.kernel_args}"
     command = [
-        virt_install,
-        f"--connect={libvirt_uri(options.connect)}",
-        f"--name={domain}",
-        f"--virt-type={choice.virt_type}",
-        f"--osinfo={os_variant}",
-        f"--memory={template.memory // 2**20}",
-        f"--vcpus={template.vcpus}",
+        *domain_command(virt_install, template, os_variant, options, choice, domain, console),
         f"--disk=path={escape(disk)},format=qcow2,bus=virtio,cache=unsafe",
-        f"--network={options.network}",
         f"--initrd-inject={kickstart}",
-        f"--serial=file,path={escape(console)}",
+        "--noreboot",  # the install's end is a powered-off guest (for --import, its start)
         f"--channel=file,path={escape(installer)},target.type=virtio,"
         f"target.name={ANACONDA_LOG_CHANNEL}",
-        "--graphics=none",
-        "--noautoconsole",
-        "--wait=-1",  # diskflow's own watchdogs decide when to give up
-        "--noreboot",
-        "--transient",
-        f"--metadata=description={owner_record()}",
     ]
     if source.kernel:
         command.append(
@@ -193,6 +214,43 @@ def virt_install_command(
     else:
         command += [f"--location={source.location or source.iso}", f"--extra-args={boot_args}"]
     return command
+
+
+def domain_command(
+    virt_install: str,
+    template: Template,
+    os_variant: str,
+    options: BuildOptions,
+    choice: AccelChoice,
+    domain: str,
+    console: Path,
+) -> list[str]:
+    """The virt-install argv every diskflow domain starts with (the install's, the boot test's).
+
+    The serial console is a pty (what `virsh console` attaches to) logged to `console`. The
+    domain is transient, unless a failed build is to be kept: a transient domain vanishes when
+    its guest powers off, a defined one can be started again. Its description is its owner
+    record, written by virt-install as it defines the domain, so no domain is ever without one
+    (libvirt's <metadata> with a namespace of diskflow's own would be tidier, but virt-install
+    cannot write it, and writing it afterwards leaves a window in which a killed build's
+    domain has no owner and is never swept).
+    """
+    return [
+        virt_install,
+        f"--connect={libvirt_uri(options.connect)}",
+        f"--name={domain}",
+        f"--virt-type={choice.virt_type}",
+        f"--osinfo={os_variant}",
+        f"--memory={template.memory // 2**20}",
+        f"--vcpus={template.vcpus}",
+        f"--network={options.network}",
+        f"--serial=pty,log.file={escape(console)},log.append=off",
+        "--graphics=none",
+        "--noautoconsole",
+        "--wait=-1",  # diskflow's own watchdogs decide when to give up
+        *(["--transient"] if options.on_error is OnError.CLEANUP else []),
+        f"--metadata=description={owner_record()}",
+    ]
 
 
 def known_os_variant(virt_install: str, wanted: str, emit: Emit = discard) -> str:
@@ -239,34 +297,104 @@ def libvirt_uri(connect: str | None) -> str:
 
 def check_libvirt(connect: str) -> None:
     """Raise a clear error unless libvirt answers at `connect`."""
-    virsh = require_tool("virsh", "libvirt-clients")
-    try:
-        subprocess.run(
-            [virsh, "--connect", connect, "uri"], capture_output=True, text=True,
-            check=True, timeout=30,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise TransientError(
-            "LibvirtUnreachable", f"libvirt at {connect} did not answer within 30s"
-        ) from None
-    except subprocess.CalledProcessError as e:
-        detail = _last_error(e.stderr) or f"virsh exited with {e.returncode}"
-        raise TransientError(
-            "LibvirtUnreachable",
-            f"cannot reach libvirt at {connect}: {detail} (is libvirtd running, with virtlogd? "
-            f"--connect or {LIBVIRT_URI_ENV} picks another URI)",
-        ) from None
+    _ask(connect, lambda connection: connection.getURI())
 
 
 def destroy_domain(connect: str, domain: str, emit: Emit = discard, stage: str = "install") -> None:
     """Destroy and undefine `domain` if it exists; a domain that stays is reported loudly."""
-    virsh = shutil.which("virsh") or "virsh"
-    for action in ("destroy", "undefine"):
-        subprocess.run(
-            [virsh, "--connect", connect, action, domain], capture_output=True, timeout=60
-        )
-    if domain_exists(connect, domain):
+    if not _ask(connect, lambda connection: _remove(connection, domain)):
         emit(stage, "warning", f"domain {domain} could not be removed: remove it by hand")
+
+
+def domain_exists(connect: str, domain: str) -> bool:
+    """Whether libvirt at `connect` has a domain of that name."""
+    return _ask(connect, lambda connection: _lookup(connection, domain) is not None)
+
+
+@functools.cache
+def _libvirt() -> ModuleType:
+    """libvirt-python, imported on first use; its errors raised, not also printed."""
+    try:
+        import libvirt
+    except ImportError:
+        raise FinalError(
+            "MissingTool",
+            "libvirt-python is not installed (pip install 'libvirt-python>=9.0'; it builds "
+            "against Debian's libvirt-dev, with pkg-config)",
+        ) from None
+    libvirt.registerErrorHandler(lambda _context, _error: None, None)
+    return libvirt
+
+
+def _ask(connect: str, question: Callable[[Any], T]) -> T:
+    """`question(connection)`, answered by libvirt at `connect` on a connection of its own.
+
+    libvirt's calls have no timeout of their own (its keepalive needs an event loop), so a
+    thread asks and this waits; a SIGTERM still interrupts the wait. libvirt's errors become
+    the build's: an unreachable daemon is transient (`LibvirtUnreachable`), anything else final
+    (`LibvirtFailed`), both with libvirt's own message.
+    """
+    libvirt = _libvirt()
+    answer: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            connection = libvirt.open(connect)
+            try:
+                answer.set_result(question(connection))
+            finally:
+                connection.close()
+        except BaseException as e:
+            answer.set_exception(e)
+
+    threading.Thread(target=run, name=f"libvirt {connect}", daemon=True).start()
+    try:
+        return answer.result(LIBVIRT_TIMEOUT_SECONDS)
+    except TimeoutError:
+        raise TransientError(
+            "LibvirtUnreachable",
+            f"libvirt at {connect} did not answer within {LIBVIRT_TIMEOUT_SECONDS:.0f}s",
+        ) from None
+    except libvirt.libvirtError as e:
+        detail = e.get_error_message()
+        unreachable = (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_SYSTEM_ERROR,
+                       libvirt.VIR_ERR_RPC, libvirt.VIR_ERR_OPERATION_TIMEOUT)  # fmt: skip
+        if e.get_error_code() in unreachable:
+            raise TransientError(
+                "LibvirtUnreachable",
+                f"cannot reach libvirt at {connect}: {detail} (is libvirtd running, with "
+                f"virtlogd? --connect or {LIBVIRT_URI_ENV} picks another URI)",
+            ) from None
+        raise FinalError("LibvirtFailed", f"libvirt at {connect}: {detail}") from None
+
+
+def _lookup(connection: Any, domain: str) -> Any | None:
+    """The domain of that name, or None."""
+    libvirt = _libvirt()
+    try:
+        return connection.lookupByName(domain)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def _remove(connection: Any, domain: str) -> bool:
+    """Destroy and undefine `domain`; whether it is gone."""
+    libvirt = _libvirt()
+    for action in ("destroy", "undefine"):
+        found = _lookup(connection, domain)
+        if found is None:
+            return True
+        try:
+            getattr(found, action)()
+        except libvirt.libvirtError as e:
+            # It stopped, or (transient) vanished, meanwhile; undefining a transient one is
+            # invalid too. Whatever else stays is reported.
+            if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN,
+                                          libvirt.VIR_ERR_OPERATION_INVALID):  # fmt: skip
+                raise
+    return _lookup(connection, domain) is None
 
 
 @dataclass(frozen=True)
@@ -280,45 +408,97 @@ class Watch:
     no_output_timeout: float  # seconds of silence on every channel before giving up
     choice: AccelChoice
     until: Callable[[Line], bool] | None = None  # a line that ends the run successfully
+    keep: bool = False  # a failed run leaves its domain and work directory (OnError.KEEP)
 
 
-def run_domain(
+@contextlib.contextmanager
+def running_domain(
     command: list[str],
     watch: Watch,
     tails: list[LogTail],
     workdir: Path,
     emit: Emit,
     cleanups: tuple[Callable[[], object], ...] = (),
-) -> bool:
-    """Run virt-install's `command` and watch the guest's `tails` until it is done.
+) -> Iterator[bool]:
+    """Run virt-install's `command`, watch the guest's `tails` until it is done, and yield.
 
-    Done is the guest powering off (False) or, with `watch.until`, a line it matches (True).
-    FinalError for a failure pattern, the timeout or silence; the domain is destroyed and
-    undefined whatever happens, then `cleanups` run.
+    Done is the guest powering off (False) or, with `watch.until`, a line it matches (True);
+    the caller checks what it left inside the `with`. FinalError for a failure pattern, the
+    timeout or silence. Then the domain is destroyed and undefined — unless the run or the
+    caller's checks failed and `watch.keep` says to keep it (see `_keep`; a SIGTERM is no
+    build failure: it cleans up) — and `cleanups` run.
     """
     log = workdir / f"virt-install-{watch.stage}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
         )
+    keep = False
     try:
         done = _watch(process, tails, log, watch, emit)
+        if not done and process.returncode != 0:
+            raise _virt_install_failure(log)
+        yield done
+    except Failure as failure:
+        keep = watch.keep and failure.reason != Reason.TERMINATED
+        if keep:
+            raise _keep(failure, watch, workdir, emit) from None
+        raise
     finally:
         # Each step on its own: one that fails (a hung libvirtd) must not skip the others,
-        # nor replace the error the run failed with. The domain goes first: stopping
-        # virt-install may take its grace period, and the guest must not run meanwhile.
+        # nor replace the error the run failed with. The domain goes first: virt-install
+        # then sees it gone and ends at once, and the guest does not run on meanwhile.
         for cleanup in (
-            lambda: destroy_domain(watch.connect, watch.domain, emit, watch.stage),
+            *(() if keep else (lambda: destroy_domain(watch.connect, watch.domain, emit,
+                                                      watch.stage),)),
             lambda: _stop(process),
             *cleanups,
-        ):
+        ):  # fmt: skip
             try:
                 cleanup()
             except Exception as e:
-                emit(watch.stage, "warning", f"clean-up of {watch.domain} incomplete: {e!r}")
-    if not done and process.returncode != 0:
-        raise _virt_install_failure(log)
-    return done
+                emit(watch.stage, "warning", f"clean-up of {watch.domain} incomplete: {e}")
+
+
+def _keep(failure: Failure, watch: Watch, workdir: Path, emit: Emit) -> Failure:
+    """Keep a failed run's domain and `workdir` for debugging, marked so that no sweep takes
+    them; `failure`, saying what was kept, how to reach it and how to remove it."""
+    (workdir / OWNER_FILE).write_text(_kept())
+    try:
+        running = _ask(watch.connect, lambda connection: _mark_kept(connection, watch.domain))
+    except Failure as e:
+        emit(watch.stage, "warning", f"could not mark domain {watch.domain} as kept: {e}")
+        running = None
+    domain, virsh = watch.domain, ["virsh", "--connect", watch.connect]
+    removal = [["rm", "-r", str(workdir)]]
+    if running is None:
+        what, reach = f"the work directory {workdir} (no domain {domain} found)", ""
+    elif running:
+        what = f"domain {domain} (running) and its work directory {workdir}"
+        reach = f"attach to its console with: {shlex.join([*virsh, 'console', domain])}; "
+        removal = [[*virsh, "destroy", domain], [*virsh, "undefine", domain], *removal]
+    else:
+        what = f"domain {domain} (shut off) and its work directory {workdir}"
+        reach = ("start it with its console attached with: "
+                 f"{shlex.join([*virsh, 'start', '--console', domain])}; ")  # fmt: skip
+        removal = [[*virsh, "undefine", domain], *removal]
+    kept = f"kept {what}: {reach}remove it all with: {' && '.join(map(shlex.join, removal))}"
+    emit(watch.stage, "warning", kept, domain=watch.domain, workdir=str(workdir))
+    return type(failure)(failure.reason, f"{failure.message}\n{kept}")
+
+
+def _mark_kept(connection: Any, domain: str) -> bool | None:
+    """Give `domain` the kept owner record; whether it runs, None if it is gone."""
+    libvirt = _libvirt()
+    found = _lookup(connection, domain)
+    if found is None:
+        return None
+    running = bool(found.isActive())
+    flags = (libvirt.VIR_DOMAIN_AFFECT_LIVE if running else 0) | (
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG if found.isPersistent() else 0
+    )
+    found.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, _kept(), None, None, flags)
+    return running
 
 
 def _watch(
@@ -333,7 +513,8 @@ def _watch(
         exited = process.poll() is not None
         now = time.monotonic()
         for line in virt_install_log.read(final=exited):
-            emit(watch.stage, "info", line.text)
+            if said := _virt_install_said(line.text):
+                emit(watch.stage, *said)
         lines = [line for tail in tails for line in tail.read(final=exited)]
         # The silence clock starts with the guest: virt-install may spend minutes before it
         # (fetching an install tree's kernel, libvirt probing QEMU's capabilities).
@@ -377,6 +558,14 @@ def _watch(
             )
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(POLL_SECONDS)
+
+
+def _virt_install_said(text: str) -> tuple[str, str] | None:
+    """The kind and message of a line virt-install printed; None for its advice."""
+    if VIRT_INSTALL_ADVICE.search(text):
+        return None
+    level = re.match(r"(WARNING|ERROR)\s+(.*)", text)
+    return (level.group(1).lower(), level.group(2)) if level else ("info", text)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -426,25 +615,36 @@ def _remove_virtinst_leftovers(before: set[Path], marker: str | None) -> None:
 def sweep_orphans(connect: str, workroot: Path, emit: Emit = discard) -> None:
     """Remove what builds killed outright on this host left: domains, work dirs, copies.
 
-    A worker that is SIGKILLed cleans up nothing: its transient domain goes on installing
-    into its work dir. Each build records its host and process in its domain's description
-    and its work dir; when that process is gone, they are removed.
+    A worker that is SIGKILLed cleans up nothing: its domain goes on installing into its
+    work dir. Each build records its host and process in its domain's description and its
+    work dir; when that process is gone, they are removed. A kept build's record says so:
+    it stays until its user removes it.
     """
-    virsh = shutil.which("virsh") or "virsh"
-    names = subprocess.run(
-        [virsh, "--connect", connect, "list", "--name"], capture_output=True, text=True,
-        timeout=60,
-    ).stdout.split()  # fmt: skip
-    for name in (n for n in names if n.startswith("diskflow-")):
-        description = subprocess.run(
-            [virsh, "--connect", connect, "desc", name], capture_output=True, text=True,
-            timeout=60,
-        ).stdout  # fmt: skip
-        if _orphaned(description):
-            emit("install", "warning", f"removing domain {name}, left by a killed build")
-            destroy_domain(connect, name, emit)
+    for name in _ask(connect, _orphaned_domains):
+        emit("install", "warning", f"removing domain {name}, left by a killed build")
+        destroy_domain(connect, name, emit)
     sweep_workdirs(workroot)
     sweep_stale_copies(connect)
+
+
+def _orphaned_domains(connection: Any) -> list[str]:
+    """The names of the domains, running or not, whose owner record is a killed build's."""
+    libvirt = _libvirt()
+    orphans = []
+    for domain in connection.listAllDomains(0):
+        if not domain.name().startswith("diskflow-"):
+            continue
+        try:
+            description = domain.metadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, None)
+        except libvirt.libvirtError as e:
+            # Not diskflow's after all, or gone since it was listed.
+            if e.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA,
+                                      libvirt.VIR_ERR_NO_DOMAIN):  # fmt: skip
+                continue
+            raise
+        if _orphaned(description):
+            orphans.append(domain.name())
+    return orphans
 
 
 def sweep_workdirs(workroot: Path, keep_installed: float = INSTALLED_KEEP_SECONDS) -> list[Path]:
@@ -473,6 +673,18 @@ def owner_record() -> str:
 
 def _installed() -> str:
     return f"diskflow build installed at={int(time.time())}"
+
+
+def _kept() -> str:
+    return f"{KEPT} host={socket.gethostname()} at={int(time.time())}"
+
+
+def kept(workdir: Path) -> bool:
+    """Whether `workdir` is a failed build's, kept for debugging: not to be removed."""
+    try:
+        return (workdir / OWNER_FILE).read_text().startswith(KEPT)
+    except OSError:
+        return False
 
 
 def _orphaned(description: str) -> bool:
@@ -505,15 +717,6 @@ def sweep_stale_copies(connect: str, older_than: float = STALE_COPY_SECONDS) -> 
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
-
-
-def domain_exists(connect: str, domain: str) -> bool:
-    """Whether libvirt at `connect` has a domain of that name."""
-    virsh = shutil.which("virsh") or "virsh"
-    done = subprocess.run(
-        [virsh, "--connect", connect, "domstate", domain], capture_output=True, timeout=60
-    )
-    return done.returncode == 0
 
 
 def _has_data(disk: Path) -> bool:

@@ -8,9 +8,10 @@ cd "$(dirname "$0")/.."
 # The importer needs qemu-img; template builds need virt-install (which needs cpio for
 # --initrd-inject), libvirt and QEMU, xorriso (the boot test's NoCloud seed), and git for
 # `diskflow ci`; `diskflow demo template` needs busybox-static (its tiny installer; the
-# cloud kernel's package is downloaded with apt, not installed).
-packages=(python3 python3-venv qemu-utils util-linux mount
-          qemu-system-x86 libvirt-daemon-system libvirt-clients virtinst cpio xorriso git
+# cloud kernel's package is downloaded with apt, not installed). libvirt-python, which drives
+# libvirt, is built from PyPI against libvirt-dev (pkg-config finds it; gcc, python3-dev).
+packages=(python3 python3-venv python3-dev gcc pkg-config libvirt-dev qemu-utils util-linux
+          mount qemu-system-x86 libvirt-daemon-system libvirt-clients virtinst cpio xorriso git
           busybox-static)
 extras=""
 if [[ "${1:-}" == "--test" ]]; then

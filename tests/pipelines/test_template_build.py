@@ -37,9 +37,13 @@ from pipelines.steps import (  # noqa: E402
     validate_step,
 )
 from pipelines.virtinstall import (  # noqa: E402
+    KEPT,
     OWNER_FILE,
+    STOP_GRACE_SECONDS,
     VIRTINST_SCRATCH,
     BuildOptions,
+    OnError,
+    destroy_domain,
     sweep_orphans,
     sweep_stale_copies,
     sweep_workdirs,
@@ -56,6 +60,7 @@ from tests.support.installer import (  # noqa: E402
 )
 
 FAST = BuildOptions(accel=Accel.TCG, network="none", timeout=180, no_output_timeout=60)
+URI = "qemu:///system"
 TRACEBACK = 'echo "Traceback (most recent call last):"; echo "  File x"; echo "Boom: bad"'
 
 
@@ -90,8 +95,12 @@ def build(
 
 
 def domains(prefix: str) -> list[str]:
-    names = run("virsh", "-c", "qemu:///system", "list", "--all", "--name").split()
+    names = run("virsh", "-c", URI, "list", "--all", "--name").split()
     return [name for name in names if name.startswith(prefix)]
+
+
+def virsh(*args: str) -> str:
+    return run("virsh", "-c", URI, *args).strip()
 
 
 def assert_nothing_left(name: str, vm_dir: Path, output: Path) -> None:
@@ -402,11 +411,118 @@ def test_sigterm_stops_the_build_and_removes_the_domain(
     while not domains("diskflow-stopped-"):
         assert build.poll() is None and time.monotonic() < end, build.communicate()
         time.sleep(0.2)
+    stopping = time.monotonic()
     build.send_signal(signal.SIGTERM)
     out, err = build.communicate(timeout=60)
+    # The domain is destroyed first, so virt-install ends at once: a stop that took
+    # virt-install's grace period (19 s, when the domain went last) would fail here; a pod's
+    # grace period is 30 s.
+    assert time.monotonic() - stopping < STOP_GRACE_SECONDS
     assert build.returncode == 75, err
     assert json.loads(out.splitlines()[-1])["reason"] == "Terminated"
     assert_nothing_left("stopped", vm_dir, tmp_path / "out")
+
+
+def test_virt_install_s_warnings_and_errors_keep_their_kind_and_its_advice_is_dropped(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    # A network libvirt does not have: virt-install fails after its checks, with an ERROR line
+    # and advice to restart a domain that never was.
+    kickstart = write_template(tmp_path, minimal_installer, "nonet")
+    options = replace(FAST, network="network=diskflow-no-such-network")
+
+    failure, recorder = failed_build(kickstart, vm_dir, tmp_path / "out", options)
+
+    assert failure.reason == "VirtInstallFailed"
+    assert "diskflow-no-such-network" in failure.message
+    said = [e for e in recorder.events if e["stage"] == "install"]
+    errors = [e["message"] for e in said if e["kind"] == "error"]
+    assert any("diskflow-no-such-network" in message for message in errors)
+    # The tiny template's 256 MiB are below the osinfo database's recommendation.
+    assert any(e["kind"] == "warning" and e["message"].startswith("Requested memory")
+               for e in said)  # fmt: skip
+    text = "\n".join(e["message"] for e in said)
+    assert not re.search(r"^(WARNING|ERROR) ", text, re.MULTILINE)
+    assert "restart your domain" not in text and "virsh --connect" not in text
+
+
+def test_on_error_keep_leaves_a_failed_install_running_for_its_console(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    kickstart = write_template(
+        tmp_path, minimal_installer, "kept", post=f"{TRACEBACK}; sleep 100000"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "diskflow", "build", str(kickstart), "--output",
+         str(tmp_path / "out"), "--accel", "tcg", "--network", "none", "--workdir", str(vm_dir),
+         "--progress", "none", "--on-error", "keep"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    kept = domains("diskflow-kept-")
+    try:
+        assert done.returncode == 1, done.stderr
+        assert "[InstallFailed]" in done.stderr and "Boom: bad" in done.stderr
+        [domain] = kept
+        [workdir] = vm_dir.iterdir()
+        assert f"kept domain {domain} (running) and its work directory {workdir}" in done.stderr
+        assert f"attach to its console with: virsh --connect {URI} console {domain}" in done.stderr
+        assert virsh("domstate", domain) == "running"
+        assert virsh("ttyconsole", domain).startswith("/dev/pts/")  # what `virsh console` opens
+        assert virsh("desc", domain).startswith(KEPT)
+        assert (workdir / "disk.qcow2").is_file()
+        assert not (workdir / "ks.cfg").exists()  # it may hold a password hash
+        # The build's process is gone, yet this is no killed build's: the sweep leaves it.
+        sweep_orphans(URI, vm_dir)
+        assert domains("diskflow-kept-") == [domain] and workdir.is_dir()
+        removal = done.stderr.split("remove it all with: ", 1)[1].split(" [InstallFailed]")[0]
+        subprocess.run(removal, shell=True, check=True, capture_output=True)
+        assert domains("diskflow-kept-") == [] and list(vm_dir.iterdir()) == []
+    finally:
+        for domain in kept:
+            destroy_domain(URI, domain)
+
+
+def test_on_error_keep_leaves_a_failed_boot_test_defined_to_start_again(
+    minimal_installer: Installer, vm_dir: Path, tmp_path: Path
+) -> None:
+    wipe = f"dd if=/dev/zero of=/dev/vda bs=512 seek={OS_SECTOR} count={OS_SECTORS} conv=notrunc"
+    kickstart = write_template(tmp_path, minimal_installer, "keptboot", post=wipe)
+    recorder = Recorder()
+    request = BuildRequest(
+        kickstart=str(kickstart),
+        output=str(tmp_path / "out"),
+        workdir=str(vm_dir),
+        build=replace(FAST, on_error=OnError.KEEP),
+    )
+    try:
+        with pytest.raises(Failure) as caught:
+            build_template(request, recorder)
+        failure = caught.value
+        [domain] = domains("diskflow-keptboot-boot-")
+        assert domains("diskflow-keptboot-") == [domain]  # the install succeeded: removed
+        [workdir] = vm_dir.iterdir()  # the boot test's
+        assert failure.reason == "BootTestFailed"
+        assert "the guest stopped without printing the marker" in failure.message
+        start = f"virsh --connect {URI} start --console {domain}"
+        assert f"kept domain {domain} (shut off) and its work directory {workdir}" in (
+            failure.message
+        )
+        assert start in failure.message
+        [warning] = [e for e in recorder.events if e.get("domain") == domain
+                     and e["kind"] == "warning"]  # fmt: skip
+        assert warning["message"] in failure.message and warning["workdir"] == str(workdir)
+        assert {"boot.qcow2", "image.qcow2", "seed.iso"} <= {p.name for p in workdir.iterdir()}
+        assert virsh("domstate", domain) == "shut off"
+        assert virsh("desc", domain).startswith(KEPT)
+        # The guest starts again, as the message says, from its kept overlay.
+        virsh("start", domain)
+        assert virsh("domstate", domain) == "running"
+        # virt-install's advice to start the install's domain (defined, as this build's were)
+        # is not passed on: diskflow removed that domain.
+        assert not any("start diskflow-" in e["message"] for e in recorder.events)
+    finally:
+        for domain in domains("diskflow-keptboot-"):
+            destroy_domain(URI, domain)
 
 
 def test_stale_copies_of_killed_builds_are_swept_and_fresh_ones_kept() -> None:
@@ -419,7 +535,7 @@ def test_stale_copies_of_killed_builds_are_swept_and_fresh_ones_kept() -> None:
     for path in (stale, other):
         os.utime(path, (two_hours_ago, two_hours_ago))
     try:
-        assert sweep_stale_copies("qemu:///system") == [stale]
+        assert sweep_stale_copies(URI) == [stale]
         assert fresh.exists() and other.exists()
     finally:
         for path in (stale, fresh, other):
@@ -444,10 +560,10 @@ def test_what_a_killed_build_left_is_swept_by_the_next(
     build.wait()
     assert domains("diskflow-orphan-") and list(vm_dir.iterdir())
 
-    sweep_orphans("qemu:///system", vm_dir)
+    sweep_orphans(URI, vm_dir)
     assert domains("diskflow-orphan-") == []
     assert list(vm_dir.iterdir()) == []
-    sweep_stale_copies("qemu:///system", older_than=0)
+    sweep_stale_copies(URI, older_than=0)
     assert not [p for p in VIRTINST_SCRATCH.glob("virtinst-*") if "diskflow-orphan-" in p.name]
 
 

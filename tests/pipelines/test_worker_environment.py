@@ -4,7 +4,7 @@ libvirt's own tools do) and the worker's time limits."""
 from __future__ import annotations
 
 import re
-import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,7 +12,8 @@ import pytest
 pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
-from importer.errors import TransientError  # noqa: E402
+from importer.errors import FinalError, TransientError  # noqa: E402
+from pipelines import virtinstall  # noqa: E402
 from pipelines.steps import BuildRequest, BuildState, build_template  # noqa: E402
 from pipelines.tasks import (  # noqa: E402
     BUILD_MARGIN_ENV,
@@ -28,7 +29,10 @@ from pipelines.virtinstall import (  # noqa: E402
     DEFAULT_LIBVIRT_URI,
     LIBVIRT_URI_ENV,
     BuildOptions,
+    OnError,
     check_libvirt,
+    destroy_domain,
+    domain_exists,
     libvirt_uri,
 )
 from tests.pipelines.manifests import finished  # noqa: E402
@@ -37,7 +41,6 @@ from tests.support.installer import Installer, write_template  # noqa: E402
 # libvirt's test driver: answers in-process, no daemon needed.
 TEST_DRIVER = "test:///default"
 NOWHERE = "qemu+unix:///session?socket=/nonexistent/libvirt-sock"
-needs_virsh = pytest.mark.skipif(not shutil.which("virsh"), reason="virsh is not installed")
 
 
 def test_the_uri_is_the_given_one_else_the_environment_s_else_the_system_s(
@@ -57,14 +60,53 @@ def test_a_request_carries_no_uri_unless_one_was_given() -> None:
     assert BuildRequest.from_json(request.to_json()).build.connect is None
 
 
-@needs_virsh
-def test_virsh_is_asked_at_the_resolved_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_error_keep_reaches_a_worker() -> None:
+    request = BuildRequest(kickstart="t.ks", build=BuildOptions(on_error=OnError.KEEP))
+    assert BuildRequest.from_json(request.to_json()).build.on_error is OnError.KEEP
+
+
+def test_libvirt_is_asked_at_the_resolved_uri(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(LIBVIRT_URI_ENV, TEST_DRIVER)
     check_libvirt(libvirt_uri(None))
     monkeypatch.setenv(LIBVIRT_URI_ENV, NOWHERE)
     with pytest.raises(TransientError, match=re.escape(f"cannot reach libvirt at {NOWHERE}:")):
         check_libvirt(libvirt_uri(None))
     check_libvirt(libvirt_uri(TEST_DRIVER))  # a given URI wins over the environment
+
+
+def test_libvirt_s_errors_become_the_build_s_reasons() -> None:
+    with pytest.raises(TransientError) as unreachable:
+        check_libvirt(NOWHERE)
+    assert unreachable.value.reason == "LibvirtUnreachable"
+    assert "Failed to connect socket to '/nonexistent/libvirt-sock'" in unreachable.value.message
+    # Retrying cannot help a URI libvirt refuses: final, with libvirt's own words.
+    with pytest.raises(FinalError) as refused:
+        check_libvirt("qemu:///nonsense")
+    assert refused.value.reason == "LibvirtFailed"
+    assert refused.value.message.startswith("libvirt at qemu:///nonsense: internal error:")
+    assert "unexpected qemu URI path '/nonsense'" in refused.value.message
+
+
+def test_a_hung_libvirtd_is_given_up_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A socket that accepts connections and never answers, as a hung daemon's does.
+    path = tmp_path / "libvirt-sock"
+    with socket.socket(socket.AF_UNIX) as hung:
+        hung.bind(str(path))
+        hung.listen()
+        monkeypatch.setattr(virtinstall, "LIBVIRT_TIMEOUT_SECONDS", 1.0)
+        uri = f"qemu+unix:///system?socket={path}"
+        with pytest.raises(TransientError) as failure:
+            destroy_domain(uri, "diskflow-any")
+    assert failure.value.reason == "LibvirtUnreachable"
+    assert failure.value.message == f"libvirt at {uri} did not answer within 1s"
+
+
+def test_domains_are_looked_up_and_an_absent_one_is_no_error() -> None:
+    assert domain_exists(TEST_DRIVER, "test")  # the test driver's own domain
+    assert not domain_exists(TEST_DRIVER, "diskflow-absent-00000000")
+    said: list[tuple[str, ...]] = []
+    destroy_domain(TEST_DRIVER, "diskflow-absent-00000000", lambda *event, **_: said.append(event))
+    assert said == []  # nothing to do, nothing said
 
 
 def test_a_build_without_connect_uses_libvirt_default_uri(
