@@ -34,6 +34,7 @@ HEAVY = (
     "kopf",
     "kubernetes",
     "prometheus_client",
+    "libvirt",
     "pykickstart",
     "rich",
     "yaml",
