@@ -384,6 +384,14 @@ def import_command(
             "that importers sharing a network do not collide."
         ),
     ] = "0.0.0.0",
+    owner_uid: Annotated[
+        str | None,
+        typer.Option(
+            metavar="UID",
+            help="The UID of the DataVolume the import fills: with --metrics-port, CDI's "
+            "kubevirt_cdi_import_progress_total is served too, labelled ownerUID=UID.",
+        ),
+    ] = None,
     termination_log: Annotated[
         Path | None,
         typer.Option(help="Write the JSON result or failure here (e.g. /dev/termination-log)."),
@@ -435,7 +443,7 @@ def import_command(
             )
             return import_image(source, dest, options=options, progress=state)
 
-    metrics = (metrics_addr, metrics_port) if metrics_port is not None else None
+    metrics = (metrics_addr, metrics_port, owner_uid) if metrics_port is not None else None
     _run(job, progress, metrics=metrics, termination_log=termination_log)
 
 
@@ -482,7 +490,7 @@ def _run(
     job: Callable[[Progress], ImportResult],
     progress: ProgressMode,
     *,
-    metrics: tuple[str, int] | None = None,
+    metrics: tuple[str, int, str | None] | None = None,
     termination_log: Path | None = None,
 ) -> None:
     """Run an import with progress shown as asked; report the outcome; exit 0, 1 or 75."""
@@ -509,14 +517,14 @@ def _resolve(mode: ProgressMode) -> ProgressMode:
 
 
 def _reporting(
-    state: Progress, mode: ProgressMode, metrics: tuple[str, int] | None
+    state: Progress, mode: ProgressMode, metrics: tuple[str, int, str | None] | None
 ) -> AbstractContextManager[None]:
     reporters: list[Reporter] = []
     # First: a metrics address that cannot be bound fails the import before anything else
     # has started (a bar left running, a byte read).
     if metrics is not None:
-        addr, port = metrics
-        reporters.append(MetricsReporter(port, addr))
+        addr, port, owner_uid = metrics
+        reporters.append(MetricsReporter(port, addr, owner_uid=owner_uid))
     if mode is ProgressMode.BAR:
         reporters.append(RichReporter())
     elif mode is ProgressMode.JSON:

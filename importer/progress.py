@@ -16,10 +16,13 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from importer.errors import Failure, FinalError, TransientError
 from importer.reasons import Reason
+
+if TYPE_CHECKING:  # prometheus_client costs every command start-up time: imported when used
+    from prometheus_client.core import Metric
 
 
 @dataclass(frozen=True)
@@ -217,63 +220,78 @@ class RichReporter:
         self._bars.stop()
 
 
-# The importer's metrics, as the controller reads them (importer.controller.scrape).
-BYTES_DONE_METRIC = "diskflow_import_bytes_done"
-BYTES_TOTAL_METRIC = "diskflow_import_bytes_total"
-THROUGHPUT_METRIC = "diskflow_import_throughput_bytes"
-PERCENT_METRIC = "diskflow_import_progress_percent"
+# The importer's metrics, as the controller reads them (importer.controller.scrape). Named
+# as Prometheus asks (https://prometheus.io/docs/practices/naming/): the unit last, in base
+# units; a ratio 0-1; a value not known is no series rather than a sentinel.
+DONE_METRIC = "diskflow_import_done_bytes"
+SIZE_METRIC = "diskflow_import_size_bytes"
+THROUGHPUT_METRIC = "diskflow_import_throughput_bytes_per_second"
+RATIO_METRIC = "diskflow_import_progress_ratio"
 STAGE_METRIC = "diskflow_import_stage"
+# CDI's importer's progress, for the dashboards and alerts made for CDI.
+CDI_PROGRESS_METRIC = "kubevirt_cdi_import_progress_total"
 
 
 class MetricsReporter:
-    """The same numbers as Prometheus gauges, served on `addr`:`port` for the controller to
-    scrape: bytes done and total (-1: unknown), throughput and percent of the current stage,
-    and `diskflow_import_stage{stage=...}` 1 for the current stage alone, so that a scraper
-    reads the stage instead of guessing it from which series moved last."""
+    """The same numbers as Prometheus metrics, served on `addr`:`port` for the controller (and
+    Prometheus) to scrape: gauges of the current stage's bytes done, size (no series while it
+    is unknown), throughput and progress ratio (none while the size is unknown), and
+    `diskflow_import_stage{stage=...}` 1 for the current stage alone, so that a scraper reads
+    the stage instead of guessing it from which series moved last. With `owner_uid`, also
+    CDI's `kubevirt_cdi_import_progress_total{ownerUID=...}`: a counter of percent done, which
+    like CDI's only ever goes up (to the most any stage reached) and appears once a stage's
+    size is known. Before the first stage the page is empty."""
 
-    def __init__(self, port: int, addr: str = "0.0.0.0") -> None:
-        from prometheus_client import CollectorRegistry, Gauge, start_http_server
+    def __init__(self, port: int, addr: str = "0.0.0.0", *, owner_uid: str | None = None) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
 
         where = _metrics_address(addr, port)
+        self._owner_uid = owner_uid
+        self._lock = threading.Lock()  # shown from the progress thread, read by the server's
+        self._last: Snapshot | None = None
+        self._percent: float | None = None  # CDI's counter: the most percent shown yet
         registry = CollectorRegistry()
-        self._done = Gauge(BYTES_DONE_METRIC, "Bytes done in the current stage", registry=registry)
-        self._total = Gauge(
-            BYTES_TOTAL_METRIC,
-            "Bytes in the current stage (-1: unknown)",
-            registry=registry,
-        )
-        self._rate = Gauge(
-            THROUGHPUT_METRIC,
-            "Bytes per second in the current stage",
-            registry=registry,
-        )
-        self._percent = Gauge(
-            PERCENT_METRIC,
-            "Percent done of the current stage",
-            registry=registry,
-        )
-        self._stage = Gauge(
-            STAGE_METRIC,
-            "1 for the stage the import is in (one series)",
-            ["stage"],
-            registry=registry,
-        )
-        self._shown: str | None = None
+        registry.register(self)
         try:
             self._server, self._thread = start_http_server(port, addr, registry=registry)
         except OSError as exc:
             raise bind_failure(exc, where) from None
 
     def show(self, snapshot: Snapshot) -> None:
-        if snapshot.stage != self._shown:
-            if self._shown is not None:
-                self._stage.remove(self._shown)
-            self._stage.labels(snapshot.stage).set(1)
-            self._shown = snapshot.stage
-        self._done.set(snapshot.bytes_done)
-        self._total.set(-1 if snapshot.bytes_total is None else snapshot.bytes_total)
-        self._rate.set(snapshot.throughput)
-        self._percent.set(snapshot.percent or 0.0)
+        with self._lock:
+            self._last = snapshot
+            if snapshot.percent is not None:
+                self._percent = max(self._percent or 0.0, snapshot.percent)
+
+    def collect(self) -> Iterator[Metric]:
+        """The metrics of the last snapshot shown, for each scrape (the registry's collector)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        with self._lock:
+            last, percent = self._last, self._percent
+        if last is None:
+            return
+        stage = GaugeMetricFamily(
+            STAGE_METRIC, "1 for the stage the import is in (one series)", labels=["stage"]
+        )
+        stage.add_metric([last.stage], 1)
+        yield stage
+        yield GaugeMetricFamily(DONE_METRIC, "Bytes done in the current stage", last.bytes_done)
+        if last.bytes_total is not None:
+            yield GaugeMetricFamily(SIZE_METRIC, "Bytes in the current stage", last.bytes_total)
+        yield GaugeMetricFamily(
+            THROUGHPUT_METRIC, "Bytes per second in the current stage", last.throughput
+        )
+        if last.percent is not None:
+            yield GaugeMetricFamily(
+                RATIO_METRIC, "Share of the current stage done, 0 to 1", last.percent / 100
+            )
+        if self._owner_uid is not None and percent is not None:
+            cdi = CounterMetricFamily(
+                CDI_PROGRESS_METRIC, "The import progress in percentage", labels=["ownerUID"]
+            )
+            cdi.add_metric([self._owner_uid], percent)
+            yield cdi
 
     def close(self) -> None:
         self._server.shutdown()

@@ -112,6 +112,9 @@ def importer_args(
         "--metrics-port",
         str(config.metrics_port),
     ]
+    if dv.uid:
+        # The ownerUID of CDI's progress metric: the DataVolume's, as CDI's importer has it.
+        args += ["--owner-uid", dv.uid]
     if size is not None and not block:
         overhead = config.overhead(spec.storage.storage_class_name)
         args += ["--size", str(size), "--filesystem-overhead", f"{overhead:g}"]

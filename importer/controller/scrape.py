@@ -6,12 +6,15 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from importer.progress import (
-    BYTES_DONE_METRIC,
-    BYTES_TOTAL_METRIC,
-    STAGE_METRIC,
-    THROUGHPUT_METRIC,
-)
+from importer.progress import DONE_METRIC, SIZE_METRIC, STAGE_METRIC, THROUGHPUT_METRIC
+
+# What importers of the previous release call them (their size is -1 when unknown): their
+# pods may still run when the controller is upgraded, and must not look stalled.
+PREVIOUS_NAMES = {
+    "diskflow_import_bytes_done": DONE_METRIC,
+    "diskflow_import_bytes_total": SIZE_METRIC,
+    "diskflow_import_throughput_bytes": THROUGHPUT_METRIC,
+}
 
 
 @dataclass(frozen=True)
@@ -35,15 +38,15 @@ def parse_metrics(text: str) -> Sample | None:
                 if sample.name == STAGE_METRIC and sample.value == 1:
                     stage = sample.labels.get("stage")
                 elif not sample.labels:
-                    values[sample.name] = sample.value
+                    values[PREVIOUS_NAMES.get(sample.name, sample.name)] = sample.value
     except ValueError:  # not a metrics page: a proxy's error page, a half-written body
         return None
-    if stage is None or BYTES_DONE_METRIC not in values:
+    if stage is None or DONE_METRIC not in values:
         return None
-    total = values.get(BYTES_TOTAL_METRIC, -1)
+    total = values.get(SIZE_METRIC, -1)  # no series: not known
     return Sample(
         stage=stage,
-        bytes_done=int(values[BYTES_DONE_METRIC]),
+        bytes_done=int(values[DONE_METRIC]),
         bytes_total=None if total < 0 else int(total),
         throughput=values.get(THROUGHPUT_METRIC, 0.0),
     )

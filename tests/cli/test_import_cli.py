@@ -190,10 +190,10 @@ def test_metrics_are_served_while_importing(
             time.sleep(0.05)
             samples = scrape("127.0.0.1", port)  # the default address, 0.0.0.0, has it too
             if samples and stages(samples) == [("download", 1.0)]:
-                done = value(samples, "diskflow_import_bytes_done")
+                done = value(samples, "diskflow_import_done_bytes")
         assert 3 * MiB <= done <= stall_at
         assert process.poll() is None, "measured during the import, not after"
-        total = value(samples, "diskflow_import_bytes_total")
+        total = value(samples, "diskflow_import_size_bytes")
         assert total == images.path("qcow2", "gz").stat().st_size
         assert process.wait(timeout=60) == 0
     finally:
@@ -207,13 +207,13 @@ def test_the_stage_gauge_holds_the_current_stage_alone() -> None:
         reporter.show(Snapshot("download", 5 * MiB, 10 * MiB, elapsed=1.0, throughput=5.0 * MiB))
         samples = scrape("::1", port)
         assert samples and stages(samples) == [("download", 1.0)]
-        assert value(samples, "diskflow_import_progress_percent") == 50.0
+        assert value(samples, "diskflow_import_progress_ratio") == 0.5
         reporter.show(Snapshot("convert", 0, None, elapsed=0.0, throughput=0.0))
         samples = scrape("::1", port)
         assert samples and stages(samples) == [("convert", 1.0)]
-        assert value(samples, "diskflow_import_bytes_done") == 0
-        assert value(samples, "diskflow_import_bytes_total") == -1
-        assert value(samples, "diskflow_import_throughput_bytes") == 0
+        assert value(samples, "diskflow_import_done_bytes") == 0
+        assert "diskflow_import_size_bytes" not in samples  # not known: no series
+        assert value(samples, "diskflow_import_throughput_bytes_per_second") == 0
     finally:
         reporter.close()
 

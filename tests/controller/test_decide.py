@@ -250,12 +250,23 @@ def test_progress_halves_when_a_conversion_follows() -> None:
 
 
 def test_metrics_pages_parse_into_samples() -> None:
+    stage = '# TYPE diskflow_import_stage gauge\ndiskflow_import_stage{stage="convert"} 1.0\n'
     page = (
+        "# TYPE diskflow_import_done_bytes gauge\ndiskflow_import_done_bytes 512.0\n"
+        "# TYPE diskflow_import_throughput_bytes_per_second gauge\n"
+        "diskflow_import_throughput_bytes_per_second 7.5\n"
+        "# TYPE kubevirt_cdi_import_progress_total counter\n"
+        'kubevirt_cdi_import_progress_total{ownerUID="uid-1"} 100.0\n'
+    ) + stage
+    assert parse_metrics(page) == Sample("convert", 512, None, 7.5)  # no size: not known
+    sized = page + "# TYPE diskflow_import_size_bytes gauge\ndiskflow_import_size_bytes 2048.0\n"
+    assert parse_metrics(sized) == Sample("convert", 512, 2048, 7.5)
+    # An importer of the previous release, still running while the controller is upgraded.
+    previous = (
         "# TYPE diskflow_import_bytes_done gauge\ndiskflow_import_bytes_done 512.0\n"
         "# TYPE diskflow_import_bytes_total gauge\ndiskflow_import_bytes_total -1.0\n"
         "# TYPE diskflow_import_throughput_bytes gauge\ndiskflow_import_throughput_bytes 7.5\n"
-        '# TYPE diskflow_import_stage gauge\ndiskflow_import_stage{stage="convert"} 1.0\n'
-    )
-    assert parse_metrics(page) == Sample("convert", 512, None, 7.5)
+    ) + stage
+    assert parse_metrics(previous) == Sample("convert", 512, None, 7.5)
     assert parse_metrics("<html>bad gateway</html>") is None
     assert parse_metrics("") is None

@@ -12,8 +12,11 @@ from typing import Any
 
 import boto3
 import pytest
+import requests
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from importer.controller.config import ControllerConfig
 from tests.conftest import Images, MiB, run, sha256
 from tests.controller.conftest import StartOperator
 from tests.support.corpus import qcow2_repack
@@ -163,6 +166,13 @@ def test_http_import_shows_progress_and_fills_the_volume(
     )
     assert running["status"]["progress"].endswith("%") and running["status"]["stage"] == "download"
     assert running["status"]["bytesTotal"] == source.stat().st_size
+    # What Prometheus finds on the importer pod: CDI's progress, under the DataVolume's UID.
+    ip = kube.client.get("pods", "importer-fedora-0", namespace=namespace)["status"]["podIP"]
+    url = f"http://{ip}:{ControllerConfig().metrics_port}/metrics"
+    page = text_string_to_metric_families(requests.get(url, timeout=5).text)
+    (cdi,) = (family for family in page if family.name == "kubevirt_cdi_import_progress")
+    assert cdi.type == "counter" and len(cdi.samples) == 1
+    assert cdi.samples[0].labels == {"ownerUID": running["metadata"]["uid"]}
     done = wait_phase(kube, namespace, "fedora", "Succeeded", "Failed")
     status = done["status"]
     assert status["phase"] == "Succeeded", status

@@ -131,6 +131,8 @@ def test_the_argument_builder_covers_each_source(
     assert args[args.index("--size") + 1] == str(1 << 30)
     assert args[args.index("--filesystem-overhead") + 1] == "0.06"
     assert args[args.index("--metrics-addr") + 1] == "$(POD_IP)"
+    # The ownerUID label of CDI's progress metric: the DataVolume's UID, as CDI's importer has.
+    assert args[args.index("--owner-uid") + 1] == "uid-1"
     if "s3" in source and source["s3"]["url"].startswith("https:"):
         assert "--s3" in args and args[args.index("--s3-region") + 1] == "eu-1"
     elif "s3" in source:
