@@ -19,6 +19,7 @@ pytest_plugins = ["tests.support.installer"]
 from tests.conftest import run, sha256  # noqa: E402
 from tests.pipelines.manifests import STORED  # noqa: E402
 from tests.support.commands import diskflow  # noqa: E402
+from tests.support.git import commit, git  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,17 +59,6 @@ def repo(tmp_path: Path, minimal_installer: Installer, monkeypatch: pytest.Monke
     git(repo, "init", "-q")
     commit(repo)
     return repo
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
-
-
-def commit(repo: Path) -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "change")
-    return git(repo, "rev-parse", "HEAD")
 
 
 def test_ci_build_builds_what_changed_and_reports_junit(

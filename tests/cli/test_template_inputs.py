@@ -13,6 +13,7 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from tests.support.commands import diskflow  # noqa: E402
+from tests.support.git import commit, git  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 # libvirt at a socket that does not exist: every install fails, transiently (LibvirtUnreachable).
@@ -32,17 +33,6 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     git(repo, "init", "-q")
     commit(repo)
     return repo
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()  # fmt: skip
-
-
-def commit(repo: Path) -> str:
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "change")
-    return git(repo, "rev-parse", "HEAD")
 
 
 def no_templates(done: subprocess.CompletedProcess[str], directory: str) -> None:

@@ -1,0 +1,20 @@
+"""Git repositories made by tests (for `diskflow ci` and change detection)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run `git ARGS...` in `repo`; its output, stripped."""
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def commit(repo: Path, message: str = "change") -> str:
+    """Commit everything in `repo`; the new commit's hash."""
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
