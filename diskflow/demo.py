@@ -14,6 +14,8 @@ import os
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -43,20 +45,31 @@ def run_demo(directory: Path, progress: Progress, *, volume_size: int = 512 << 2
     """Serve a sample image on 127.0.0.1 and import it into `directory`/disk.img."""
     directory.mkdir(parents=True, exist_ok=True)
     sample, sha256 = make_sample(directory)
+    try:
+        with serving(directory) as base_url:
+            url = f"{base_url}{sample.name}"
+            # disk.img is a plain file, not a volume's: it is the whole volume size.
+            options = ImportOptions(
+                size=volume_size, checksum=Checksum("sha256", sha256), filesystem_overhead=None
+            )
+            return import_image(
+                url, str(directory / "disk.img"), options=options, progress=progress
+            )
+    finally:
+        sample.unlink()
+
+
+@contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """An HTTP server for `directory` on 127.0.0.1; yields its base URL (with a slash)."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/{sample.name}"
-        # disk.img is a plain file, not a volume's: it is the whole volume size.
-        options = ImportOptions(
-            size=volume_size, checksum=Checksum("sha256", sha256), filesystem_overhead=None
-        )
-        return import_image(url, str(directory / "disk.img"), options=options, progress=progress)
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
-        sample.unlink()
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -8,19 +8,15 @@ DataVolume's importer pod would: the URL, checksum and size all come from that D
 
 from __future__ import annotations
 
-import functools
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from diskflow.demo import serving
 from importer.api import DataVolume, HttpSource
 from importer.errors import FinalError
 from pipelines.accel import Accel
@@ -42,19 +38,6 @@ class TemplateDemo:
     datavolume: Path
     disk: Path  # the template imported back (raw)
     import_command: list[str]
-
-
-@contextmanager
-def serving(directory: Path) -> Iterator[str]:
-    """An HTTP server for `directory` on 127.0.0.1; yields its base URL (with a slash)."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def run_template_demo(
@@ -111,8 +94,3 @@ def run_template_demo(
     return TemplateDemo(
         Path(state.image or ""), state.manifest.to_json(), datavolume, disk, command
     )
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
