@@ -19,7 +19,7 @@ pytest_plugins = ["tests.support.installer"]
 from tests.conftest import run, sha256  # noqa: E402
 from tests.pipelines.manifests import STORED  # noqa: E402
 from tests.support.commands import diskflow  # noqa: E402
-from tests.support.git import commit, git  # noqa: E402
+from tests.support.git import commit, git, use_test_identity  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,10 +48,7 @@ def test_validate_names_file_and_line_and_fails(
 @pytest.fixture
 def repo(tmp_path: Path, minimal_installer: Installer, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A git repository with two templates built by the test installer."""
-    for role in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{role}_NAME", "diskflow tests")
-        monkeypatch.setenv(f"GIT_{role}_EMAIL", "tests@diskflow.invalid")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    use_test_identity(monkeypatch)
     repo = tmp_path / "repo"
     (repo / "kickstarts").mkdir(parents=True)
     for name in ("alpha", "beta"):

@@ -13,7 +13,7 @@ pytest.register_assert_rewrite("tests.support.installer")
 pytest_plugins = ["tests.support.installer"]
 
 from tests.support.commands import diskflow  # noqa: E402
-from tests.support.git import commit, git  # noqa: E402
+from tests.support.git import commit, git, use_test_identity  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 # libvirt at a socket that does not exist: every install fails, transiently (LibvirtUnreachable).
@@ -23,10 +23,7 @@ NOWHERE = "qemu+unix:///session?socket=/nonexistent/libvirt-sock"
 @pytest.fixture
 def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty git repository with a kickstarts directory (holding only a README) committed."""
-    for role in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{role}_NAME", "diskflow tests")
-        monkeypatch.setenv(f"GIT_{role}_EMAIL", "tests@diskflow.invalid")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    use_test_identity(monkeypatch)
     repo = tmp_path / "repo"
     (repo / "kickstarts").mkdir(parents=True)
     (repo / "kickstarts" / "README.md").write_text("templates go here\n")

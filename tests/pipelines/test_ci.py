@@ -9,7 +9,7 @@ import pytest
 
 from importer.errors import FinalError
 from pipelines.ci import Case, changed_templates, template_files, write_junit
-from tests.support.git import commit, git
+from tests.support.git import commit, git, use_test_identity
 
 META = """\
 [template]
@@ -25,12 +25,7 @@ memory = "2Gi"
 
 @pytest.fixture(autouse=True)
 def git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Commits work without any global git configuration, and ignore the machine's."""
-    for role in ("AUTHOR", "COMMITTER"):
-        monkeypatch.setenv(f"GIT_{role}_NAME", "diskflow tests")
-        monkeypatch.setenv(f"GIT_{role}_EMAIL", "tests@diskflow.invalid")
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    use_test_identity(monkeypatch)
 
 
 def write(path: Path, text: str) -> None:

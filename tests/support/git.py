@@ -5,6 +5,17 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
+
+def use_test_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits work without any global git configuration, and ignore the machine's."""
+    for role in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{role}_NAME", "diskflow tests")
+        monkeypatch.setenv(f"GIT_{role}_EMAIL", "tests@diskflow.invalid")
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+
 
 def git(repo: Path, *args: str) -> str:
     """Run `git ARGS...` in `repo`; its output, stripped."""
