@@ -175,8 +175,8 @@ def _private_kernel(template: Template, workdir: Path) -> list[str]:
     if not boot.kernel or not boot.initrd:
         return []
     copies = []
-    for path in (boot.kernel, boot.initrd):
-        copy = workdir / f"boot-{path.name}"
+    for role, path in (("kernel", boot.kernel), ("initrd", boot.initrd)):
+        copy = workdir / f"boot-{role}"  # by role: the two may share a file name
         shutil.copyfile(path, copy)
         copies.append(escape(copy))
     return [f'--boot=kernel={copies[0]},initrd={copies[1]},kernel_args="{boot.kernel_args}"']

@@ -210,9 +210,7 @@ def _install_source(
         )
     if ("kernel" in table) != ("initrd" in table):
         raise FinalError("InvalidTemplate", f"{meta}: [install] kernel and initrd go together")
-    kernel_args = table.get("kernel_args", "")
-    if not isinstance(kernel_args, str):
-        raise FinalError("InvalidTemplate", f"{meta}: [install] kernel_args must be a string")
+    kernel_args = _kernel_args(table, meta, "install")
     if "location" in table:
         location = _string(table, "location", meta, section="install")
         authority = _AUTHORITY.match(location)
@@ -233,6 +231,20 @@ def _install_source(
     return InstallSource(**paths, kernel_args=kernel_args)
 
 
+def _kernel_args(table: dict, meta: Path, section: str) -> str:
+    kernel_args = table.get("kernel_args", "")
+    if not isinstance(kernel_args, str):
+        raise FinalError("InvalidTemplate", f"{meta}: [{section}] kernel_args must be a string")
+    if '"' in kernel_args:
+        # It is quoted inside virt-install's --install/--boot value: a quote would end it, and
+        # what follows would be read as more options (another kernel, another initrd).
+        raise FinalError(
+            "InvalidTemplate",
+            f'{meta}: [{section}] kernel_args must not contain a double quote (")',
+        )
+    return kernel_args
+
+
 def _boot_source(
     data: dict, meta: Path, base: Path, roots: Sequence[Path] | None = None
 ) -> BootSource:
@@ -241,9 +253,7 @@ def _boot_source(
     table = _table(data, "boot", BOOT_KEYS, meta)
     if ("kernel" in table) != ("initrd" in table):
         raise FinalError("InvalidTemplate", f"{meta}: [boot] kernel and initrd go together")
-    kernel_args = table.get("kernel_args", "")
-    if not isinstance(kernel_args, str):
-        raise FinalError("InvalidTemplate", f"{meta}: [boot] kernel_args must be a string")
+    kernel_args = _kernel_args(table, meta, "boot")
     if kernel_args and "kernel" not in table:
         raise FinalError(
             "InvalidTemplate",

@@ -326,3 +326,22 @@ def test_template_name_must_make_a_store_key(tmp_path: Path) -> None:
         load_template(kickstart)
     assert caught.value.reason == "InvalidTemplate"
     assert "'golden image'" in caught.value.message
+
+
+@pytest.mark.parametrize("section", ["install", "boot"])
+def test_a_quote_in_kernel_args_is_refused(tmp_path: Path, section: str) -> None:
+    # Inside virt-install's kernel_args="...", a quote would end the value and let the rest
+    # name another kernel or initrd.
+    ks = write(tmp_path / "t.ks", minimal())
+    for name in ("vmlinuz", "initrd.img"):
+        write(tmp_path / name, "x")
+    sneaky = 'kernel_args = "quiet\\",initrd=/etc/shadow"'
+    files = 'kernel = "vmlinuz"\ninitrd = "initrd.img"'
+    text = metadata(f"{files}\n{sneaky if section == 'install' else ''}")
+    if section == "boot":
+        text += f"\n[boot]\n{files}\n{sneaky}\n"
+    write(tmp_path / "t.toml", text)
+    with pytest.raises(FinalError) as e:
+        load_template(ks)
+    assert e.value.reason == "InvalidTemplate"
+    assert f"[{section}] kernel_args must not contain a double quote" in e.value.message
