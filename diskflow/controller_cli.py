@@ -147,7 +147,10 @@ def controller(
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """The settings `path` gives, each checked against its ControllerConfig field's type:
+    times as seconds or durations (10m), counts as whole numbers, and so on."""
     import yaml
+    from pydantic import TypeAdapter, ValidationError
 
     from importer.controller.config import ControllerConfig
 
@@ -158,13 +161,28 @@ def _read_config(path: Path) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise FinalError("InvalidArgument", f"{path} must hold a mapping of settings")
     known = {f.name for f in dataclasses.fields(ControllerConfig)}
-    unknown = sorted(set(settings) - known)
+    unknown = sorted(set(settings) - known, key=str)
     if unknown:
         raise FinalError(
             "InvalidArgument",
-            f"{path}: unknown settings {', '.join(unknown)} (known: {', '.join(sorted(known))})",
+            f"{path}: unknown settings {', '.join(map(str, unknown))} "
+            f"(known: {', '.join(sorted(known))})",
         )
-    for key in ("tolerations", "importer_args", "image_pull_secrets", "importer_env"):
-        if key in settings:
-            settings[key] = tuple(settings[key] or ())
-    return settings
+    try:
+        config = TypeAdapter(ControllerConfig).validate_python(settings)
+    except ValidationError as exc:
+        problems = "; ".join(map(_problem, exc.errors(include_url=False)))
+        raise FinalError("InvalidArgument", f"{path}: {problems}") from None
+    return {name: getattr(config, name) for name in settings}
+
+
+# In YAML's words rather than Python's.
+_YAML_WORDS = {"tuple_type": "Input should be a list", "dict_type": "Input should be a mapping"}
+
+
+def _problem(error: Any) -> str:
+    """One setting's problem, as pydantic found it: where, the value, what is wrong."""
+    where = ".".join(map(str, error["loc"]))
+    if error["type"] == "value_error":  # ours: the message names the value already
+        return f"{where}: {error['ctx']['error']}"
+    return f"{where}: {error['input']!r}: {_YAML_WORDS.get(error['type'], error['msg'])}"

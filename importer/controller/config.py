@@ -3,9 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Gt, Interval
+from pydantic import BeforeValidator
 
 from importer.capacity import DEFAULT_OVERHEAD
+from importer.errors import FinalError
+from importer.quantity import parse_duration
+
+
+def _seconds(value: object) -> object:
+    """A duration string in seconds, as the command line's options read it; anything else is
+    left to the field's type to check."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return parse_duration(value)
+    except FinalError as e:
+        raise ValueError(e.message) from None  # pydantic collects ValueErrors, per setting
+
+
+# The types below are what `diskflow controller --config` checks a file against (pydantic);
+# code constructing a ControllerConfig directly passes plain numbers.
+Seconds = Annotated[float, BeforeValidator(_seconds), Ge(0)]
+"""A time in seconds; the config file may also give it as a duration: 90s, 10m, 1h30m, 250ms."""
+WholeSeconds = Annotated[int, BeforeValidator(_seconds), Ge(0)]
+"""Seconds where Kubernetes takes only whole ones; a duration too (2m, not 1.5s)."""
+Count = Annotated[int, Ge(0)]
+Overhead = Annotated[float, Interval(ge=0, le=0.99)]
+Port = Annotated[int, Interval(ge=1, le=65535)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,7 +41,7 @@ class ControllerConfig:
 
     image: str = "diskflow:latest"
     """The importer pods' image (holds `diskflow` and qemu-img)."""
-    image_pull_policy: str = "IfNotPresent"
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     image_pull_secrets: tuple[str, ...] = ()
     """Secrets to pull the importer image with (each must exist in the DataVolume's namespace)."""
     importer_resources: dict[str, Any] = field(
@@ -38,34 +65,35 @@ class ControllerConfig:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     affinity: dict[str, Any] | None = None
-    filesystem_overhead: float = DEFAULT_OVERHEAD
-    storage_class_overheads: dict[str, float] = field(default_factory=dict)
+    filesystem_overhead: Overhead = DEFAULT_OVERHEAD
+    storage_class_overheads: dict[str, Overhead] = field(default_factory=dict)
     """Filesystem overhead per storage class, where it differs from the default."""
     scratch_storage_class: str | None = None
     """Scratch space as a PVC of this class; None: an emptyDir with a size limit."""
     probe: bool = True
     """Open the source from the controller to learn whether scratch space is needed; off
     (no network from the controller): every non-blank, non-archive import gets scratch."""
-    probe_timeout: float = 30.0
-    max_imports: int = 20
+    probe_timeout: Annotated[Seconds, Gt(0)] = 30.0
+    max_imports: Count = 20
     """Importer pods at once, cluster-wide (0: no limit)."""
-    max_imports_per_host: int = 4
+    max_imports_per_host: Count = 4
     """Importer pods at once reading from the same source host (0: no limit)."""
-    retry_limit: int = 5
+    retry_limit: Count = 5
     """Transient failures before a DataVolume fails; `spec.retryLimit` overrides."""
-    backoff_base: float = 10.0
-    backoff_max: float = 300.0
-    stall_timeout: float = 600.0
+    backoff_base: Seconds = 10.0
+    backoff_max: Seconds = 300.0
+    stall_timeout: Annotated[Seconds, Ge(1)] = 600.0
     """Seconds an import may run without progress before it is ended and retried."""
-    progress_interval: float = 2.0
+    progress_interval: Annotated[Seconds, Ge(0.1)] = 2.0
     """Seconds between scrapes of a running importer's metrics."""
-    status_interval: float = 5.0
+    status_interval: Seconds = 5.0
     """At most one progress-only status write per DataVolume in this many seconds."""
     importer_args: tuple[str, ...] = ()
     """Extra `diskflow import` options for every importer (e.g. --min-rate 1048576)."""
-    metrics_port: int = 8443
+    metrics_port: Port = 8443
     """Where importer pods serve their metrics (on the pod IP)."""
-    termination_grace: int = 30
+    termination_grace: WholeSeconds = 30
+    """Whole seconds an importer pod has to stop (its terminationGracePeriodSeconds)."""
 
     def overhead(self, storage_class: str | None) -> float:
         """The filesystem overhead of volumes of `storage_class`."""

@@ -16,7 +16,9 @@ from diskflow.controller_cli import _read_config
 from importer.api import DataVolume, load_crd
 from importer.controller.config import ControllerConfig
 from importer.controller.plan import plan_pod
+from importer.errors import FinalError
 from tests.support.charts import find, helm, lint, of_kind, pod_spec, render, validate
+from tests.support.kube.selectors import label_selector
 
 ALL_VALUES = yaml.safe_load((Path(__file__).parent / "controller-all-values.yaml").read_text())
 CASES = {"defaults": {}, "every value": ALL_VALUES}
@@ -31,6 +33,7 @@ def test_renders_lints_and_validates(values: dict[str, Any]) -> None:
     assert "DaemonSet" not in kinds
     assert {"CustomResourceDefinition", "Deployment", "ServiceAccount", "ConfigMap"} <= kinds
     assert ("ServiceMonitor" in kinds) == bool(values.get("metrics", {}).get("serviceMonitor"))
+    assert ("PodMonitor" in kinds) == bool(values.get("metrics", {}).get("podMonitor"))
 
 
 def test_the_crd_is_the_one_the_controller_and_its_tests_load() -> None:
@@ -83,21 +86,13 @@ def test_every_value_reaches_the_controller_and_its_importer_pods() -> None:
 
     config = controller_config(objects)
     assert config.max_imports == 50 and config.retry_limit == 3 and config.probe is False
+    # Times as durations, numbers of seconds, and strings of seconds.
+    assert config.backoff_base == 5 and config.backoff_max == 120 and config.stall_timeout == 5400
+    assert config.probe_timeout == 10 and config.progress_interval == 0.25
+    assert config.status_interval == 3
     assert config.storage_class_overheads == {"ceph-rbd": 0.03}
     assert config.scratch_storage_class == "local-scratch"
-    dv = DataVolume.from_manifest(
-        {
-            "apiVersion": "diskflow.io/v1beta1",
-            "kind": "DataVolume",
-            "metadata": {"name": "fedora", "namespace": "vms", "uid": "u1"},
-            "spec": {
-                "source": {"http": {"url": "https://mirror.example.com/fedora.img"}},
-                "storage": {"resources": {"requests": {"storage": "1Gi"}}},
-            },
-        }
-    )
-    pvc = {"metadata": {"name": "fedora", "uid": "u2"}}
-    pod = plan_pod(dv, pvc, attempt=0, size=1 << 30, scratch=None, config=config)
+    pod = importer_pod(config)
     importer = pod["spec"]["containers"][0]
     assert importer["image"] == "registry.example.com/diskflow-importer:0.1.0"
     assert importer["resources"]["limits"]["memory"] == "2Gi"
@@ -111,6 +106,23 @@ def test_every_value_reaches_the_controller_and_its_importer_pods() -> None:
     assert {"name": "ca", "configMap": {"name": "mirror-ca"}} in pod["spec"]["volumes"]
     assert importer["args"][-2:] == ["--min-rate", "1048576"]
     assert importer["ports"][0]["containerPort"] == 9443
+
+
+def importer_pod(config: ControllerConfig) -> dict[str, Any]:
+    """The pod the controller would start, with `config`, for a DataVolume in `vms`."""
+    dv = DataVolume.from_manifest(
+        {
+            "apiVersion": "diskflow.io/v1beta1",
+            "kind": "DataVolume",
+            "metadata": {"name": "fedora", "namespace": "vms", "uid": "u1"},
+            "spec": {
+                "source": {"http": {"url": "https://mirror.example.com/fedora.img"}},
+                "storage": {"resources": {"requests": {"storage": "1Gi"}}},
+            },
+        }
+    )
+    pvc = {"metadata": {"name": "fedora", "uid": "u2"}}
+    return plan_pod(dv, pvc, attempt=0, size=1 << 30, scratch=None, config=config)
 
 
 def controller_config(objects: list[dict[str, Any]]) -> ControllerConfig:
@@ -184,6 +196,10 @@ def test_rbac_is_cluster_wide_only_when_every_namespace_is_watched() -> None:
         ({"controller": {"image": {"digest": "md5:abc"}}}, "/controller/image/digest"),
         ({"metrics": {"serviceMonitor": {"interval": "soon"}}}, "/metrics/serviceMonitor"),
         ({"importer": {"extraEnv": [{"value": "x"}]}}, "/importer/extraEnv/0"),
+        ({"controller": {"stallTimeout": "soon"}}, "/controller/stallTimeout"),
+        ({"controller": {"backoffMax": -1}}, "/controller/backoffMax"),
+        ({"controller": {"stallTimeoutSeconds": 600}}, "stallTimeoutSeconds"),  # the old name
+        ({"metrics": {"podMonitor": {"interval": "soon"}}}, "/metrics/podMonitor"),
     ],
 )
 def test_bad_values_are_refused_naming_them(values: dict[str, Any], named: str) -> None:
@@ -196,3 +212,38 @@ def test_a_service_monitor_without_its_service_is_refused() -> None:
     values = {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}
     with pytest.raises(helm.HelmRenderError, match=r"needs metrics\.service\.enabled"):
         render("diskflow", values)
+
+
+def test_a_time_the_schema_passes_but_the_controller_refuses_is_named() -> None:
+    """The schema checks a duration's form; its least value the controller's reader checks."""
+    objects = render("diskflow", {"controller": {"stallTimeout": "500ms"}})
+    with pytest.raises(FinalError, match=r"controller\.yaml: stall_timeout: '500ms': .*1"):
+        controller_config(objects)
+
+
+def test_the_pod_monitor_is_off_by_default() -> None:
+    assert of_kind(render("diskflow"), "PodMonitor") == []
+
+
+@pytest.mark.parametrize(
+    ("watched", "namespaces"),
+    [([], {"any": True}), (["vms", "templates"], {"matchNames": ["vms", "templates"]})],
+)
+def test_the_pod_monitor_scrapes_the_importer_pods_the_controller_starts(
+    watched: list[str], namespaces: dict[str, Any]
+) -> None:
+    values = {"watchNamespaces": watched, "metrics": {"podMonitor": {"enabled": True}}}
+    objects = render("diskflow", values)
+    monitor = find(objects, "PodMonitor")["spec"]
+    assert monitor["namespaceSelector"] == namespaces
+    assert set(monitor["selector"]) == {"matchLabels"}  # all that the matcher below reads
+    selects = label_selector(
+        ",".join(f"{key}={value}" for key, value in monitor["selector"]["matchLabels"].items())
+    )
+    pod = importer_pod(controller_config(objects))
+    assert selects(pod)
+    assert not selects(find(objects, "Deployment")["spec"]["template"])  # the controller
+    (endpoint,) = monitor["podMetricsEndpoints"]
+    (port,) = pod["spec"]["containers"][0]["ports"]
+    assert endpoint["port"] == port["name"]
+    assert endpoint["interval"] == "15s"

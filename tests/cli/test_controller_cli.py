@@ -55,3 +55,13 @@ def test_a_port_already_taken_is_address_in_use(option: str, tmp_path: Path) -> 
     assert done.returncode == 75, done.stderr  # the port may be free when tried again
     assert f"127.0.0.1:{port}" in done.stderr and f"(--{option}-port)" in done.stderr
     assert "[AddressInUse]" in done.stderr
+
+
+def test_a_bad_config_file_is_named_before_connecting(tmp_path: Path) -> None:
+    config = tmp_path / "controller.yaml"
+    config.write_text("stall_timeout: 10 minutes\nbackoff_max: 5m\n")
+    done = controller("--config", str(config), kubeconfig=tmp_path / "missing")
+    assert done.returncode == 1, done.stderr
+    assert f"{config}: stall_timeout: '10 minutes' is not a duration" in done.stderr
+    assert "backoff_max" not in done.stderr  # 5m is good
+    assert "InvalidArgument" in done.stderr and "Traceback" not in done.stderr

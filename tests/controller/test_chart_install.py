@@ -21,10 +21,10 @@ NAMESPACE = "vms"
 VALUES = {
     "watchNamespaces": [NAMESPACE],
     "controller": {
-        "progressIntervalSeconds": 0.2,
-        "statusIntervalSeconds": 0.5,
-        "backoffBaseSeconds": 0.3,
-        "backoffMaxSeconds": 1,
+        "progressInterval": "200ms",
+        "statusInterval": "500ms",
+        "backoffBase": 0.3,
+        "backoffMax": "1s",
     },
     "importer": {"extraArgs": ["--retries", "0"], "podLabels": {"team": "vms"}},
 }
