@@ -54,6 +54,7 @@ from import_bench import (
 from publish_bench import BUCKET, REPO, check_and_delete, process_cpu, start_moto
 
 sys.path.insert(0, str(REPO))
+from importer.events import Event
 from pipelines.accel import Accel, choose_accel
 from pipelines.template import Template, load_template
 from pipelines.virtinstall import (
@@ -187,21 +188,23 @@ def diskflow_run(setup: Setup, number: int) -> Run:
     events = []
     for line in events_file.read_text().splitlines():
         if line.startswith("{"):
-            events.append(json.loads(line))  # stderr's lines (none when all is well) are not
+            made = Event.from_json(json.loads(line))  # stderr's lines (none when all is well)
+            events.append({"time": made.time, "type": made.type, "message": made.message,
+                           **made.fields})  # fmt: skip
 
     def when(stage: str, kind: str, text: str = "", first: bool = False) -> float:
-        """The time of the last (or first) such event."""
+        """The time of the last (or first) event of that stage and type."""
         times = [
             e["time"]
             for e in events
-            if e.get("stage") == stage and e["kind"] == kind and text in e["message"]
+            if e.get("stage") == stage and e["type"] == kind and text in e["message"]
         ]
         if not times:
             raise BenchError(f"diskflow run {number}: no {stage} {kind} event {text!r}")
         return times[0] if first else times[-1]
 
     result = events[-1] if events else {}
-    if result.get("kind") != "result":
+    if result.get("type") != "result":
         raise BenchError(f"diskflow run {number}: its last line is not the result: {result}")
     manifest, image = result["manifest"], Path(result["image"])
     durations = manifest["durations"]

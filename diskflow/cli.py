@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -10,7 +9,6 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -19,9 +17,10 @@ import typer
 import typer.main
 from typer.core import TyperGroup
 
-from diskflow.failures import guarded, print_failure
-from diskflow.flags import conventional, duration, size, takes_groups
+from diskflow.failures import guarded
+from diskflow.flags import conventional, duration, size, takes_groups, usage_checked
 from diskflow.options import S3Flags
+from diskflow.output import PROGRESS_HELP, ProgressMode, resolve, start
 from importer import (
     Checksum,
     ContentType,
@@ -33,8 +32,16 @@ from importer import (
 )
 from importer.capacity import DEFAULT_OVERHEAD
 from importer.errors import FinalError
+from importer.events import Level, Output
 from importer.outcome import Outcome
-from importer.progress import JsonReporter, MetricsReporter, Reporter, RichReporter, reporting
+from importer.progress import (
+    EventReporter,
+    MetricsReporter,
+    Reporter,
+    RichReporter,
+    metrics_address,
+    reporting,
+)
 from importer.sources.http_options import parse_header
 
 if TYPE_CHECKING:
@@ -152,13 +159,6 @@ app = typer.Typer(
 USER_ENV, PASSWORD_ENV = "DISKFLOW_HTTP_USER", "DISKFLOW_HTTP_PASSWORD"
 
 
-class ProgressMode(StrEnum):
-    AUTO = "auto"
-    BAR = "bar"
-    JSON = "json"
-    NONE = "none"
-
-
 def _print_version(value: bool) -> None:
     if value:
         from importlib.metadata import version  # 20 ms: only --version reads the metadata
@@ -177,6 +177,13 @@ def main(
     ] = False,
 ) -> None:
     """diskflow: get VM disk images into Kubernetes volumes, and build the golden images."""
+
+
+def _headers(lines: list[str]) -> tuple[tuple[str, str], ...]:
+    """The --header lines as (name, value); FinalError naming the first bad one."""
+    return tuple(
+        parse_header(line, where=f"--header number {n}") for n, line in enumerate(lines, 1)
+    )
 
 
 def _url_syntax(source: str) -> str:
@@ -222,11 +229,16 @@ def import_command(
     checksum: Annotated[
         str | None,
         typer.Option(
-            help="ALG:HEX of the bytes as downloaded; ALG is sha256, sha512, sha1 or md5."
+            callback=usage_checked(Checksum.parse),
+            help="ALG:HEX of the bytes as downloaded; ALG is sha256, sha512, sha1 or md5.",
         ),
     ] = None,
     header: Annotated[
-        list[str] | None, typer.Option(help="Extra request header 'Name: value'; repeatable.")
+        list[str] | None,
+        typer.Option(
+            callback=usage_checked(_headers),
+            help="Extra request header 'Name: value'; repeatable.",
+        ),
     ] = None,
     header_file: Annotated[
         list[Path] | None,
@@ -370,9 +382,7 @@ def import_command(
         float | None,
         duration("The time the whole import may take (DeadlineExceeded after).", at_least=1),
     ] = None,
-    progress: Annotated[
-        ProgressMode, typer.Option(help="auto: a bar on a terminal, JSON lines otherwise.")
-    ] = ProgressMode.AUTO,
+    progress: Annotated[ProgressMode, typer.Option(help=PROGRESS_HELP)] = ProgressMode.AUTO,
     metrics_port: Annotated[
         int | None,
         typer.Option(min=1, max=65535, help="Serve progress as Prometheus metrics on this port."),
@@ -380,8 +390,9 @@ def import_command(
     metrics_addr: Annotated[
         str,
         typer.Option(
+            callback=usage_checked(lambda addr: metrics_address(addr, 0)),
             help="The IP address (IPv4 or IPv6) the metrics are served on: the pod's own, so "
-            "that importers sharing a network do not collide."
+            "that importers sharing a network do not collide.",
         ),
     ] = "0.0.0.0",
     owner_uid: Annotated[
@@ -414,10 +425,7 @@ def import_command(
                 size=size,
                 checksum=Checksum.parse(checksum) if checksum else None,
                 http=HttpOptions(
-                    headers=tuple(
-                        parse_header(line, where=f"--header number {n}")
-                        for n, line in enumerate(header or [], 1)
-                    ),
+                    headers=_headers(header or []),
                     secret_headers=_read_secret_headers(header_file or []),
                     auth=auth,
                     ca_bundle=trusted,
@@ -472,9 +480,7 @@ def demo(
     directory: Annotated[Path, typer.Argument(help="Where the sample and disk.img go.")] = Path(
         "diskflow-demo"
     ),
-    progress: Annotated[
-        ProgressMode, typer.Option(help="auto, bar, json or none.")
-    ] = ProgressMode.AUTO,
+    progress: Annotated[ProgressMode, typer.Option(help=PROGRESS_HELP)] = ProgressMode.AUTO,
 ) -> None:
     """Import a sample image end to end with nothing else running (no cluster, no network).
 
@@ -494,30 +500,29 @@ def _run(
     termination_log: Path | None = None,
 ) -> None:
     """Run an import with progress shown as asked; report the outcome; exit 0, 1 or 75."""
-    mode = _resolve(progress)
+    mode = resolve(progress, terminal=ProgressMode.BAR)
+    output = start(mode)
     state = Progress()
 
     def job_with_progress() -> ImportResult:
-        with _reporting(state, mode, metrics):
+        with _reporting(state, mode, output, metrics):
             return job(state)
 
     result = guarded(
         job_with_progress,
-        lambda outcome: _finish(outcome, mode, termination_log),
+        output,
+        finish=lambda outcome: _finish(outcome, output, termination_log),
         completed=lambda: state.committed,
         stage=lambda: state.current_stage,
     )
-    _finish(Outcome.success(result, state.current_stage), mode, termination_log)
-
-
-def _resolve(mode: ProgressMode) -> ProgressMode:
-    if mode is ProgressMode.AUTO:
-        return ProgressMode.BAR if sys.stderr.isatty() else ProgressMode.JSON
-    return mode
+    _finish(Outcome.success(result, state.current_stage), output, termination_log)
 
 
 def _reporting(
-    state: Progress, mode: ProgressMode, metrics: tuple[str, int, str | None] | None
+    state: Progress,
+    mode: ProgressMode,
+    output: Output,
+    metrics: tuple[str, int, str | None] | None,
 ) -> AbstractContextManager[None]:
     reporters: list[Reporter] = []
     # First: a metrics address that cannot be bound fails the import before anything else
@@ -525,27 +530,28 @@ def _reporting(
     if metrics is not None:
         addr, port, owner_uid = metrics
         reporters.append(MetricsReporter(port, addr, owner_uid=owner_uid))
-    if mode is ProgressMode.BAR:
+    if mode is ProgressMode.BAR and output.wants(Level.INFO):
         reporters.append(RichReporter())
-    elif mode is ProgressMode.JSON:
-        reporters.append(JsonReporter())
-    return reporting(state, reporters, interval=1.0 if mode is ProgressMode.JSON else 0.2)
+    elif output.progress:
+        reporters.append(EventReporter(output))
+    return reporting(state, reporters, interval=PROGRESS_INTERVALS[mode])
 
 
-def _finish(outcome: Outcome, mode: ProgressMode, termination_log: Path | None) -> None:
+# Seconds between progress updates: a bar moves smoothly, a log line a minute would be too few.
+PROGRESS_INTERVALS = {ProgressMode.BAR: 0.2, ProgressMode.JSON: 1.0, ProgressMode.LOG: 5.0,
+                      ProgressMode.NONE: 1.0}  # fmt: skip
+
+
+def _finish(outcome: Outcome, output: Output, termination_log: Path | None) -> None:
     if termination_log:
         outcome.write(str(termination_log))
-    if mode is ProgressMode.JSON:
-        event = "done" if outcome.ok else "failed"
-        print(json.dumps({"event": event, **outcome.to_dict()}), flush=True)
-    if not outcome.ok:
-        print_failure(outcome)
-    elif outcome.result and mode is not ProgressMode.JSON:
-        result = outcome.result
-        typer.echo(
+    summary = ""
+    if result := outcome.result:
+        summary = (
             f"imported {result.source} ({result.format}, compression {result.compression}) "
             f"into {result.destination}: {result.size} bytes in {result.seconds}s"
         )
+    output(outcome.event(summary))
 
 
 def _credentials(

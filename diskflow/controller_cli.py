@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-from diskflow.failures import guarded, print_failure
+from diskflow.failures import guarded
 from diskflow.flags import duration
+from diskflow.output import ProgressMode, resolve, start
 from importer.errors import FinalError
 
 
@@ -143,7 +144,8 @@ def controller(
         )
         run(config, scope)
 
-    guarded(job, print_failure)
+    # Its log as events: JSON lines in a pod, readable lines on a terminal.
+    guarded(job, start(resolve(ProgressMode.AUTO, terminal=ProgressMode.LOG)))
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 import typer
 
+from diskflow.output import ProgressMode, start
 from importer.errors import Failure, TransientError
+from importer.events import Output
 from importer.outcome import EXIT_FINAL, Outcome
 from importer.reasons import Reason
 
@@ -23,20 +24,20 @@ T = TypeVar("T")
 
 def guarded(
     job: Callable[[], T],
-    finish: Callable[[Outcome], None],
+    output: Output | None = None,
     *,
+    finish: Callable[[Outcome], None] | None = None,
     completed: Callable[[], bool] = lambda: False,
     stage: Callable[[], str | None] = lambda: None,
 ) -> T:
-    """Run `job`; on failure hand `finish` the outcome and exit 1 (final) or 75.
+    """Run `job`; on failure hand `finish` the outcome (default: `output`'s result event) and
+    exit 1 (final) or 75. Without an `output`, readable lines at the requested level
+    (diskflow.output.start); either way Python logging is routed into it.
 
     A SIGTERM unwinds the job like an error, unless `completed()` says the job has already
     reached the point where it stands (then it finishes and reports success)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    if not os.environ.get("DISKFLOW_DEBUG"):
-        # Their INFO lines ("Found credentials in environment variables") are debugging aids.
-        for library in ("botocore", "boto3", "s3transfer"):
-            logging.getLogger(library).setLevel(logging.WARNING)
+    shown = output or start(ProgressMode.LOG)
+    finish = finish or (lambda outcome: shown(outcome.event()))
 
     # Kubernetes stops a pod with SIGTERM: unwind like an error, so that partial and scratch
     # files (and a build's domain) are removed and the termination log says what happened.
@@ -65,8 +66,3 @@ def guarded(
         message = f"internal error ({type(exc).__name__}); set DISKFLOW_DEBUG=1 for a traceback"
         finish(Outcome.failure(Reason.INTERNAL_ERROR, message, stage()))
         raise typer.Exit(EXIT_FINAL) from None
-
-
-def print_failure(outcome: Outcome) -> None:
-    """The line every command prints when it fails: `error: MESSAGE [Reason]`."""
-    typer.echo(f"error: {outcome.message} [{outcome.reason}]", err=True)

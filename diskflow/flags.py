@@ -9,8 +9,9 @@ The group's options stand where its parameter does, in --help too; a `*` before 
 follow parameters with defaults.
 
 `conventional` gives the options of every command, built, what users of other command-line
-tools expect: each can come from the environment (`DISKFLOW_<OPTION>`, shown in --help), and
-each shows a plain word for its value (FILE, URL, N), not a Python type. `duration` and
+tools expect: each can come from the environment (`DISKFLOW_<OPTION>`, shown in --help), each
+shows a plain word for its value (FILE, URL, N), not a Python type, and every command has
+--log-level, -v and -q (diskflow.output). `duration` and
 `size` declare options taking `90s`/`1h30m` and `10Gi`, a bad value being a usage error.
 """
 
@@ -123,6 +124,21 @@ def size(help: str, **option: Any) -> Any:
     return typer.Option(parser=size_in_bytes, metavar="SIZE", help=help, **option)
 
 
+def usage_checked(check: Callable[[Any], object]) -> Callable[[Any], Any]:
+    """A typer callback that runs `check` on an option's value (when given) before the command
+    starts, its FinalError a usage error (exit 2); the value passes unchanged."""
+
+    def callback(value: Any) -> Any:
+        if value is not None:
+            try:
+                check(value)
+            except FinalError as e:
+                raise typer.BadParameter(e.message) from None
+        return value
+
+    return callback
+
+
 # The words help shows for a value, by the name of its click type (after `_WORDS_BY_NAME`).
 _WORDS = {"str": "TEXT", "text": "TEXT", "int": "N", "integer": "N", "int range": "N",
           "integer range": "N", "float": "NUMBER", "float range": "NUMBER", "path": "PATH",
@@ -132,7 +148,13 @@ _WORDS_BY_NAME = (("_port", "PORT"), ("_addr", "ADDR"), ("_url", "URL"), ("_endp
 
 
 def conventional(command: Command) -> None:
-    """Give `command`'s options their environment variables and plain metavars (see above)."""
+    """Give `command`'s options their environment variables and plain metavars, and a command
+    that runs (not a group) --log-level, -v and -q (see above)."""
+    names = {param.name for param in command.params}
+    if not hasattr(command, "commands") and "log_level" not in names:
+        from diskflow.output import level_options  # imports the events: not for every group
+
+        command.params.extend(level_options())
     for param in command.params:
         if param.param_type_name == "argument":
             if param.metavar is None and param.name:

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from diskflow.failures import guarded, print_failure
+from diskflow.failures import guarded
 from diskflow.flags import duration, takes_groups
 from diskflow.options import S3Flags
+from diskflow.output import PROGRESS_HELP, ProgressMode, resolve, route_logging, start
 from importer.errors import Failure, FinalError
-from importer.outcome import Outcome
+from importer.events import Event, Level, Output, Type, result
+from importer.outcome import EXIT_FINAL
 from pipelines.accel import Accel
-from pipelines.events import Emit, discard, json_lines, log_lines
+from pipelines.events import Emit, to
 from pipelines.finalize import FinalizeOptions, QcowCompression
 from pipelines.virtinstall import BuildOptions, OnError
 
@@ -35,19 +36,9 @@ ci_app = typer.Typer(
 )
 
 
-class EventMode(StrEnum):
-    AUTO = "auto"
-    LOG = "log"
+class OutputFormat(StrEnum):
+    TEXT = "text"
     JSON = "json"
-    NONE = "none"
-
-
-class LogLevel(StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
-    CRITICAL = "CRITICAL"
 
 
 class VolumeMode(StrEnum):
@@ -59,8 +50,10 @@ STORE_URL = "s3://bucket/prefix, http(s)://artifact-store/path, or a local direc
 Kickstarts = Annotated[
     Path, typer.Option("--kickstarts", help="The directory of templates (NAME.ks + NAME.toml).")
 ]
-Progress = Annotated[
-    EventMode, typer.Option("--progress", help="auto: log lines on a terminal, JSON otherwise.")
+Progress = Annotated[ProgressMode, typer.Option("--progress", help=PROGRESS_HELP)]
+Format = Annotated[
+    OutputFormat,
+    typer.Option("--format", "-o", help="text, or json: one JSON document on stdout."),
 ]
 AccelOption = Annotated[
     Accel, typer.Option(help="kvm, tcg, or auto (KVM if it can run the guest, said aloud).")
@@ -245,40 +238,59 @@ def validate(
     ] = None,
     kickstarts: Kickstarts = Path("kickstarts"),
     root: Root = None,
+    form: Format = OutputFormat.TEXT,
 ) -> None:
-    """Check kickstarts with pykickstart for their metadata's version, %includes resolved."""
+    """Check kickstarts with pykickstart for their metadata's version, %includes resolved.
+
+    Exit status: 0 every one is valid, 1 any is not (each named on stderr)."""
     from pipelines import ci, kickstart
     from pipelines.template import load_template
 
-    try:
-        paths = files or ci.template_files(kickstarts)
-    except FinalError as e:  # no such directory: a typo on the command line
-        raise typer.BadParameter(e.message, param_hint="'--kickstarts'") from None
+    output = start(ProgressMode.LOG)  # warnings and library log lines, at the level asked
+    paths = files or _templates_in(kickstarts)
     if not paths:
         empty = ci.no_templates(kickstarts)
         typer.echo(f"error: {empty.message} [{empty.reason}]", err=True)
-        raise typer.Exit(1)
-    failed = 0
+        raise typer.Exit(EXIT_FINAL)
+    checks: list[dict[str, Any]] = []
     for path in paths:
         try:
             template = load_template(path)
             checked = kickstart.validate(path, template.version, root=root)
         except Failure as failure:
-            failed += 1
+            checks.append({"kickstart": str(path), "ok": False, "reason": failure.reason,
+                           "message": failure.message})  # fmt: skip
             typer.echo(f"error: {failure.message} [{failure.reason}]", err=True)
             continue
-        for warning in checked.warnings:
-            typer.echo(f"warning: {warning}", err=True)
-        typer.echo(f"ok {path} ({template.version}, {len(checked.files)} file(s))")
-    if failed:
-        raise typer.Exit(1)
+        checks.append({"kickstart": str(path), "ok": True, "version": template.version,
+                       "files": [str(f) for f in checked.files],
+                       "warnings": list(checked.warnings)})  # fmt: skip
+        if form is OutputFormat.TEXT:
+            for warning in checked.warnings:
+                output(Event(Type.LOG, warning, Level.WARNING, {"stage": "validate"}))
+            typer.echo(f"ok {path} ({template.version}, {len(checked.files)} file(s))")
+    valid = all(check["ok"] for check in checks)
+    if form is OutputFormat.JSON:
+        typer.echo(json.dumps({"ok": valid, "templates": checks}, indent=2))
+    if not valid:
+        raise typer.Exit(EXIT_FINAL)
+
+
+def _templates_in(kickstarts: Path) -> list[Path]:
+    """The templates of --kickstarts; a directory that is not there is a usage error."""
+    from pipelines import ci
+
+    try:
+        return ci.template_files(kickstarts)
+    except FinalError as e:  # no such directory: a typo on the command line
+        raise typer.BadParameter(e.message, param_hint="'--kickstarts'") from None
 
 
 @takes_groups
 def build(
     kickstart_file: Annotated[Path, typer.Argument(help="kickstarts/NAME.ks", metavar="KICKSTART")],
     flags: BuildFlags,
-    progress: Progress = EventMode.AUTO,
+    progress: Progress = ProgressMode.AUTO,
     queue: Annotated[
         bool,
         typer.Option(help="Submit to the Celery broker (DISKFLOW_BROKER_URL) and follow it."),
@@ -291,10 +303,9 @@ def build(
     request = flags.request(kickstart_file)
     from pipelines.steps import build_template
 
-    mode = _resolve(progress)
-    emit = _emitter(mode)
+    output = _start(progress)
     run = _queued if queue else build_template
-    _report(lambda: run(request, emit), mode)
+    _report(lambda: run(request, to(output)), output)
 
 
 @takes_groups
@@ -308,23 +319,19 @@ def publish(
         typer.Option(metavar="URL", help=STORE_URL),
     ],
     flags: PublishFlags,
-    progress: Progress = EventMode.AUTO,
+    progress: Progress = ProgressMode.AUTO,
 ) -> None:
     """Publish a build made earlier: image and .sha256 first, manifest last; a DataVolume."""
     from pipelines.steps import publish_directory
 
     options = flags.options()
-    mode = _resolve(progress)
+    output = _start(progress)
     published = guarded(
-        lambda: publish_directory(directory, publish_to, options, _emitter(mode)),
-        _failure_reporter(mode),
+        lambda: publish_directory(directory, publish_to, options, to(output)), output
     )
-    summary = {"image": published.image_url, "sha256": published.sha256,
+    summary = {"ok": True, "image": published.image_url, "sha256": published.sha256,
                "manifest": published.manifest_url}  # fmt: skip
-    if mode is EventMode.JSON:
-        print(json.dumps({"kind": "result", **summary}), flush=True)
-    else:
-        typer.echo(f"published {published.image_url} (sha256 {published.sha256})")
+    output(result(f"published {published.image_url} (sha256 {published.sha256})", summary))
 
 
 def worker(
@@ -339,9 +346,12 @@ def worker(
     hostname: Annotated[
         str | None, typer.Option(help="Worker node name (default: celery@HOST).")
     ] = None,
-    loglevel: Annotated[
-        LogLevel, typer.Option(case_sensitive=False, help="Celery log level.")
-    ] = LogLevel.INFO,
+    progress: Annotated[
+        ProgressMode,
+        typer.Option(
+            help="How it logs: auto (log lines on a terminal, JSON lines otherwise), log or json."
+        ),
+    ] = ProgressMode.AUTO,
 ) -> None:
     """Run a Celery worker for template builds (broker: DISKFLOW_BROKER_URL).
 
@@ -354,10 +364,25 @@ def worker(
     except FinalError as e:  # the app reads its settings on import (pipelines.tasks.settings)
         raise typer.BadParameter(e.message) from None
 
-    # Celery logs every task's return value; a build state holds the kickstart text, which
-    # may hold a password hash.
-    logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
-    argv = ["worker", f"--loglevel={loglevel.value}"]
+    output = start(resolve(progress, terminal=ProgressMode.LOG))
+
+    def route(**_: object) -> None:
+        # Instead of Celery's own handlers: its log lines, the builds' events and the
+        # libraries' warnings are events of one schema, at the level asked.
+        route_logging(output)
+        # Celery logs every task's return value; a build state holds the kickstart text,
+        # which may hold a password hash.
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
+
+    from celery.signals import setup_logging
+
+    setup_logging.connect(route, weak=False)
+    # Celery would turn print()s into log records by swapping sys.stdout for a logger, and
+    # the events are written to sys.stdout.
+    celery_app.conf.worker_redirect_stdouts = False
+    # --quiet: no banner, whose lines would break JSON lines (`diskflow worker -h` says it).
+    quiet = ["--quiet"] if output.json_lines else []
+    argv = [*quiet, "worker", f"--loglevel={output.level.value.upper()}"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     if hostname:
@@ -369,11 +394,17 @@ def worker(
 def ci_changed(
     since: Annotated[str, typer.Option(help="The git ref to compare HEAD with.")],
     kickstarts: Kickstarts = Path("kickstarts"),
+    form: Format = OutputFormat.TEXT,
 ) -> None:
     """Print the templates (one kickstart path per line) a change since REF affects."""
     from pipelines import ci
 
-    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), print_failure)
+    _templates_in(kickstarts)
+    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts))
+    if form is OutputFormat.JSON:
+        templates = [{"name": path.stem, "kickstart": str(path)} for path in changed]
+        typer.echo(json.dumps({"since": since, "templates": templates}, indent=2))
+        return
     for path in changed:
         typer.echo(path)
     # On stderr: stdout stays the list a script reads.
@@ -390,7 +421,7 @@ def ci_build(
     kickstarts: Kickstarts = Path("kickstarts"),
     *,  # the options of BuildFlags go here, in --help too
     flags: BuildFlags,
-    progress: Progress = EventMode.AUTO,
+    progress: Progress = ProgressMode.AUTO,
 ) -> None:
     """Build and publish every template a change since REF affects.
 
@@ -400,9 +431,10 @@ def ci_build(
     from pipelines import ci
     from pipelines.steps import build_template
 
-    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), print_failure)
-    mode = _resolve(progress)
-    emit = _emitter(mode)
+    _templates_in(kickstarts)
+    output = _start(progress)
+    changed = guarded(lambda: ci.changed_templates(Path.cwd(), since, kickstarts), output)
+    emit = to(output)
 
     def build_all() -> list[ci.Case]:
         cases: list[ci.Case] = []
@@ -415,28 +447,37 @@ def ci_build(
                     text = f"{failure.message} [{failure.reason}]"
                     cases.append(ci.Case(path.stem, time.monotonic() - started, failure=text,
                                          transient=not failure.final))  # fmt: skip
-                    typer.echo(f"error: {path}: {text}", err=True)
+                    emit("ci", "error", f"{path}: {text}", template=path.stem,
+                         reason=failure.reason, final=failure.final)  # fmt: skip
                     if failure.reason == "Terminated":
                         raise  # the job was stopped: build nothing more
                     continue
                 except Exception as exc:  # a bug of ours: this template fails, the rest build
                     message = f"internal error ({type(exc).__name__})"
                     cases.append(ci.Case(path.stem, time.monotonic() - started, failure=message))
-                    typer.echo(f"error: {path}: {message} [InternalError]", err=True)
+                    emit("ci", "error", f"{path}: {message} [InternalError]", template=path.stem,
+                         reason="InternalError", final=True)  # fmt: skip
                     continue
                 skipped = "already published" if state.skipped else None
-                output = json.dumps(state.manifest.to_json(), indent=2)
+                emit("ci", "done", f"{path}: {_built(state)}", template=path.stem,
+                     build_id=state.build_id, skipped=state.skipped)  # fmt: skip
+                report = json.dumps(state.manifest.to_json(), indent=2)
                 cases.append(ci.Case(path.stem, time.monotonic() - started, skipped=skipped,
-                                     output=output))  # fmt: skip
+                                     output=report))  # fmt: skip
         finally:
             ci.write_junit(junit, "diskflow templates", cases)  # whatever happened
         return cases
 
-    cases = guarded(build_all, print_failure)
+    cases = guarded(build_all, output)
     failures = sum(1 for case in cases if case.failure)
-    typer.echo(f"{len(cases)} template(s), {failures} failed; report in {junit}")
+    summary = f"{len(cases)} template(s), {failures} failed; report in {junit}"
+    status = ci.exit_code(cases)
+    fields = {"ok": not failures, "templates": len(cases), "failed": failures, "junit": str(junit)}
+    if failures:  # a reason and finality, as every failed result has
+        fields |= {"reason": "TemplatesFailed", "final": status == EXIT_FINAL}
+    output(result(summary, fields))
     if failures:
-        raise typer.Exit(ci.exit_code(cases))
+        raise typer.Exit(status)
 
 
 def _queued(request: BuildRequest, emit: Emit) -> BuildState:
@@ -447,45 +488,28 @@ def _queued(request: BuildRequest, emit: Emit) -> BuildState:
     return follow(results, emit)
 
 
-def _failure_reporter(mode: EventMode) -> Callable[[Outcome], None]:
-    def finish(outcome: Outcome) -> None:
-        if mode is EventMode.JSON:
-            print(json.dumps({"kind": "failed", **outcome.to_dict()}), flush=True)
-        print_failure(outcome)
-
-    return finish
-
-
-def _report(job: Callable[[], BuildState], mode: EventMode) -> None:
-    state = guarded(job, _failure_reporter(mode))
+def _report(job: Callable[[], BuildState], output: Output) -> None:
+    state = guarded(job, output)
     summary = {
+        "ok": True,
         "template": state.template.name,
         "build_id": state.build_id,
         "skipped": state.skipped,
         "image": state.image,
         "manifest": state.manifest.to_json(),
     }
-    if mode is EventMode.JSON:
-        print(json.dumps({"kind": "result", **summary}), flush=True)
-    else:
-        done = (
-            "already published" if state.skipped else f"sha256 {state.manifest.finished().sha256}"
-        )
-        typer.echo(f"{state.template.name}: build {state.build_id} {done}")
+    output(result(f"{state.template.name}: {_built(state)}", summary))
 
 
-def _resolve(mode: EventMode) -> EventMode:
-    if mode is EventMode.AUTO:
-        return EventMode.LOG if sys.stderr.isatty() else EventMode.JSON
-    return mode
+def _built(state: BuildState) -> str:
+    done = "already published" if state.skipped else f"sha256 {state.manifest.finished().sha256}"
+    return f"build {state.build_id} {done}"
 
 
-def _emitter(mode: EventMode) -> Emit:
-    if mode is EventMode.JSON:
-        return json_lines()
-    if mode is EventMode.LOG:
-        return log_lines()
-    return discard
+def _start(progress: ProgressMode) -> Output:
+    """The Output of a template command: log lines on a terminal (a build has no bars)."""
+    mode = resolve(progress, terminal=ProgressMode.LOG)
+    return start(ProgressMode.LOG if mode is ProgressMode.BAR else mode)
 
 
 def demo_template(
@@ -493,7 +517,7 @@ def demo_template(
         Path, typer.Argument(help="Where the installer, template, store and disk.img go.")
     ] = Path("diskflow-demo-template"),
     accel: AccelOption = Accel.AUTO,
-    progress: Progress = EventMode.AUTO,
+    progress: Progress = ProgressMode.AUTO,
 ) -> None:
     """Build a tiny template, boot-test it, publish it and import it back, all on this machine.
 
@@ -505,23 +529,19 @@ def demo_template(
     """
     from diskflow.demo_template import run_template_demo
 
-    mode = _resolve(progress)
-    demo = guarded(
-        lambda: run_template_demo(directory, accel, _emitter(mode), progress="none"),
-        _failure_reporter(mode),
-    )
+    output = _start(progress)
+    demo = guarded(lambda: run_template_demo(directory, accel, to(output)), output)
     summary = {
+        "ok": True,
         "image": str(demo.image),
         "boot_test": demo.manifest["boot_test"],
         "published": demo.manifest["published"]["image"]["url"],
         "datavolume": str(demo.datavolume),
         "disk": str(demo.disk),
     }
-    if mode is EventMode.JSON:
-        print(json.dumps({"kind": "result", **summary}), flush=True)
-        return
-    typer.echo(
+    output(result(
         f"built {summary['image']} (boot-tested with {summary['boot_test']['accel']}), "
         f"published {summary['published']}\nDataVolume: {summary['datavolume']}\n"
-        f"imported back into {summary['disk']}: the template's disk, byte for byte"
-    )
+        f"imported back into {summary['disk']}: the template's disk, byte for byte",
+        summary,
+    ))  # fmt: skip

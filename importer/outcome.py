@@ -14,6 +14,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
+from importer.events import Event, result
 from importer.reasons import Reason
 
 EXIT_OK = 0
@@ -84,6 +85,11 @@ class Outcome:
         else:
             record.update(reason=str(self.reason), final=self.final, message=self.message)
         return record
+
+    def event(self, summary: str = "") -> Event:
+        """The outcome as the command's result event: `summary` says what a success did."""
+        fields = self.to_dict()
+        return result(summary if self.ok else fields.pop("message"), fields)
 
     def to_json(self) -> str:
         """The JSON, at most MESSAGE_LIMIT bytes: the longest strings are cut, never the

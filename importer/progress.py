@@ -1,24 +1,23 @@
 """Progress of an import: one thread-safe model, shown by interchangeable reporters.
 
 The data path only calls `stage()` and `advance()`; how progress is shown (a rich bar on a
-terminal, JSON lines for machines, Prometheus metrics for the controller) is chosen by the
-shell around it. The pod's termination message is written here too.
+terminal, events for machines and logs, Prometheus metrics for the controller) is chosen by
+the shell around it. The pod's termination message is written here too.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
-import json
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from importer.errors import Failure, FinalError, TransientError
+from importer.events import Event, Send, Type
 from importer.reasons import Reason
 
 if TYPE_CHECKING:  # prometheus_client costs every command start-up time: imported when used
@@ -156,23 +155,30 @@ def reporting(
             reporter.close()
 
 
-class JsonReporter:
-    """One JSON object per line: for CI logs, pods and other programs."""
+class EventReporter:
+    """Each snapshot as a `progress` event (importer.events): JSON lines for CI logs, pods
+    and other programs, or readable lines."""
 
-    def __init__(self, stream: IO[str] = sys.stdout) -> None:
-        self._stream = stream
+    def __init__(self, send: Send) -> None:
+        self._send = send
 
     def show(self, snapshot: Snapshot) -> None:
-        event = {
-            "event": "progress",
-            **asdict(snapshot),
-            "percent": snapshot.percent,
-            "eta": snapshot.eta,
+        if snapshot.stage == "pending":
+            return
+        percent, eta = snapshot.percent, snapshot.eta
+        size = "" if snapshot.bytes_total is None else f" of {snapshot.bytes_total / 2**20:.0f} MiB"
+        message = (
+            f"{snapshot.stage} {snapshot.bytes_done / 2**20:.0f} MiB{size}"
+            + (f" ({percent:.0f}%)" if percent is not None else "")
+            + f" at {snapshot.throughput / 2**20:.1f} MiB/s"
+        )
+        fields = asdict(snapshot) | {
+            "percent": None if percent is None else round(percent, 1),
+            "eta": None if eta is None else round(eta, 1),
+            "elapsed": round(snapshot.elapsed, 3),
+            "throughput": round(snapshot.throughput),
         }
-        event["elapsed"] = round(snapshot.elapsed, 3)
-        event["throughput"] = round(snapshot.throughput)
-        self._stream.write(json.dumps(event) + "\n")
-        self._stream.flush()
+        self._send(Event(Type.PROGRESS, message, fields=fields))
 
     def close(self) -> None:
         pass
@@ -245,7 +251,7 @@ class MetricsReporter:
     def __init__(self, port: int, addr: str = "0.0.0.0", *, owner_uid: str | None = None) -> None:
         from prometheus_client import CollectorRegistry, start_http_server
 
-        where = _metrics_address(addr, port)
+        where = metrics_address(addr, port)
         self._owner_uid = owner_uid
         self._lock = threading.Lock()  # shown from the progress thread, read by the server's
         self._last: Snapshot | None = None
@@ -298,7 +304,7 @@ class MetricsReporter:
         self._server.server_close()
 
 
-def _metrics_address(addr: str, port: int) -> str:
+def metrics_address(addr: str, port: int) -> str:
     """ADDR:PORT as people write it ([fd00::5]:8443), once `addr` proved an IP address: a
     host name could resolve to an address of another machine, or to several."""
     try:

@@ -1,18 +1,18 @@
-"""Build progress as events: one shape for the terminal, JSON lines and Celery task state.
+"""Build progress as events (importer.events): the terminal, JSON lines and Celery task state.
 
-An event is a stage ("validate", "install", "finalize", "publish"), a kind ("start",
-"console", "installer", "info", "warning", "done") and a message, plus optional fields.
+A build step says what happens with `emit(stage, kind, message, **fields)`: a stage
+("validate", "install", "finalize", "boot-test", "publish"), a kind and a message, plus
+optional fields. The kind is an event type ("start", "console", "installer", "progress",
+"done") or, for a message, its level ("info", "warning", "error"); the stage is a field.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
+import time as clock
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
-from importer.progress import Snapshot
+from importer.events import Event, Level, Send, Type
 
 Emit = Callable[..., None]  # emit(stage, kind, message, **fields)
 
@@ -21,53 +21,37 @@ def discard(stage: str, kind: str, message: str, **fields: Any) -> None:
     """An Emit that drops everything (library callers that do not want progress)."""
 
 
-def event(stage: str, kind: str, message: str, **fields: Any) -> dict[str, Any]:
-    """The event as a JSON-ready dict with a timestamp."""
-    return {"time": round(time.time(), 3), "stage": stage, "kind": kind, "message": message} | {
-        k: v for k, v in fields.items() if v is not None
-    }
+def event(
+    stage: str, kind: str, message: str, *, time: float | None = None, **fields: Any
+) -> Event:
+    """The event a step's `emit` call describes; `time`: when it happened, if not now."""
+    is_message = kind in tuple(Level)
+    return Event(
+        Type.LOG if is_message else Type(kind),
+        message,
+        Level(kind) if is_message else Level.INFO,
+        {"stage": stage, **fields},
+        clock.time() if time is None else time,
+    )
 
 
-def json_lines(stream: TextIO = sys.stdout) -> Emit:
-    """Write each event as one JSON line (for CI logs and machines)."""
+def to(send: Send) -> Emit:
+    """An Emit that sends each event to `send` (an importer.events.Output, say)."""
 
     def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
-        stream.write(json.dumps(event(stage, kind, message, **fields)) + "\n")
-        stream.flush()
+        send(event(stage, kind, message, **fields))
 
     return emit
 
 
-def log_lines(stream: TextIO = sys.stderr) -> Emit:
-    """Write each event as a readable log line (for a terminal)."""
+def relay(emit: Emit) -> Send:
+    """The Send that hands an event made elsewhere (a worker's, a progress reporter's) to
+    `emit`, its time kept."""
 
-    def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
-        marker = {"warning": "!", "console": "|", "installer": ":"}.get(kind, "-")
-        stream.write(f"{time.strftime('%H:%M:%S')} {stage:<8} {marker} {message}\n")
-        stream.flush()
+    def send(made: Event) -> None:
+        fields = dict(made.fields)
+        stage = fields.pop("stage", "")
+        kind = made.level.value if made.type is Type.LOG else made.type.value
+        emit(stage, kind, made.message, time=made.time, **fields)
 
-    return emit
-
-
-class EventReporter:
-    """Byte progress of an importer `Progress` (an upload, say) as "progress" events."""
-
-    def __init__(self, emit: Emit, stage: str) -> None:
-        self._emit = emit
-        self._stage = stage
-
-    def show(self, snapshot: Snapshot) -> None:
-        if snapshot.stage == "pending":
-            return
-        percent = snapshot.percent
-        self._emit(
-            self._stage, "progress",
-            f"{snapshot.stage} {snapshot.bytes_done >> 20} MiB"
-            + (f" ({percent:.0f}%)" if percent is not None else "")
-            + f" at {snapshot.throughput / 2**20:.0f} MiB/s",
-            bytes_done=snapshot.bytes_done, bytes_total=snapshot.bytes_total,
-            percent=None if percent is None else round(percent, 1),
-        )  # fmt: skip
-
-    def close(self) -> None:
-        pass
+    return send

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from importer.errors import FinalError
-from importer.progress import Progress, reporting
+from importer.progress import EventReporter, Progress, reporting
 from importer.sources.http import HttpOptions, redact_url
 from importer.sources.http_options import check_ca_bundle
 from importer.sources.s3_options import S3Options
@@ -33,7 +33,7 @@ from pipelines.accel import Accel
 from pipelines.boottest import CONSOLE_LOG, METHOD, boot_test
 from pipelines.bundle import Bundle, pack, unpacked
 from pipelines.datavolume import datavolume, to_yaml
-from pipelines.events import Emit, EventReporter, discard
+from pipelines.events import Emit, discard, relay
 from pipelines.finalize import FinalizeOptions, QcowCompression, finalize
 from pipelines.manifest import (
     AccelRecord,
@@ -357,7 +357,7 @@ def publish_image(
     emit("publish", "start", f"publishing {image.name} to {store.description}")
     started = time.monotonic()
     progress = Progress()
-    with reporting(progress, [EventReporter(emit, "publish")], interval=PROGRESS_SECONDS):
+    with reporting(progress, [EventReporter(relay(emit))], interval=PROGRESS_SECONDS):
         published = publish_build(store, image, manifest, progress, sha256=sha256)
     emit("publish", "done", f"published {published.image_url} in "
          f"{time.monotonic() - started:.1f}s", url=published.image_url)  # fmt: skip

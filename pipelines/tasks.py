@@ -34,8 +34,10 @@ from celery.utils.nodenames import worker_direct
 from kombu.exceptions import OperationalError
 
 from importer.errors import FinalError, TransientError
+from importer.events import Event
+from importer.quantity import parse_duration
 from importer.sources.http import redact_url
-from pipelines.events import Emit, event
+from pipelines.events import Emit, event, relay
 from pipelines.steps import (
     BuildRequest,
     BuildState,
@@ -101,14 +103,29 @@ class WorkerSettings:
                 return int(text)
             raise InvalidSettings(f"{name}={text!r}: must be a whole number, at least {minimum}")
 
-        visibility = number(VISIBILITY_ENV, DEFAULT_VISIBILITY_TIMEOUT)
-        margin = number(BUILD_MARGIN_ENV, BUILD_MARGIN_SECONDS, minimum=0)
+        def seconds(name: str, default: int, minimum: int = 1) -> int:
+            """A time: 4h, 90m, 600s or a number of seconds (whole: Redis counts in them)."""
+            text = environ.get(name)
+            if text is None:
+                return default
+            try:
+                value = parse_duration(text)
+            except FinalError as e:
+                raise InvalidSettings(f"{name}={text!r}: {e.message}") from None
+            if value != int(value) or value < minimum:
+                raise InvalidSettings(
+                    f"{name}={text!r}: must be a whole number of seconds, at least {minimum}"
+                )
+            return int(value)
+
+        visibility = seconds(VISIBILITY_ENV, DEFAULT_VISIBILITY_TIMEOUT)
+        margin = seconds(BUILD_MARGIN_ENV, BUILD_MARGIN_SECONDS, minimum=0)
         if visibility <= margin:
             raise InvalidSettings(
                 f"{VISIBILITY_ENV}={visibility} leaves no time for a build: it must exceed the "
                 f"{margin}s an install task needs besides its build ({BUILD_MARGIN_ENV})"
             )
-        max_build = number(MAX_BUILD_TIMEOUT_ENV, visibility - margin)
+        max_build = seconds(MAX_BUILD_TIMEOUT_ENV, visibility - margin)
         if max_build + margin > visibility:
             raise InvalidSettings(
                 f"{MAX_BUILD_TIMEOUT_ENV}={max_build} plus the {margin}s an install task needs "
@@ -179,9 +196,12 @@ class StepTask(Task):
         def emit(stage: str, kind: str, message: str, **fields: Any) -> None:
             nonlocal count, written, last_write
             count += 1
-            events.append(event(stage, kind, message, **fields) | {"seq": count})
+            made = event(stage, kind, message, **fields)
+            events.append(made.to_json() | {"seq": count})
             del events[:-KEPT_EVENTS]
-            log.info("%s %s: %s", stage, kind, message)
+            # At the event's level, so that the worker's --log-level chooses among them too.
+            log.log(made.level.logging_level, "%s %s: %s", stage, kind, message,
+                    extra={"event": made})  # fmt: skip
             now = time.monotonic()
             # Chatty lines are batched, but never so many that the kept window drops some
             # before a follower could see them (a kernel boots in a burst).
@@ -307,8 +327,7 @@ def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
                 for item in info.get("events", []):
                     if item["seq"] > seen:
                         seen = item["seq"]
-                        fields = {k: v for k, v in item.items() if k not in _EVENT_KEYS}
-                        emit(item["stage"], item["kind"], item["message"], **fields)
+                        relay(emit)(Event.from_json(item))
             if status == "SUCCESS":
                 if result.name == install.name:
                     holder = info["run"].split("/")[0]
@@ -317,6 +336,3 @@ def follow(results: list[AsyncResult], emit: Emit) -> BuildState:
                 raise info if isinstance(info, BaseException) else RuntimeError(str(info))
             time.sleep(POLL_SECONDS)  # the result backend has no push notification to wait on
     return BuildState.from_json(results[-1].result["state"])
-
-
-_EVENT_KEYS = {"time", "stage", "kind", "message", "seq"}

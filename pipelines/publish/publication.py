@@ -112,8 +112,8 @@ def publish_build(
     manifest_key = build_key(template_name, build_id, "manifest.json")
     size = image.stat().st_size
     if progress is not None:
-        progress.stage("upload", total=size)
-    log.info("publishing %s to %s", image, store.url(image_key))
+        progress.stage("publish", total=size)
+    log.debug("publishing %s to %s", image, store.url(image_key))
     stored = store.put_file(image_key, image, sha256=sha256, progress=progress)
     store.put_bytes(
         image_key + ".sha256", f"{stored.sha256}  {name}\n".encode(), content_type="text/plain"

@@ -137,7 +137,7 @@ def test_the_worker_settings_are_the_ones_the_code_reads() -> None:
     assert container["command"] == ["diskflow-worker-entrypoint"]
     assert container["args"][:2] == ["--hostname", "diskflow@$(POD_NAME)"]
     assert given["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert container["args"][2:] == ["--loglevel", "DEBUG"]
+    assert container["args"][2:] == ["--log-level", "DEBUG"]
 
 
 def test_the_charts_timeout_rule_is_the_workers() -> None:

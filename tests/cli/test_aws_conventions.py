@@ -5,16 +5,13 @@ from a private CA; every run is a fresh `diskflow` with a clean AWS environment 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +27,9 @@ from diskflow.templates_cli import PublishFlags
 from tests.cli.test_options import TAKERS, command, declared
 from tests.conftest import Images, free_port, run, running_nginx
 from tests.importer.test_import_formats import assert_same_content
-from tests.pipelines.manifests import finished
+from tests.pipelines.manifests import finished_build
 from tests.support.commands import diskflow
+from tests.support.events import events, result
 
 BUCKET = "conventions"
 KEY_ID, SECRET = "AKIDCONVENTIONS", "conventions-s3cr3t"
@@ -167,15 +165,7 @@ def tls_dav(certificate: Certificate, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def build(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished build directory (manifest.json and centos9.qcow2), as `publish` takes."""
-    directory = tmp_path_factory.mktemp("build") / "centos9"
-    directory.mkdir()
-    image = directory / "centos9.qcow2"
-    shutil.copy(images.path("qcow2"), image)
-    data = image.read_bytes()
-    manifest = finished("centos9", uuid.uuid4().hex[:20])
-    output = replace(manifest.finished(), sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    (directory / "manifest.json").write_text(json.dumps(replace(manifest, output=output).to_json()))
-    return directory
+    return finished_build(tmp_path_factory.mktemp("build"), images.path("qcow2"))
 
 
 def prefix() -> str:
@@ -264,7 +254,7 @@ def test_publish_ca_bundle_wins_over_the_environment(
     endpoint = ("--endpoint-url", tls_moto.endpoint)
     done = published(build, *endpoint, "--ca-bundle", tls_moto.ca, env=KEYS)
     assert_ok(done)
-    url = json.loads(done.stdout.splitlines()[-1])["image"]
+    url = result(done.stdout)["image"]
     bucket, _, key = url.removeprefix("s3://").partition("/")
     stored = client(tls_moto).get_object(Bucket=bucket, Key=key)["Body"].read()
     assert stored == (build / "centos9.qcow2").read_bytes()
@@ -312,7 +302,7 @@ def test_endpoint_from_the_environment(
     done = published(build, env=KEYS | {"AWS_ENDPOINT_URL": moto.endpoint})
     assert_ok(done)
     # The DataVolume imports from the store the environment named, not from AWS.
-    image = json.loads(done.stdout.splitlines()[-1])["image"].removeprefix("s3://")
+    image = result(done.stdout)["image"].removeprefix("s3://")
     assert datavolume_url(build) == f"{moto.endpoint}/{image}"
     # An explicit endpoint wins over the environment's.
     explicit = imported(tmp_path, "--endpoint-url", moto.endpoint,
@@ -357,7 +347,9 @@ def test_json_output_has_no_botocore_lines(moto: Store, build: Path, tmp_path: P
     env = KEYS | {"AWS_ENDPOINT_URL": moto.endpoint}
     for done in (imported(tmp_path, env=env), published(build, env=env)):
         assert_ok(done)
-        assert all(json.loads(line) for line in done.stdout.splitlines())
+        said = events(done.stdout)  # every line an event
+        assert not [e for e in said if e.get("logger", "").startswith("botocore")], said
         assert "Found credentials" not in done.stderr and "Found endpoint" not in done.stderr
     debug = imported(tmp_path, env=env | {"DISKFLOW_DEBUG": "1"})
-    assert "Found credentials in environment variables" in debug.stderr
+    found = [e for e in events(debug.stdout) if "Found credentials in environment" in e["message"]]
+    assert found and found[0]["type"] == "log" and found[0]["logger"].startswith("botocore")

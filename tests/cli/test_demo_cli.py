@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run
 from tests.support.commands import diskflow
+from tests.support.events import events
 
 
 def test_demo_lists_both_demos_and_runs_the_import_one_by_default() -> None:
@@ -18,7 +18,7 @@ def test_demo_lists_both_demos_and_runs_the_import_one_by_default() -> None:
     # `diskflow demo [DIR] --progress ...` still reaches the import demo's options.
     done = diskflow("demo", "--progress", "bogus")
     assert done.returncode == 2
-    assert "'bogus' is not one of 'auto', 'bar', 'json', 'none'" in done.stderr
+    assert "'bogus' is not one of 'auto', 'bar', 'log', 'json', 'none'" in done.stderr
 
 
 @pytest.mark.libvirt
@@ -28,13 +28,15 @@ def test_demo_template_builds_boot_tests_publishes_and_imports_back(tmp_path: Pa
     done = diskflow("demo", "template", directory, "--accel", "tcg", "--progress", "json")
 
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    result = events[-1]
-    assert result["kind"] == "result"
+    said = events(done.stdout)
+    result = said[-1]
+    assert result["type"] == "result" and result["ok"] is True
     assert result["boot_test"]["tested"] is True and result["boot_test"]["accel"] == "tcg"
-    stages = {event.get("stage") for event in events}
+    stages = {event.get("stage") for event in said}
     assert {"validate", "install", "finalize", "boot-test", "publish", "demo"} <= stages
-    assert any("diskflow-test-os: running the user-data script" in e["message"] for e in events)
+    assert any("diskflow-test-os: running the user-data script" in e["message"] for e in said)
+    # The publisher's own log line ("publishing ...") is a debug event: the stage says it.
+    assert not [e for e in said if e.get("logger") == "diskflow.publish"], said
     # Published to the local store; the DataVolume points at the loopback server it was
     # served from, and the disk imported from it is the template's, byte for byte.
     assert result["published"].startswith(f"file://{directory.resolve()}/store/demo/")

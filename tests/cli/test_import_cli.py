@@ -18,6 +18,7 @@ from prometheus_client.samples import Sample
 from importer.progress import MetricsReporter, Snapshot
 from tests.conftest import Images, MiB, free_port
 from tests.support.commands import diskflow_import
+from tests.support.events import events, result
 from tests.support.faultserver import FaultServer
 
 SECRET = "correct-horse-battery-staple"
@@ -33,14 +34,16 @@ def test_success_prints_json_progress_and_writes_the_termination_log(
         "--termination-log", log, "--size", "64Mi",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    said = events(done.stdout)
+    stages = [e["stage"] for e in said if e["type"] == "progress"]
     # qcow2 streams: decoded as it downloads, no convert stage, no scratch space.
     assert stages[0] == "download" and "convert" not in stages and stages[-1] == "resize"
-    assert {e["path"] for e in events if e["event"] == "progress"} == {"stream"}
-    download = [e for e in events if e.get("stage") == "download"][-1]
+    assert {e["path"] for e in said if e["type"] == "progress"} == {"stream"}
+    download = [e for e in said if e.get("stage") == "download"][-1]
     assert download["bytes_done"] == download["bytes_total"] == source.stat().st_size
-    assert events[-1]["event"] == "done" and events[-1]["format"] == "qcow2"
+    assert download["message"].startswith("download ") and "MiB/s" in download["message"]
+    assert said[-1]["ok"] is True and said[-1]["format"] == "qcow2"
+    assert said[-1]["message"].startswith("imported ")
     result = json.loads(log.read_text())
     # A plain file, given no --filesystem-overhead: all of --size.
     assert result["ok"] is True and result["size"] == 64 * MiB
@@ -56,8 +59,7 @@ def test_an_image_through_scratch_space_says_so_and_why(
         "--termination-log", log, "--scratch-dir", tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    progress = [e for e in events if e["event"] == "progress"]
+    progress = [e for e in events(done.stdout) if e["type"] == "progress"]
     assert "convert" in [e["stage"] for e in progress]
     assert progress[-1]["path"] == "scratch"
     assert progress[-1]["fallback"] == "diskflow does not stream vhdx images"
@@ -99,8 +101,12 @@ def test_transient_failure_exits_75(faults: FaultServer, tmp_path: Path) -> None
         url, tmp_path / "d.img", "--progress", "json", "--retries", "1", "--retry-backoff", "0"
     )
     assert done.returncode == 75
-    last = json.loads(done.stdout.splitlines()[-1])
-    assert last["event"] == "failed" and last["reason"] == "ServerError" and last["final"] is False
+    last = result(done.stdout)
+    assert last["ok"] is False and last["level"] == "error"
+    assert last["reason"] == "ServerError" and last["final"] is False
+    # The retry, said by a log record, is an event of the same schema.
+    retried = [e for e in events(done.stdout) if e["type"] == "log"]
+    assert retried and all(e["level"] == "warning" for e in retried), retried
 
 
 def test_bad_arguments_are_named(images: Images, tmp_path: Path) -> None:
@@ -108,11 +114,13 @@ def test_bad_arguments_are_named(images: Images, tmp_path: Path) -> None:
     assert done.returncode == 2 and "'ten gigs' is not a quantity" in done.stderr  # usage
     cases = {
         ("--checksum", "sha256:xyz"): "64 hex digits",
-        ("--header", "no colon here"): "is not of the form",
+        ("--header", "no colon here"): "--header number 1 is not of the form",
+        ("--metrics-addr", "metrics.example"): "is not an IPv4 or IPv6 address",
     }
-    for args, message in cases.items():
+    for args, message in cases.items():  # usage errors, found before anything starts
         done = diskflow_import(images.raw, tmp_path / "d.img", "--progress", "none", *args)
-        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert not (tmp_path / "d.img").exists()
     done = diskflow_import(images.raw, tmp_path / "no-such-dir" / "d.img", "--progress", "none")
     assert done.returncode == 1 and "does not exist" in done.stderr
 
@@ -263,16 +271,13 @@ def test_a_taken_metrics_port_fails_for_now_before_reading(
 
 def test_a_metrics_address_of_no_interface_is_refused(images: Images, tmp_path: Path) -> None:
     port = free_port()
-    for address, said in (
-        ("192.0.2.1", f"192.0.2.1:{port}: Cannot assign requested address"),  # TEST-NET-1
-        ("metrics.example", "'metrics.example' is not an IPv4 or IPv6 address"),
-    ):
-        done = diskflow_import(
-            images.raw, tmp_path / "d.img", "--progress", "none",
-            "--metrics-addr", address, "--metrics-port", port,
-        )  # fmt: skip
-        assert done.returncode == 1, done.stderr
-        assert said in done.stderr and "[InvalidArgument]" in done.stderr, done.stderr
+    done = diskflow_import(
+        images.raw, tmp_path / "d.img", "--progress", "none",
+        "--metrics-addr", "192.0.2.1", "--metrics-port", port,  # TEST-NET-1: no interface's
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    said = f"192.0.2.1:{port}: Cannot assign requested address"
+    assert said in done.stderr and "[InvalidArgument]" in done.stderr, done.stderr
 
 
 def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> None:
@@ -283,13 +288,11 @@ def test_demo_imports_its_sample_with_nothing_else_running(tmp_path: Path) -> No
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.splitlines()[-1])
-    assert (
-        result["event"] == "done" and result["format"] == "qcow2" and result["compression"] == "xz"
-    )
-    assert result["checksum"].startswith("sha256:")
+    done_ = result(done.stdout)
+    assert done_["ok"] and done_["format"] == "qcow2" and done_["compression"] == "xz"
+    assert done_["checksum"].startswith("sha256:")
     disk = tmp_path / "demo" / "disk.img"
-    assert disk.stat().st_size == result["size"] == 512 * MiB  # the "512 MiB volume"
+    assert disk.stat().st_size == done_["size"] == 512 * MiB  # the "512 MiB volume"
     with open(disk, "rb") as f:
         assert f.read(21) == b"diskflow sample disk\n"
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["disk.img"]

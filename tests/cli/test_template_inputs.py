@@ -51,8 +51,9 @@ def test_ci_changed_and_build_of_a_directory_without_templates_fail_naming_it(
     no_templates(diskflow("ci", "changed", "--since", "HEAD", cwd=repo), "kickstarts")
     done = diskflow("ci", "build", "--since", "HEAD", "--progress", "none", cwd=repo)
     no_templates(done, "kickstarts")
-    done = diskflow("ci", "changed", "--since", "HEAD", "--kickstarts", "kickstart", cwd=repo)
-    assert done.returncode == 1 and "kickstart: no such directory" in done.stderr
+    for command in ("changed", "build"):  # a typo on the command line: a usage error
+        done = diskflow("ci", command, "--since", "HEAD", "--kickstarts", "kickstart", cwd=repo)
+        assert done.returncode == 2 and "kickstart: no such directory" in done.stderr
 
 
 def test_ci_changed_counts_on_stderr_and_lists_on_stdout(

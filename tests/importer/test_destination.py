@@ -4,7 +4,6 @@ under a name of its own, swept of what killed imports left, and failures to writ
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import typer
 from importer import Checksum, ContentType, ImportOptions, Progress, import_image
 from importer.errors import Failure
 from tests.conftest import Images, MiB, read_device, run
+from tests.support.events import events
 
 SWEEP_AGE = 3600  # seconds: files this old are past the sweep's grace period
 
@@ -220,10 +220,10 @@ def test_sigterm_after_the_commit_point_reports_success() -> None:
     records: list[Outcome] = []
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        assert guarded(job, records.append, completed=lambda: True) == "done"
+        assert guarded(job, finish=records.append, completed=lambda: True) == "done"
         assert records == []
         with pytest.raises(typer.Exit) as caught:
-            guarded(job, records.append, completed=lambda: False)
+            guarded(job, finish=records.append, completed=lambda: False)
         assert caught.value.exit_code == 75
         assert records[-1].reason == "Terminated" and not records[-1].final
     finally:
@@ -292,8 +292,8 @@ def test_progress_json_never_repeats_an_event(images: Images, tmp_path: Path) ->
          str(tmp_path / "disk.img"), "--progress", "json"],
         capture_output=True, text=True, timeout=120, check=True,
     )  # fmt: skip
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    progress = [(e["stage"], e["bytes_done"]) for e in events if e["event"] == "progress"]
+    said = events(done.stdout)
+    progress = [(e["stage"], e["bytes_done"]) for e in said if e["type"] == "progress"]
     assert progress and len(progress) == len(set(progress))
 
 

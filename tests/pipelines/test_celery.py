@@ -6,7 +6,6 @@ worker, with nothing published in between.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -26,10 +25,12 @@ from pipelines.tasks import (  # noqa: E402
     CONCURRENCY_ENV,
     MAX_BUILD_TIMEOUT_ENV,
     VISIBILITY_ENV,
+    WorkerSettings,
 )
 from pipelines.template import MEDIA_DIRS_ENV  # noqa: E402
 from pipelines.virtinstall import VIRTINST_SCRATCH, sweep_stale_copies  # noqa: E402
 from tests.conftest import free_port, run, sha256  # noqa: E402
+from tests.support.events import events, result  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
 VISIBILITY_TIMEOUT = 30  # seconds: longer than one test build, short enough to wait for
@@ -149,19 +150,25 @@ def test_queued_build_runs_on_a_worker_and_streams_its_progress(
     client = queued_build(kickstart, tmp_path, vm_dir, environment)
     out, err = client.communicate(timeout=300)
     assert client.returncode == 0, err
-    events = [json.loads(line) for line in out.splitlines()]
-    stages = [e["stage"] for e in events[:-1]]
+    said = events(out)
+    stages = [e["stage"] for e in said[:-1]]
     assert stages.index("validate") < stages.index("install") < stages.index("finalize")
-    assert any(e["kind"] == "console" for e in events)  # the guest's console, via Redis
+    assert any(e["type"] == "console" for e in said)  # the guest's console, via Redis
     # The client's default 3 h build timeout is lowered to what the worker allows, aloud.
     lowered = f"the build's timeout of 10800s is lowered to {MAX_BUILD_TIMEOUT}s"
-    assert any(e["kind"] == "warning" and lowered in e["message"] for e in events)
-    result = events[-1]
-    assert result["kind"] == "result" and not result["skipped"]
+    assert any(e["level"] == "warning" and lowered in e["message"] for e in said)
+    done = said[-1]
+    assert done["type"] == "result" and done["ok"] and not done["skipped"]
     image = tmp_path / "out/queued/queued.qcow2"
-    assert result["manifest"]["output"]["sha256"] == sha256(image)
+    assert done["manifest"]["output"]["sha256"] == sha256(image)
     # The worker logs no task results: a build state holds the kickstart text.
-    assert "rootpw" not in (tmp_path / "one.log").read_text()
+    log = (tmp_path / "one.log").read_text()
+    assert "rootpw" not in log
+    # It logs JSON lines of the one schema (not a terminal): Celery's lines and the build's
+    # events alike.
+    logged = events(log)
+    assert any(e["type"] == "console" and e["stage"] == "install" for e in logged)
+    assert any(e.get("logger", "").startswith("celery") for e in logged)
 
 
 def test_a_killed_worker_build_runs_again_with_nothing_published_before(
@@ -191,20 +198,16 @@ def test_a_killed_worker_build_runs_again_with_nothing_published_before(
     workers.start("second")
     out, err = client.communicate(timeout=300)
     assert client.returncode == 0, err
-    result = json.loads(out.splitlines()[-1])
-    published = result["manifest"]
-    build_id = result["build_id"]
+    done = result(out)
+    published = done["manifest"]
+    build_id = done["build_id"]
     image = store / "rerun" / build_id / "rerun.qcow2"
     assert sha256(image) == published["output"]["sha256"]
     assert (store / "rerun" / build_id / "manifest.json").is_file()
     # It was a second install, on the second worker, in a domain of its own.
     log = (tmp_path / "second.log").read_text()
     assert "install" in log
-    started = [
-        json.loads(line)["domain"]
-        for line in out.splitlines()
-        if json.loads(line).get("kind") == "start" and json.loads(line)["stage"] == "install"
-    ]
+    started = [e["domain"] for e in events(out) if e["type"] == "start" and e["stage"] == "install"]
     assert started and killed_domain not in started[-1:]
     wait_until(lambda: not domains("diskflow-rerun-"), 120, "the killed worker's guest to stop")
     # A build killed outright cannot remove virt-install's kernel/initrd copies (in a pod they
@@ -243,15 +246,22 @@ def test_a_build_longer_than_the_worker_allows_is_stopped_at_its_maximum(
     client = queued_build(kickstart, tmp_path, vm_dir, environment, "--timeout", "600")
     out, err = client.communicate(timeout=300)
     assert client.returncode == 1, err
-    events = [json.loads(line) for line in out.splitlines()]
-    warning = next((e["message"] for e in events if "is lowered" in e["message"]), out)
+    said = events(out)
+    warning = next((e["message"] for e in said if "is lowered" in e["message"]), out)
     assert warning == (
         f"the build's timeout of 600s is lowered to 8s, this worker's maximum "
         f"({MAX_BUILD_TIMEOUT_ENV}), which keeps a task within the broker's visibility "
         f"timeout of {VISIBILITY_TIMEOUT}s ({VISIBILITY_ENV})"
     )
-    assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "Timeout"
-    assert "did not finish within 8s" in events[-1]["message"]
+    assert said[-1]["ok"] is False and said[-1]["reason"] == "Timeout"
+    assert "did not finish within 8s" in said[-1]["message"]
+
+
+def test_the_worker_s_times_take_units() -> None:
+    settings = WorkerSettings.from_environment(
+        {VISIBILITY_ENV: "4h", MAX_BUILD_TIMEOUT_ENV: "3h30m", BUILD_MARGIN_ENV: "10m"}
+    )
+    assert (settings.visibility_timeout, settings.max_build_timeout) == (14400, 12600)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +269,8 @@ def test_a_build_longer_than_the_worker_allows_is_stopped_at_its_maximum(
     [
         ({CONCURRENCY_ENV: "abc"}, f"{CONCURRENCY_ENV}='abc': must be a whole number, at least 1"),
         ({CONCURRENCY_ENV: "0"}, f"{CONCURRENCY_ENV}='0': must be a whole number, at least 1"),
-        ({VISIBILITY_ENV: "-3600"}, f"{VISIBILITY_ENV}='-3600': must be a whole number"),
+        ({VISIBILITY_ENV: "-3600"}, f"{VISIBILITY_ENV}='-3600': '-3600' is not a duration"),
+        ({VISIBILITY_ENV: "1h0.5s"}, f"{VISIBILITY_ENV}='1h0.5s': must be a whole number of"),
         ({MAX_BUILD_TIMEOUT_ENV: "1.5"}, f"{MAX_BUILD_TIMEOUT_ENV}='1.5': must be a whole number"),
         (
             {VISIBILITY_ENV: "3600", MAX_BUILD_TIMEOUT_ENV: "3001"},

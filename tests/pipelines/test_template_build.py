@@ -49,6 +49,7 @@ from pipelines.virtinstall import (  # noqa: E402
     sweep_workdirs,
 )
 from tests.conftest import MiB, run, sha256  # noqa: E402
+from tests.support.events import events, result  # noqa: E402
 from tests.support.installer import (  # noqa: E402
     ANACONDA_LOG_DIRECTIVE,
     OS_SECTOR,
@@ -374,10 +375,10 @@ def test_cli_build_streams_json_events_and_exits_non_zero_on_failure(
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    assert any(e["kind"] == "console" and "running %post" in e["message"] for e in events)
-    assert any(e["kind"] == "warning" and "TCG" in e["message"] for e in events)
-    assert events[-1]["kind"] == "failed" and events[-1]["reason"] == "InstallFailed"
+    said = events(done.stdout)
+    assert any(e["type"] == "console" and "running %post" in e["message"] for e in said)
+    assert any(e["level"] == "warning" and "TCG" in e["message"] for e in said)
+    assert said[-1]["ok"] is False and said[-1]["reason"] == "InstallFailed"
     assert "[InstallFailed]" in done.stderr
     assert_nothing_left("clifail", vm_dir, tmp_path / "out")
 
@@ -419,7 +420,7 @@ def test_sigterm_stops_the_build_and_removes_the_domain(
     # grace period is 30 s.
     assert time.monotonic() - stopping < STOP_GRACE_SECONDS
     assert build.returncode == 75, err
-    assert json.loads(out.splitlines()[-1])["reason"] == "Terminated"
+    assert result(out)["reason"] == "Terminated"
     assert_nothing_left("stopped", vm_dir, tmp_path / "out")
 
 

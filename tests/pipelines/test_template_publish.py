@@ -30,6 +30,7 @@ from pipelines.steps import (  # noqa: E402
 from pipelines.virtinstall import BuildOptions  # noqa: E402
 from tests.conftest import MiB, sha256  # noqa: E402
 from tests.pipelines.test_template_build import Recorder  # noqa: E402
+from tests.support.events import events  # noqa: E402
 from tests.support.installer import Installer, expected_marker, write_template, write_tree  # noqa: E402
 from tests.support.stores import BUCKET, Dav, s3_client  # noqa: E402
 
@@ -122,10 +123,10 @@ def test_build_published_to_webdav_with_the_cli(
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
-    result = events[-1]
+    said = events(done.stdout)
+    result = said[-1]
     build_id = result["build_id"]
-    assert any(e["stage"] == "publish" and e["kind"] == "done" for e in events)
+    assert any(e["stage"] == "publish" and e["type"] == "done" for e in said)
 
     # Image and checksum before the manifest, the manifest before latest.json.
     uri = base.removeprefix(webdav.base)
