@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ pytest_plugins = ["tests.support.installer"]
 from tests.conftest import run, sha256  # noqa: E402
 from tests.pipelines.manifests import STORED  # noqa: E402
 from tests.support.commands import diskflow  # noqa: E402
+from tests.support.events import result  # noqa: E402
 from tests.support.git import commit, git, use_test_identity  # noqa: E402
 from tests.support.installer import Installer, write_template  # noqa: E402
 
@@ -76,7 +78,10 @@ def test_ci_build_builds_what_changed_and_reports_junit(
         "tcg", "--network", "none", "--workdir", vm_dir, "--progress", "none", cwd=repo,
     )  # fmt: skip
     assert done.returncode == 1
-    assert "2 template(s), 1 failed" in done.stdout
+    # The run's failed result, and the failed template's error event before it (on stderr:
+    # --progress none still shows errors).
+    assert "error: 2 template(s), 1 failed" in done.stderr and "[TemplatesFailed]" in done.stderr
+    assert re.search(r"^\d\d:\d\d:\d\d ci +x kickstarts/beta.ks: ", done.stderr, re.M), done.stderr
     cases = {case.get("name"): case for case in ET.parse(junit).getroot().iter("testcase")}
     assert set(cases) == {"alpha", "beta"}
     assert cases["alpha"].find("failure") is None
@@ -88,7 +93,10 @@ def test_ci_build_builds_what_changed_and_reports_junit(
     assert not list(store.glob("beta/**/*"))  # a failed build publishes nothing
 
     nothing = diskflow("ci", "build", "--since", "HEAD", "--junit", junit, cwd=repo)
-    assert nothing.returncode == 0 and "0 template(s), 0 failed" in nothing.stdout
+    assert nothing.returncode == 0, nothing.stderr
+    summary = result(nothing.stdout)  # JSON lines: not a terminal
+    assert summary["message"].startswith("0 template(s), 0 failed")
+    assert (summary["ok"], summary["templates"], summary["failed"]) == (True, 0, 0)
 
 
 def test_ci_changed_with_a_bad_ref_is_a_clear_error(repo: Path) -> None:
@@ -110,9 +118,8 @@ def test_publish_a_finished_build_to_a_served_directory(
                     "https://images.example/golden", "--progress", "json", "--secret-ref",
                     "image-store", "--volume-mode", "Block")  # fmt: skip
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.splitlines()[-1])
     (image,) = store.glob("later/*/later.qcow2")
-    assert result["sha256"] == sha256(image)
+    assert result(done.stdout)["sha256"] == sha256(image)
     datavolume = yaml.safe_load((tmp_path / "out/later/datavolume.yaml").read_text())
     build_id = image.parent.name
     assert datavolume["spec"]["source"]["http"] == {

@@ -104,7 +104,7 @@ def test_ci_build_exits_75_when_every_failure_was_transient_and_1_when_one_was_f
     junit = tmp_path / "junit.xml"
     done = ci_build(repo, base, junit)
     assert done.returncode == 75, done.stderr
-    assert "2 template(s), 2 failed" in done.stdout
+    assert "error: 2 template(s), 2 failed" in done.stderr
     failed = failures(junit)
     assert set(failed) == {"alpha", "beta"}
     assert all("[LibvirtUnreachable]" in text for text in failed.values())
@@ -113,5 +113,5 @@ def test_ci_build_exits_75_when_every_failure_was_transient_and_1_when_one_was_f
     commit_template(repo, minimal_installer, "gamma", extra="part / --size=lots")
     done = ci_build(repo, base, junit)
     assert done.returncode == 1, done.stderr
-    assert "3 template(s), 3 failed" in done.stdout
+    assert "error: 3 template(s), 3 failed" in done.stderr
     assert "[InvalidKickstart]" in failures(junit)["gamma"]

@@ -475,7 +475,8 @@ def test_on_error_keep_leaves_a_failed_install_running_for_its_console(
         # The build's process is gone, yet this is no killed build's: the sweep leaves it.
         sweep_orphans(URI, vm_dir)
         assert domains("diskflow-kept-") == [domain] and workdir.is_dir()
-        removal = done.stderr.split("remove it all with: ", 1)[1].split(" [InstallFailed]")[0]
+        # The error line's (a warning line before it says the same: --progress none shows it).
+        removal = done.stderr.rsplit("remove it all with: ", 1)[1].split(" [InstallFailed]")[0]
         subprocess.run(removal, shell=True, check=True, capture_output=True)
         assert domains("diskflow-kept-") == [] and list(vm_dir.iterdir()) == []
     finally:
