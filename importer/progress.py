@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from importer.errors import Failure, FinalError, TransientError
 from importer.events import Event, Send, Type
+from importer.quantity import format_bytes
 from importer.reasons import Reason
 
 if TYPE_CHECKING:  # prometheus_client costs every command start-up time: imported when used
@@ -166,11 +167,12 @@ class EventReporter:
         if snapshot.stage == "pending":
             return
         percent, eta = snapshot.percent, snapshot.eta
-        size = "" if snapshot.bytes_total is None else f" of {snapshot.bytes_total / 2**20:.0f} MiB"
+        total = snapshot.bytes_total
         message = (
-            f"{snapshot.stage} {snapshot.bytes_done / 2**20:.0f} MiB{size}"
-            + (f" ({percent:.0f}%)" if percent is not None else "")
-            + f" at {snapshot.throughput / 2**20:.1f} MiB/s"
+            f"{snapshot.stage} {format_bytes(snapshot.bytes_done)}"
+            + ("" if total is None else f" of {format_bytes(total)}")
+            + ("" if percent is None else f" ({percent:.0f}%)")
+            + f" at {format_bytes(snapshot.throughput)}/s"
         )
         fields = asdict(snapshot) | {
             "percent": None if percent is None else round(percent, 1),

@@ -67,6 +67,16 @@ def parse_duration(text: str) -> float:
     return float(sum(Fraction(number) * _SECONDS[unit] for number, unit in _PART.findall(text)))
 
 
+def format_bytes(size: float) -> str:
+    """`size` bytes for a person to read, to three figures: 512 B, 12.3 KiB, 4.00 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1000 or unit == "TiB":
+            break
+        size /= 1024
+    figures = f"{size:.3g}" if unit != "B" and size < 1000 else f"{size:.0f}"
+    return f"{figures} {unit}"
+
+
 def format_quantity(size: int) -> str:
     """`size` bytes in the shortest exact form (binary first on a tie): 10Gi, 2G, 1048577."""
     candidates = []

@@ -7,7 +7,7 @@ from fractions import Fraction
 import pytest
 
 from importer.errors import FinalError
-from importer.quantity import format_quantity, parse_quantity, parse_quantity_exact
+from importer.quantity import format_bytes, format_quantity, parse_quantity, parse_quantity_exact
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,12 @@ def test_a_size_must_be_positive(text: str) -> None:
 def test_the_formatter_gives_the_shortest_exact_form_and_parses_back(size: int, text: str) -> None:
     assert format_quantity(size) == text
     assert parse_quantity_exact(text) == size
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [(0, "0 B"), (999, "999 B"), (1000, "0.977 KiB"), (12345, "12.1 KiB"), (4 << 20, "4 MiB"),
+     (1.5 * (1 << 30), "1.5 GiB"), (5 << 50, "5120 TiB")],
+)  # fmt: skip
+def test_sizes_for_people_have_three_figures_and_a_binary_unit(size: float, text: str) -> None:
+    assert format_bytes(size) == text
