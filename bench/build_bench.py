@@ -66,11 +66,12 @@ from pipelines.virtinstall import (
     _with_private_media,
     destroy_domain,
     known_os_variant,
+    libvirt_uri,
     virt_install_command,
 )
 from tests.support.installer import build_installer, expected_marker, write_template
 
-STAGES = ("validate", "install", "finalize", "publish")
+STAGES = ("validate", "install", "finalize", "boot-test", "publish")  # the script: no boot test
 TOOLS = ("diskflow", "script")
 DISKFLOW_STEPS = (
     "install: to the first console line",
@@ -80,6 +81,7 @@ DISKFLOW_STEPS = (
 )
 SCRIPT_STEPS = ("create", "virt-install", "convert", "sha256sum", "cp-image", "cp-sha256")
 OPTIONS = BuildOptions(accel=Accel.TCG, network="none")
+URI = libvirt_uri(OPTIONS.connect)  # what a build without --connect uses
 DATA_OFFSET_MIB = 8  # the installer's marker is in the first MiB
 TAIL_MIB = 2  # its second marker is 1 MiB before the end of the disk
 POOL_MIB = 4  # the machine-code and text pools the %post copies
@@ -209,7 +211,9 @@ def diskflow_run(setup: Setup, number: int) -> Run:
     manifest, image = result["manifest"], Path(result["image"])
     durations = manifest["durations"]
     stages = {stage: durations[stage] for stage in STAGES[:3]}
-    stages["publish"] = when("publish", "done") - when("finalize", "done")
+    # The boot test runs between finalize and publish: timed by its events, like publish.
+    stages["boot-test"] = when("boot-test", "done") - when("finalize", "done")
+    stages["publish"] = when("publish", "done") - when("boot-test", "done")
     # Where the install's time goes (event times are those of diskflow's 0.25 s polls).
     spans = (
         (when("install", "start"), when("install", "console", first=True)),
@@ -261,7 +265,7 @@ def script_run(setup: Setup, number: int) -> Run:
             steps[step] = run_step(cmd, work / f"{step}.log", f"script {step} (run {number})")
         seconds = time.perf_counter() - started
     finally:
-        destroy_domain(OPTIONS.connect, domain, lambda _stage, _kind, message: log(message))
+        destroy_domain(URI, domain, lambda _stage, _kind, message: log(message))
         _remove_virtinst_leftovers(before, domain)
     moto = process_cpu(setup.moto_pid) - moto
     stages = {
@@ -280,13 +284,13 @@ def script_run(setup: Setup, number: int) -> Run:
 def remove_leftovers(name: str) -> None:
     """Every domain and virt-install copy whose name holds `name`: this benchmark's only."""
     listed = subprocess.run(
-        ["virsh", "--connect", OPTIONS.connect, "list", "--all", "--name"],
+        ["virsh", "--connect", URI, "list", "--all", "--name"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     for domain in listed.stdout.split():
         if name in domain:
             log(f"removing domain {domain}")
-            destroy_domain(OPTIONS.connect, domain, lambda _stage, _kind, message: log(message))
+            destroy_domain(URI, domain, lambda _stage, _kind, message: log(message))
     for copy in VIRTINST_SCRATCH.glob(f"virtinst-*{name}*"):
         copy.unlink(missing_ok=True)
 
