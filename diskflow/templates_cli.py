@@ -380,7 +380,7 @@ def worker(
     # Celery would turn print()s into log records by swapping sys.stdout for a logger, and
     # the events are written to sys.stdout.
     celery_app.conf.worker_redirect_stdouts = False
-    # --quiet: no banner, whose lines would break JSON lines (`diskflow worker -h` says it).
+    # Celery's --quiet: no banner, whose lines on stdout would break the JSON lines.
     quiet = ["--quiet"] if output.json_lines else []
     argv = [*quiet, "worker", f"--loglevel={output.level.value.upper()}"]
     if concurrency:
